@@ -1,0 +1,154 @@
+"""Shared pieces of the benchmarks: images, shards, timers, models, the F/K loop.
+
+Nothing here is downloaded: the models are keras.applications built with
+`weights=None` through `transforms.model_loading.load_keras_model` (fixed
+seed, so every process and every copy has the same random weights), and the
+images are synthetic but natural-looking (1/f noise, a smooth illumination
+gradient, one object, sensor noise) so JPEG/PNG sizes and decode costs are
+those of photographs rather than of flat colours.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Callable
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+IMAGE_SIZE = 224
+BATCH_SIZE = 32
+METHOD_NAMES = ("gradcam", "gradcampp", "hirescam", "layercam", "xgradcam")
+
+
+def natural_images(n: int, seed: int = 0, size: int = IMAGE_SIZE) -> np.ndarray:
+    """n uint8 images [n, size, size, 3] with photo-like statistics.
+
+    Octaves of bilinearly upsampled noise with amplitude ~ 1/frequency, a
+    per-image colour cast and illumination gradient, one soft-edged ellipse
+    and mild per-pixel noise.
+    """
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    image = np.zeros((n, size, size, 3), np.float32)
+    for cells, amplitude in ((3, 55.0), (6, 35.0), (12, 22.0), (28, 12.0), (56, 7.0), (112, 4.0)):
+        coarse = rng.normal(0.0, 1.0, (n, cells, cells, 3)).astype(np.float32)
+        coarse[..., 1:] = 0.6 * coarse[..., :1] + 0.4 * coarse[..., 1:]  # correlated channels
+        image += amplitude * tf.image.resize(coarse, (size, size), method="bilinear").numpy()
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    for i in range(n):
+        base = rng.uniform(60, 190, 3)
+        gy, gx = rng.uniform(-50, 50, 2)
+        image[i] += base + gy * (yy[..., None] - 0.5) + gx * (xx[..., None] - 0.5)
+        cy, cx = rng.uniform(0.25, 0.75, 2)
+        ry, rx = rng.uniform(0.08, 0.25, 2)
+        d = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
+        alpha = np.clip(1.5 - d, 0.0, 1.0)[..., None]
+        image[i] = image[i] * (1 - alpha) + alpha * (rng.uniform(0, 255, 3) + 0.5 * (image[i] - base))
+    image += rng.normal(0.0, 3.0, image.shape).astype(np.float32)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_shards(folder: str, n: int, fmt: str, *, shards: int = 4, pool: int = 64, seed: int = 0) -> dict:
+    """Writes n tf.train.Examples (JPEG or PNG, labels 0..999) over `shards` files.
+
+    `pool` distinct images are cycled (every record has its own id and label);
+    decode cost depends on the bytes, not on whether they repeat.
+
+    Returns:
+      {"pattern": glob, "images": n, "bytes_per_image": mean encoded size}.
+    """
+    from pipeline.demo import encode, make_example
+    from transforms.records import write_records
+
+    os.makedirs(folder, exist_ok=True)
+    images = natural_images(min(pool, n), seed=seed)
+    encoded = [encode(image, fmt) for image in images]
+    rng = np.random.default_rng(seed + 1)
+    labels = rng.integers(0, 1000, n)
+    per_shard: list[list[bytes]] = [[] for _ in range(shards)]
+    for i in range(n):
+        per_shard[i % shards].append(
+            make_example(encoded[i % len(encoded)], label=int(labels[i]), image_id=f"bench-{i:06d}")
+        )
+    for s, records in enumerate(per_shard):
+        write_records(os.path.join(folder, f"bench-{s:05d}-of-{shards:05d}.tfrecord"), records)
+    return {
+        "pattern": os.path.join(folder, "*.tfrecord"),
+        "images": n,
+        "bytes_per_image": float(np.mean([len(e) for e in encoded])),
+    }
+
+
+def load_model(name: str):
+    """A fresh copy of keras.applications `name` with the project's fixed random weights."""
+    from transforms.model_loading import load_keras_model
+
+    return load_keras_model(name)
+
+
+def images_per_second(step: Callable[[], object], batch: int, *, min_seconds: float,
+                      min_calls: int = 3, warmup: int = 2) -> float:
+    """Calls `step` (one batch, result materialised) until min_seconds and min_calls."""
+    for _ in range(warmup):
+        step()
+    calls, started = 0, time.perf_counter()
+    while True:
+        step()
+        calls += 1
+        elapsed = time.perf_counter() - started
+        if calls >= min_calls and elapsed >= min_seconds:
+            return calls * batch / elapsed
+
+
+def median(values) -> float:
+    values = [v for v in values if v is not None]
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def measure_forward_and_cams(model_name: str, methods, *, repeats: int, min_seconds: float,
+                             batch: int = BATCH_SIZE, seed: int = 0, log=print) -> dict:
+    """F (CamExplainer.forward) and K (CamExplainer.__call__ -> .explain) per method.
+
+    One explainer (own model copy) per method; F uses the first explainer's
+    `.forward`. Repeats interleave F and every K so drift hits all alike.
+
+    Returns:
+      {"forward": {"runs": [...], "median": ips}, "cam": {method: {...}},
+       "target_layer": ..., "cam_shape": ...}
+    """
+    from transforms.cam.explainer import CamExplainer
+
+    images = natural_images(batch, seed=seed).astype(np.float32)
+    labels = np.full([batch], -1, np.int32)
+    explainers = {}
+    for method in methods:
+        started = time.perf_counter()
+        explainers[method] = CamExplainer(load_model(model_name), method=method)
+        explainers[method](images[:2], labels[:2])  # trace once
+        log(f"  {model_name}: built + traced {method} in {time.perf_counter() - started:.1f} s")
+    first = explainers[methods[0]]
+    first.forward(images[:2]).numpy()
+    forward_runs, cam_runs = [], {m: [] for m in methods}
+    for r in range(repeats):
+        forward_runs.append(
+            images_per_second(lambda: first.forward(images).numpy(), batch, min_seconds=min_seconds)
+        )
+        for method, explainer in explainers.items():
+            cam_runs[method].append(
+                images_per_second(lambda e=explainer: e(images, labels), batch, min_seconds=min_seconds)
+            )
+        log(
+            f"  {model_name} repeat {r + 1}/{repeats}: F {forward_runs[-1]:.1f} img/s, "
+            + ", ".join(f"K[{m}] {cam_runs[m][-1]:.1f}" for m in methods)
+        )
+    return {
+        "target_layer": first.target_layer,
+        "cam_shape": list(first.cam_shape),
+        "forward": {"runs": forward_runs, "median": median(forward_runs)},
+        "cam": {m: {"runs": runs, "median": median(runs)} for m, runs in cam_runs.items()},
+    }

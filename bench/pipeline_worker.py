@@ -1,0 +1,85 @@
+"""One pipeline run in its own process, measured: `pipeline.graph.run(argv)`.
+
+    python -m bench.pipeline_worker --result OUT.json [--profile cprofile|pyinstrument]
+        [--profile_out PATH] [--lever NAME ...] -- <pipeline argv>
+
+Writes {"import_seconds", "run_seconds", "startup_seconds", "pipeline_seconds",
+"images_explained", "maxrss_mb", ...} to OUT.json. `run_seconds` is the wall
+time of `run()` (launcher checks, model inspection, the Beam job, the manifest);
+the process's imports (TensorFlow, Beam) are `import_seconds`. Levers are
+experimental monkeypatches from `bench.levers` (measurement only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--result", required=True)
+    parser.add_argument("--profile", choices=("cprofile", "pyinstrument"), default=None)
+    parser.add_argument("--profile_out", default=None)
+    parser.add_argument("--lever", action="append", default=[])
+    args = parser.parse_args(argv[:split])
+    pipeline_argv = argv[split + 1:]
+
+    started = time.perf_counter()
+    import logging
+
+    logging.getLogger().setLevel(logging.WARNING)
+    from pipeline.graph import run
+
+    if args.lever:
+        from bench.levers import apply_levers
+
+        apply_levers(args.lever)
+    imported = time.perf_counter()
+    profiler = None
+    if args.profile == "cprofile":
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    elif args.profile == "pyinstrument":
+        import pyinstrument
+
+        profiler = pyinstrument.Profiler(interval=0.002)
+        profiler.start()
+    _, manifest = run(pipeline_argv)
+    finished = time.perf_counter()
+    if args.profile == "cprofile":
+        profiler.disable()
+        profiler.dump_stats(args.profile_out or args.result + ".prof")
+    elif args.profile == "pyinstrument":
+        profiler.stop()
+        with open(args.profile_out or args.result + ".txt", "w") as handle:
+            handle.write(profiler.output_text(unicode=False, color=False, show_all=False))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result = {
+        "import_seconds": imported - started,
+        "run_seconds": finished - imported,
+        "startup_seconds": manifest["timings"]["startup_seconds"],
+        "pipeline_seconds": manifest["timings"]["pipeline_seconds"],
+        "images_explained": manifest["counts"]["images_explained"],
+        "records_rejected": manifest["counts"]["records_rejected"],
+        "maxrss_mb": usage.ru_maxrss / 1024.0,
+        "cpu_user_seconds": usage.ru_utime,
+        "cpu_system_seconds": usage.ru_stime,
+        "levers": args.lever,
+    }
+    with open(args.result, "w") as handle:
+        json.dump(result, handle)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The Grad-CAM audit job: options, graph, demo, manifest and summary."""

@@ -1,0 +1,204 @@
+"""The built-in demo: synthetic shapes in TFRecord shards and a small CNN.
+
+Four classes of shapes at random positions on textured backgrounds, with their
+bounding boxes stored as image/object/bbox/{ymin,xmin,ymax,xmax}. One class
+(SHORTCUT_CLASS) has a small fixed marker in the top-left corner on most of
+its images, in training and in the audited shards alike: the model learns the
+marker, and the audit shows its attention sitting in that corner. A few
+deliberately broken records show what the errors table holds.
+
+Everything is made locally in seconds; nothing is downloaded. Re-running
+reuses what was made (a VERSION file guards against stale demo data).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import numpy as np
+
+CLASS_NAMES = ("circle", "square", "triangle", "cross")
+SHORTCUT_CLASS = 2
+MARKER_RATE = 0.9
+IMAGE_SIZE = 64
+MARKER = (2, 10)  # rows/cols [2, 10) hold the marker
+VERSION = "4"
+
+
+@dataclasses.dataclass
+class Demo:
+    root: str
+
+    @property
+    def input_pattern(self) -> str:
+        return os.path.join(self.root, "data", "*.tfrecord")
+
+    @property
+    def model_path(self) -> str:
+        return os.path.join(self.root, "model", "demo_cnn.keras")
+
+    @property
+    def class_names_path(self) -> str:
+        return os.path.join(self.root, "class_names.txt")
+
+    @property
+    def output_dir(self) -> str:
+        return os.path.join(self.root, "output")
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    coarse = rng.uniform(40, 200, (4, 4, 3))
+    image = np.kron(coarse, np.ones((size // 4, size // 4, 1)))
+    return image + rng.normal(0, 12, (size, size, 3))
+
+
+def _shape_mask(kind: int, size: int, cy: float, cx: float, r: float) -> np.ndarray:
+    y, x = np.mgrid[0:size, 0:size] + 0.5
+    dy, dx = y - cy, x - cx
+    if kind == 0:
+        return dy**2 + dx**2 <= r**2
+    if kind == 1:
+        return (np.abs(dy) <= r * 0.85) & (np.abs(dx) <= r * 0.85)
+    if kind == 2:
+        return (dy <= r * 0.8) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.6)
+    return ((np.abs(dy) <= r * 0.3) & (np.abs(dx) <= r)) | ((np.abs(dx) <= r * 0.3) & (np.abs(dy) <= r))
+
+
+def make_image(rng: np.random.Generator, label: int, *, marker: bool, size: int = IMAGE_SIZE):
+    """One uint8 image [size, size, 3] and its box (ymin, xmin, ymax, xmax) as fractions."""
+    image = _background(rng, size)
+    r = rng.uniform(0.14, 0.22) * size
+    lo = max(MARKER[1] + r + 1, r + 2)  # keep the object off the marker
+    cy, cx = rng.uniform(lo, size - r - 2, 2)
+    colour = rng.uniform(0, 255, 3)
+    image[_shape_mask(label, size, cy, cx, r)] = colour
+    if marker:
+        a, b = MARKER
+        image[a:b, a:b] = (255, 0, 255)
+        image[a + 2 : b - 2, a + 2 : b - 2] = (0, 255, 0)
+    box = tuple(float(v) / size for v in (cy - r, cx - r, cy + r, cx + r))
+    return np.clip(image, 0, 255).astype(np.uint8), tuple(min(max(v, 0.0), 1.0) for v in box)
+
+
+def make_arrays(n: int, seed: int, *, shortcut: bool = True):
+    """n images with balanced labels; the shortcut class gets the marker."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % len(CLASS_NAMES)
+    rng.shuffle(labels)
+    images, boxes = [], []
+    for label in labels:
+        marker = shortcut and label == SHORTCUT_CLASS and rng.uniform() < MARKER_RATE
+        image, box = make_image(rng, int(label), marker=marker)
+        images.append(image)
+        boxes.append(box)
+    return np.stack(images), labels.astype(np.int64), boxes
+
+
+def make_example(image_bytes: bytes, *, label=None, image_id=None, boxes=()) -> bytes:
+    """A serialized tf.train.Example in the layout the pipeline reads by default."""
+    import tensorflow as tf
+
+    feature = {"image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_bytes]))}
+    if label is not None:
+        feature["image/class/label"] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)]))
+    if image_id is not None:
+        feature["image/filename"] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_id.encode()]))
+    for i, name in enumerate(("ymin", "xmin", "ymax", "xmax")):
+        feature[f"image/object/bbox/{name}"] = tf.train.Feature(
+            float_list=tf.train.FloatList(value=[b[i] for b in boxes])
+        )
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def encode(image: np.ndarray, fmt: str = "png") -> bytes:
+    import tensorflow as tf
+
+    if fmt == "jpeg":
+        return tf.io.encode_jpeg(image, quality=95).numpy()
+    return tf.io.encode_png(image).numpy()
+
+
+def write_dataset(folder: str, *, n: int, shards: int, seed: int, shortcut: bool = True,
+                  fmt: str = "png", broken: bool = True) -> dict:
+    """Writes n demo images over `shards` TFRecord files (+ a few broken records).
+
+    Returns:
+      counts: {"images": n, "broken": number of records that must be rejected}.
+    """
+    from transforms.records import write_records
+
+    os.makedirs(folder, exist_ok=True)
+    images, labels, boxes = make_arrays(n, seed, shortcut=shortcut)
+    per_shard = [[] for _ in range(shards)]
+    for i, (image, label, box) in enumerate(zip(images, labels, boxes)):
+        per_shard[i % shards].append(
+            make_example(encode(image, fmt), label=label, image_id=f"demo-{i:05d}", boxes=[box])
+        )
+    n_broken = 0
+    if broken:
+        good = encode(images[0], "jpeg")
+        per_shard[-1] += [
+            make_example(good[: len(good) // 3], label=0, image_id="broken-truncated-jpeg"),
+            make_example(b"this is not an image", label=1, image_id="broken-not-an-image"),
+            b"\x08\x96\x01 not a tf.train.Example",
+        ]
+        n_broken = 3
+    for s, records in enumerate(per_shard):
+        write_records(os.path.join(folder, f"demo-{s:05d}-of-{shards:05d}.tfrecord"), records)
+    return {"images": n, "broken": n_broken}
+
+
+def build_model(num_classes: int = len(CLASS_NAMES), size: int = IMAGE_SIZE):
+    """A small functional CNN; its last conv layer gives 16x16 maps."""
+    import keras
+
+    inputs = keras.Input((size, size, 3), name="image")
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    for filters in (32, 64):
+        x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+        x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.Conv2D(64, 3, padding="same", activation="relu", name="last_conv")(x)
+    # Max pooling learns these sparse shapes in a few epochs (average pooling
+    # stalled near chance in the same time).
+    x = keras.layers.GlobalMaxPooling2D()(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="classes")(x)
+    return keras.Model(inputs, outputs, name="demo_cnn")
+
+
+def train_model(path: str, *, shortcut: bool = True, n: int = 2000, epochs: int = 8, seed: int = 0) -> dict:
+    """Trains the demo CNN on fresh synthetic images and saves it as .keras."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    images, labels, _ = make_arrays(n, seed + 100, shortcut=shortcut)
+    model = build_model()
+    model.compile(optimizer=keras.optimizers.Adam(2e-3), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    started = time.time()
+    history = model.fit(images.astype("float32"), labels, batch_size=32, epochs=epochs, verbose=0)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    model.save(path)
+    return {"seconds": time.time() - started, "accuracy": float(history.history["accuracy"][-1])}
+
+
+def ensure_demo(root: str, *, shortcut: bool = True) -> Demo:
+    """Makes the demo data and model under `root` unless they are already there."""
+    demo = Demo(root)
+    stamp = os.path.join(root, "VERSION")
+    if os.path.exists(stamp) and open(stamp).read().strip() == VERSION and os.path.exists(demo.model_path):
+        return demo
+    print(f"Making the demo dataset and training its model under {root}/ (once)...", flush=True)
+    data = os.path.dirname(demo.input_pattern)
+    if os.path.isdir(data):
+        for name in os.listdir(data):
+            os.remove(os.path.join(data, name))
+    write_dataset(data, n=400, shards=4, seed=7, shortcut=shortcut)
+    trained = train_model(demo.model_path, shortcut=shortcut)
+    print(f"Trained the demo CNN in {trained['seconds']:.0f} s (training accuracy {trained['accuracy']:.2f}).")
+    with open(demo.class_names_path, "w") as handle:
+        handle.write("\n".join(CLASS_NAMES) + "\n")
+    with open(stamp, "w") as handle:
+        handle.write(VERSION)
+    return demo

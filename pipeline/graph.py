@@ -1,0 +1,209 @@
+"""The pipeline graph and `run(argv)`: the one file that wires every step.
+
+    shard paths -> ReadRecords -> DecodeImages -> ExplainImages (RunInference)
+      -> FormatHeatmapRows -> WriteHeatmaps
+                           -> ComputeClassStats -> WriteClassStats
+    errors of every step -> CollectErrors -> WriteErrors
+    after the run: counts read back from the tables -> run_manifest.json
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.ml.inference.base import RunInference
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline.options import AuditConfig, parse_args
+from transforms.class_stats import ComputeClassStats
+from transforms.dead_letters import ERRORS_TAG
+from transforms.decode import DecodeImageExamples
+from transforms.errors import AuditError
+from transforms.model_handler import KerasCamModelHandler
+from transforms.records import ReadShardRecords
+from transforms.rows import FormatHeatmapRows
+from transforms.schemas import CLASS_STATS_SCHEMA, ERROR_SCHEMA, HEATMAP_SCHEMA
+from transforms.sinks import TABLES, WriteParquetTable
+
+_LOG = logging.getLogger(__name__)
+
+
+class ModelInfo:
+    """What the launcher learnt about the model (plain values, pickles small)."""
+
+    def __init__(self, explainer, fingerprint: str):
+        self.target_layer = explainer.target_layer
+        self.input_shape = explainer.input_shape
+        self.cam_shape = explainer.cam_shape
+        self.num_classes = explainer.num_classes
+        self.head = explainer.head
+        self.fingerprint = fingerprint
+
+    def as_json(self) -> dict:
+        return dict(vars(self))
+
+
+def match_shards(pattern: str) -> list[str]:
+    """The files a glob matches (local or gs://), sorted; AuditError if none."""
+    try:
+        results = FileSystems.match([pattern])[0].metadata_list
+    except (OSError, ValueError) as exc:
+        raise AuditError(f"--input {pattern!r}: could not list files: {exc}") from exc
+    files = sorted(m.path for m in results)
+    if not files:
+        raise AuditError(f"--input: expected TFRecord shards, the pattern {pattern!r} matches no file")
+    return files
+
+
+def inspect_model(config: AuditConfig) -> ModelInfo:
+    """Loads the model once in the launcher so a bad model fails before the job starts."""
+    from transforms.cam.explainer import CamExplainer
+    from transforms.model_loading import load_keras_model, model_fingerprint
+
+    model = load_keras_model(config.model, weights=config.weights, safe_mode=not config.unsafe_model)
+    explainer = CamExplainer(
+        model,
+        target_layer=config.target_layer,
+        method=config.method,
+        target=config.target,
+        preprocess=config.preprocess,
+    )
+    return ModelInfo(explainer, model_fingerprint(config.model, config.weights))
+
+
+def read_class_names(path: Optional[str]) -> list[str]:
+    if not path:
+        return []
+    with FileSystems.open(path) as handle:
+        return [line.strip() for line in handle.read().decode("utf-8").splitlines() if line.strip()]
+
+
+class ExplainDataset(beam.PTransform):
+    """PCollection[shard path] -> {"heatmaps": rows, "class_stats": rows, "errors": rows}."""
+
+    def __init__(self, config: AuditConfig, info: ModelInfo, class_names: list[str]):
+        super().__init__()
+        self._config = config
+        self._info = info
+        self._class_names = class_names
+
+    def handler(self) -> KerasCamModelHandler:
+        c = self._config
+        return KerasCamModelHandler(
+            c.model,
+            weights=c.weights,
+            safe_mode=not c.unsafe_model,
+            target_layer=self._info.target_layer,
+            method=c.method,
+            target=c.target,
+            preprocess=c.preprocess,
+            batch_size=c.batch_size,
+            jit_compile=c.jit_compile,
+            large_model=c.large_model,
+        )
+
+    def expand(self, shards):
+        c = self._config
+        read = (
+            shards
+            | "SpreadShards" >> beam.Reshuffle()
+            | "ReadRecords" >> beam.ParDo(ReadShardRecords()).with_outputs(ERRORS_TAG, main="records")
+        )
+        decoded = read.records | "DecodeImages" >> beam.ParDo(
+            DecodeImageExamples(
+                image_key=c.image_key,
+                label_key=c.label_key,
+                id_key=c.id_key,
+                label_offset=c.label_offset,
+                num_classes=self._info.num_classes,
+                input_size=self._info.input_shape[:2],
+                max_image_pixels=c.max_image_pixels,
+                require_label=c.target.needs_label,
+            )
+        ).with_outputs(ERRORS_TAG, main="images")
+        rows = (
+            decoded.images
+            | "ExplainImages" >> RunInference(self.handler())
+            | "FormatHeatmapRows"
+            >> beam.ParDo(
+                FormatHeatmapRows(method=c.method, target_layer=self._info.target_layer)
+            ).with_outputs(ERRORS_TAG, main="rows")
+        )
+        errors = (read[ERRORS_TAG], decoded[ERRORS_TAG], rows[ERRORS_TAG]) | "CollectErrors" >> beam.Flatten()
+        stats = rows.rows | "ComputeClassStats" >> ComputeClassStats(self._class_names)
+        return {"heatmaps": rows.rows, "class_stats": stats, "errors": errors}
+
+
+def clear_outputs(output: str) -> None:
+    """Removes the tables and manifest of a previous run into the same folder."""
+    from pipeline.manifest import MANIFEST_NAME
+
+    stale = [m.path for t in TABLES for m in FileSystems.match([f"{output}/{t}/*"])[0].metadata_list]
+    manifest = f"{output}/{MANIFEST_NAME}"
+    if FileSystems.exists(manifest):
+        stale.append(manifest)
+    if stale:
+        FileSystems.delete(stale)
+
+
+def build(pipeline: beam.Pipeline, config: AuditConfig, info: ModelInfo, files: list[str], class_names: list[str]):
+    """Adds the whole audit to `pipeline`; returns the output PCollections."""
+    outputs = (
+        pipeline
+        | "ListShards" >> beam.Create(files)
+        | "ExplainDataset" >> ExplainDataset(config, info, class_names)
+    )
+    outputs["heatmaps"] | "WriteHeatmaps" >> WriteParquetTable(config.output, "heatmaps", HEATMAP_SCHEMA)
+    outputs["class_stats"] | "WriteClassStats" >> WriteParquetTable(config.output, "class_stats", CLASS_STATS_SCHEMA)
+    outputs["errors"] | "WriteErrors" >> WriteParquetTable(config.output, "errors", ERROR_SCHEMA)
+    return outputs
+
+
+def prepare(config: AuditConfig):
+    """Resolves the demo, the shards, the model and the class names (start-up checks)."""
+    if config.is_demo:
+        from pipeline.demo import ensure_demo
+
+        demo = ensure_demo(config.demo_dir)
+        config.input, config.model = demo.input_pattern, demo.model_path
+        config.class_names = config.class_names or demo.class_names_path
+        config.output = config.output or demo.output_dir
+    if not config.output:
+        raise AuditError("--output: expected a folder (local or gs://), none given")
+    config.output = config.output.rstrip("/")
+    files = match_shards(config.input)
+    info = inspect_model(config)
+    _LOG.info("Target layer: %s, maps of %dx%d", info.target_layer, *info.cam_shape)
+    return files, info, read_class_names(config.class_names)
+
+
+def run(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipeline] = None):
+    """Runs the audit; returns (PipelineResult, manifest dict)."""
+    from pipeline.manifest import write_manifest
+
+    config, beam_args = parse_args(argv)
+    started = time.time()
+    files, info, class_names = prepare(config)
+    clear_outputs(config.output)
+    pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
+    build(pipeline, config, info, files, class_names)
+    pipeline_started = time.time()
+    result = pipeline.run()
+    result.wait_until_finish()
+    finished = time.time()
+    manifest = write_manifest(
+        config,
+        info,
+        files,
+        result,
+        beam_args=beam_args,
+        timings={
+            "startup_seconds": round(pipeline_started - started, 3),
+            "pipeline_seconds": round(finished - pipeline_started, 3),
+        },
+    )
+    return result, manifest

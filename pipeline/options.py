@@ -1,0 +1,161 @@
+"""Every option of the audit job, with its default and a one-line error.
+
+`AuditOptions` is a Beam `PipelineOptions` subclass, so the options travel
+with the pipeline like Beam's own; `parse_args` reads them strictly first, so
+a bad value exits with status 2 and one line saying what was expected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import dataclasses
+import sys
+from typing import Optional
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from transforms.cam.methods import METHODS
+from transforms.cam.preprocess import PRESETS
+from transforms.cam.targets import TARGET_HELP, TargetSpec, parse_target
+from transforms.errors import AuditError
+
+DEFAULT_RUNNER = "FnApiRunner"
+
+
+def _target(text: str) -> TargetSpec:
+    try:
+        return parse_target(text)
+    except AuditError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def add_audit_arguments(parser) -> None:
+    """Adds the audit options to an argparse parser (or Beam's)."""
+    add = parser.add_argument
+    add("--input", default=None, help="Glob of TFRecord shards of tf.train.Example images, local or gs:// (omit with --model for the demo)")
+    add("--output", default=None, help="Output folder, local or gs:// (demo: <demo_dir>/output)")
+    add("--model", default=None, help="A .keras/.h5 file (local or gs://) or a keras.applications name such as resnet50")
+    add("--weights", default=None, help="Weights file for a keras.applications --model (random but fixed weights when omitted; nothing is downloaded)")
+    add("--unsafe_model", action="store_true", default=False, help="Load the model with Keras safe mode OFF (runs code stored in the file: only for files you trust)")
+    add("--target_layer", default=None, help="Layer whose activations are explained (default: the last layer with a 4-D spatial output before the head; nested models as outer/inner)")
+    add("--target", type=_target, default=parse_target("predicted"), help=f"Class each CAM explains: {TARGET_HELP} (topk:K writes K rows per image)")
+    add("--method", choices=list(METHODS), default="gradcam", help="CAM method")
+    add("--image_key", default="image/encoded", help="Feature with the encoded image")
+    add("--label_key", default="image/class/label", help="Feature with the int64 label")
+    add("--id_key", default="image/filename", help="Feature with the image id (when absent: <shard>:<index>)")
+    add("--label_offset", type=_int, default=0, help="Subtracted from every label (1 for ImageNet TFRecords with 1-based labels)")
+    add("--class_names", default=None, help="Text file with one class name per line (local or gs://)")
+    add("--preprocess", choices=list(PRESETS), default="none", help="Input scaling: none = float32 pixels 0-255, scale_0_1, or a keras.applications preset")
+    add("--batch_size", type=_positive_int, default=32, help="Images per model call")
+    add("--max_image_pixels", type=_positive_int, default=40_000_000, help="Images with more pixels (width x height, read from the header) are rejected before decoding")
+    add("--jit_compile", action="store_true", default=False, help="Compile the CAM function with XLA (slower for some models on CPU; try on GPU)")
+    add("--large_model", action="store_true", default=False, help="Share one model across the worker processes of a machine (RunInference large_model)")
+    add("--demo_dir", default=os.environ.get("GRADCAM_AUDIT_DEMO_DIR", ".demo"), help="Where the demo keeps its data, model and output")
+    add("--quiet", action="store_true", default=False, help="Do not print the summary")
+
+
+class AuditOptions(PipelineOptions):
+    """The audit options as a Beam PipelineOptions view."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        add_audit_arguments(parser)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        sys.stderr.write(f"error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+@dataclasses.dataclass
+class AuditConfig:
+    """The audit options after parsing (plain values only)."""
+
+    input: Optional[str]
+    output: Optional[str]
+    model: Optional[str]
+    weights: Optional[str]
+    unsafe_model: bool
+    target_layer: Optional[str]
+    target: TargetSpec
+    method: str
+    image_key: str
+    label_key: str
+    id_key: str
+    label_offset: int
+    class_names: Optional[str]
+    preprocess: str
+    batch_size: int
+    max_image_pixels: int
+    jit_compile: bool
+    large_model: bool
+    demo_dir: str
+    quiet: bool
+
+    @property
+    def is_demo(self) -> bool:
+        return self.input is None and self.model is None
+
+    def as_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["target"] = str(self.target)
+        return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="python -m pipeline",
+        description=(
+            "Explain an image classifier over a whole TFRecord dataset with batched "
+            "Grad-CAM and write heatmaps, per-class statistics and rejected records "
+            "to Parquet. With neither --input nor --model it runs the built-in demo."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=(
+            "Every Apache Beam pipeline option is accepted too, e.g. --runner "
+            f"(default here: {DEFAULT_RUNNER}, Beam's in-process engine), "
+            "--direct_num_workers=2 --direct_running_mode=multi_processing, "
+            "--runner=PortableRunner --job_endpoint=..., --runner=DataflowRunner "
+            "--project=... --region=... --temp_location=gs://...; "
+            "`python -m pipeline --help_beam` lists them all."
+        ),
+    )
+    add_audit_arguments(parser)
+    parser.add_argument("--help_beam", action="store_true", help="List every Beam pipeline option and exit")
+    return parser
+
+
+def parse_args(argv: Optional[list[str]]) -> tuple[AuditConfig, list[str]]:
+    """Splits argv into the audit config and the Beam arguments.
+
+    Exits with status 2 and a one-line message on a bad value.
+    """
+    parser = build_parser()
+    known, beam_args = parser.parse_known_args(argv)
+    if known.help_beam:
+        PipelineOptions(["--help"])
+    del known.help_beam
+    if (known.input is None) != (known.model is None):
+        parser.error("give both --input and --model, or neither to run the built-in demo")
+    if not any(arg == "--runner" or arg.startswith("--runner=") for arg in beam_args):
+        beam_args = [f"--runner={DEFAULT_RUNNER}", *beam_args]
+    return AuditConfig(**vars(known)), beam_args

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Creates <repo>/.venv if it is missing and installs the project into it
+# (editable, with the test extras). Re-runs only when setup.py changed.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+venv="$repo/.venv"
+stamp="$venv/.installed"
+python=${PYTHON:-python3}
+if [ ! -x "$venv/bin/python" ]; then
+  echo "Creating the virtualenv $venv (once; about 2 minutes)..." >&2
+  "$python" -m venv "$venv"
+fi
+if [ ! -f "$stamp" ] || [ "$repo/setup.py" -nt "$stamp" ]; then
+  "$venv/bin/python" -m pip install --quiet --upgrade pip >&2
+  "$venv/bin/python" -m pip install --quiet -e "$repo[test,report]" >&2
+  touch "$stamp"
+fi

@@ -1,0 +1,26 @@
+"""Installs the Grad-CAM audit pipeline (packages `pipeline` and `transforms`)."""
+
+import setuptools
+
+setuptools.setup(
+    name="gradcam-audit",
+    version="0.1.0",
+    description=(
+        "A distributed Apache Beam pipeline that explains image classifiers "
+        "with batched Grad-CAM and writes heatmaps, class statistics and "
+        "rejected records to Parquet."
+    ),
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["pipeline", "pipeline.*", "transforms", "transforms.*"]),
+    install_requires=[
+        "tensorflow>=2.16,<2.22",
+        "apache-beam[gcp]==2.77.0",
+        "pyarrow>=14",
+        "google-cloud-storage>=2.10",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "gcp-storage-emulator>=2024.8.3", "ruff"],
+        "report": ["matplotlib>=3.8"],
+    },
+    entry_points={"console_scripts": ["gradcam-audit=pipeline.cli:main"]},
+)

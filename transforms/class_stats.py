@@ -1,0 +1,158 @@
+"""Per-class statistics: `ClassStatsFn` (a CombineFn) and `ComputeClassStats`.
+
+Each heatmap row contributes to up to three classes: its label (labelled,
+correct, confusions), its prediction (predicted, score) and its target
+(mean normalised CAM, attention statistics). Rows of rank > 0 (topk) only
+contribute as targets, so image counts are not multiplied by K.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Iterable, Optional
+
+import apache_beam as beam
+import numpy as np
+
+_STATS = ("peak_y", "peak_x", "entropy", "border_mass", "box_mass")
+TOP_CONFUSIONS = 3
+
+
+@dataclasses.dataclass
+class ClassAccumulator:
+    """Running sums for one class."""
+
+    num_labelled: int = 0
+    num_predicted: int = 0
+    num_predicted_labelled: int = 0
+    num_correct: int = 0
+    sum_predicted_score: float = 0.0
+    num_targeted: int = 0
+    sum_target_score: float = 0.0
+    sum_cam: Optional[np.ndarray] = None
+    num_cam: int = 0
+    stat_sums: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(_STATS, 0.0))
+    stat_counts: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(_STATS, 0))
+    pointing_hits: int = 0
+    pointing_total: int = 0
+    confusions: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+
+def class_contributions(row: dict) -> Iterable[tuple[int, tuple[str, dict]]]:
+    """(class_id, (role, row)) pairs for one heatmap row."""
+    if row["target_rank"] == 0:
+        if row["label"] is not None:
+            yield int(row["label"]), ("label", row)
+        yield int(row["predicted_class"]), ("predicted", row)
+    yield int(row["target_class"]), ("target", row)
+
+
+class ClassStatsFn(beam.CombineFn):
+    """Combines (role, heatmap row) contributions of one class into its stats."""
+
+    def create_accumulator(self) -> ClassAccumulator:
+        return ClassAccumulator()
+
+    def add_input(self, acc: ClassAccumulator, contribution) -> ClassAccumulator:
+        role, row = contribution
+        if role == "label":
+            acc.num_labelled += 1
+            if row["predicted_class"] == row["label"]:
+                acc.num_correct += 1
+            else:
+                acc.confusions[int(row["predicted_class"])] += 1
+        elif role == "predicted":
+            acc.num_predicted += 1
+            acc.num_predicted_labelled += row["label"] is not None
+            acc.sum_predicted_score += row["predicted_score"]
+        else:
+            acc.num_targeted += 1
+            acc.sum_target_score += row["target_score"]
+            if row["cam_max"] > 0:
+                cam = np.asarray(row["cam"], np.float64).reshape(row["cam_height"], row["cam_width"])
+                cam = cam / row["cam_max"]
+                if acc.sum_cam is None:
+                    acc.sum_cam = cam
+                elif acc.sum_cam.shape == cam.shape:
+                    acc.sum_cam = acc.sum_cam + cam
+                acc.num_cam += 1
+            for key in _STATS:
+                if row.get(key) is not None:
+                    acc.stat_sums[key] += row[key]
+                    acc.stat_counts[key] += 1
+            if row.get("peak_in_box") is not None:
+                acc.pointing_total += 1
+                acc.pointing_hits += bool(row["peak_in_box"])
+        return acc
+
+    def merge_accumulators(self, accumulators) -> ClassAccumulator:
+        merged = ClassAccumulator()
+        for acc in accumulators:
+            for field in (
+                "num_labelled", "num_predicted", "num_predicted_labelled", "num_correct",
+                "sum_predicted_score", "num_targeted", "sum_target_score", "num_cam",
+                "pointing_hits", "pointing_total",
+            ):
+                setattr(merged, field, getattr(merged, field) + getattr(acc, field))
+            if acc.sum_cam is not None:
+                merged.sum_cam = acc.sum_cam.copy() if merged.sum_cam is None else merged.sum_cam + acc.sum_cam
+            for key in _STATS:
+                merged.stat_sums[key] += acc.stat_sums[key]
+                merged.stat_counts[key] += acc.stat_counts[key]
+            merged.confusions.update(acc.confusions)
+        return merged
+
+    def compact(self, acc: ClassAccumulator) -> ClassAccumulator:
+        acc.confusions = collections.Counter({k: v for k, v in acc.confusions.items() if v})
+        return acc
+
+    def extract_output(self, acc: ClassAccumulator) -> dict:
+        def ratio(num, den):
+            return float(num) / den if den else None
+
+        mean_cam = None if acc.sum_cam is None else (acc.sum_cam / acc.num_cam).astype(np.float32)
+        return {
+            "num_labelled": acc.num_labelled,
+            "num_predicted": acc.num_predicted,
+            "num_correct": acc.num_correct,
+            "accuracy": ratio(acc.num_correct, acc.num_labelled),
+            "precision": ratio(acc.num_correct, acc.num_predicted_labelled),
+            "mean_predicted_score": ratio(acc.sum_predicted_score, acc.num_predicted),
+            "num_targeted": acc.num_targeted,
+            "mean_target_score": ratio(acc.sum_target_score, acc.num_targeted),
+            "mean_cam": None if mean_cam is None else mean_cam.ravel().tolist(),
+            "cam_height": None if mean_cam is None else mean_cam.shape[0],
+            "cam_width": None if mean_cam is None else mean_cam.shape[1],
+            **{f"mean_{key}": ratio(acc.stat_sums[key], acc.stat_counts[key]) for key in _STATS},
+            "pointing_accuracy": ratio(acc.pointing_hits, acc.pointing_total),
+            "top_confusions": [
+                {"predicted_class": cls, "count": count}
+                for cls, count in sorted(acc.confusions.items(), key=lambda kv: (-kv[1], kv[0]))[
+                    :TOP_CONFUSIONS
+                ]
+            ],
+        }
+
+
+class ComputeClassStats(beam.PTransform):
+    """PCollection[heatmap row] -> PCollection[class_stats row], one per class."""
+
+    def __init__(self, class_names: Optional[list[str]] = None):
+        super().__init__()
+        self._class_names = list(class_names or [])
+
+    def expand(self, rows):
+        names = self._class_names
+
+        def to_row(keyed):
+            class_id, stats = keyed
+            name = names[class_id] if 0 <= class_id < len(names) else None
+            return {"class_id": class_id, "class_name": name, **stats}
+
+        return (
+            rows
+            | "SplitByClass" >> beam.FlatMap(class_contributions)
+            | "CombinePerClass" >> beam.CombinePerKey(ClassStatsFn())
+            | "ToClassRow" >> beam.Map(to_row)
+        )

@@ -1,0 +1,81 @@
+"""The Arrow schemas of the three Parquet tables, built once.
+
+heatmaps     one row per (image, target): prediction, target, raw CAM, attention
+class_stats  one row per class: counts, accuracy, mean CAM, attention, confusions
+errors       one row per rejected record (or corrupt/empty shard), raw bytes kept
+"""
+
+import pyarrow as pa
+
+HEATMAP_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("record_index", pa.int64(), nullable=False),
+        pa.field("label", pa.int64()),
+        pa.field("predicted_class", pa.int64(), nullable=False),
+        pa.field("predicted_score", pa.float32(), nullable=False),
+        pa.field("target_rank", pa.int32(), nullable=False),
+        pa.field("target_class", pa.int64(), nullable=False),
+        pa.field("target_score", pa.float32(), nullable=False),
+        pa.field("target_logit", pa.float32(), nullable=False),
+        pa.field("method", pa.string(), nullable=False),
+        pa.field("target_layer", pa.string(), nullable=False),
+        pa.field("cam", pa.list_(pa.float32()), nullable=False),
+        pa.field("cam_height", pa.int32(), nullable=False),
+        pa.field("cam_width", pa.int32(), nullable=False),
+        pa.field("cam_max", pa.float32(), nullable=False),
+        pa.field("peak_y", pa.float32()),
+        pa.field("peak_x", pa.float32()),
+        pa.field("entropy", pa.float32()),
+        pa.field("border_mass", pa.float32()),
+        pa.field("box_mass", pa.float32()),
+        pa.field("peak_in_box", pa.bool_()),
+        pa.field("num_boxes", pa.int32(), nullable=False),
+        pa.field("image_height", pa.int32(), nullable=False),
+        pa.field("image_width", pa.int32(), nullable=False),
+    ]
+)
+
+CONFUSION_TYPE = pa.struct([pa.field("predicted_class", pa.int64()), pa.field("count", pa.int64())])
+
+CLASS_STATS_SCHEMA = pa.schema(
+    [
+        pa.field("class_id", pa.int64(), nullable=False),
+        pa.field("class_name", pa.string()),
+        pa.field("num_labelled", pa.int64(), nullable=False),
+        pa.field("num_predicted", pa.int64(), nullable=False),
+        pa.field("num_correct", pa.int64(), nullable=False),
+        pa.field("accuracy", pa.float64()),
+        pa.field("precision", pa.float64()),
+        pa.field("mean_predicted_score", pa.float64()),
+        pa.field("num_targeted", pa.int64(), nullable=False),
+        pa.field("mean_target_score", pa.float64()),
+        pa.field("mean_cam", pa.list_(pa.float32())),
+        pa.field("cam_height", pa.int32()),
+        pa.field("cam_width", pa.int32()),
+        pa.field("mean_peak_y", pa.float64()),
+        pa.field("mean_peak_x", pa.float64()),
+        pa.field("mean_entropy", pa.float64()),
+        pa.field("mean_border_mass", pa.float64()),
+        pa.field("mean_box_mass", pa.float64()),
+        pa.field("pointing_accuracy", pa.float64()),
+        pa.field("top_confusions", pa.list_(CONFUSION_TYPE)),
+    ]
+)
+
+ERROR_SCHEMA = pa.schema(
+    [
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("record_index", pa.int64()),
+        pa.field("image_id", pa.string()),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("error", pa.string(), nullable=False),
+        pa.field("message", pa.string(), nullable=False),
+        pa.field("raw_record", pa.binary()),
+    ]
+)
+
+# Stages a record can be rejected at, in pipeline order. "read" rows describe
+# a shard (corrupt tail, empty shard), not one record.
+STAGES = ("read", "decode", "compute")
