@@ -7,15 +7,19 @@ import numpy as np
 
 from transforms.attention import attention_stats
 from transforms.dead_letters import ERRORS_TAG, error_row
+from transforms.flags import DEFAULT_THRESHOLDS, FlagThresholds, image_flags
 from transforms.model_handler import Explained
 
 
-def heatmap_rows(result: Explained, *, method: str, target_layer: str) -> list[dict]:
+def heatmap_rows(
+    result: Explained, *, method: str, target_layer: str, thresholds: FlagThresholds = DEFAULT_THRESHOLDS
+) -> list[dict]:
     """The rows of `transforms.schemas.HEATMAP_SCHEMA` for one image."""
     image = result.image
     rows = []
     for rank, cam in enumerate(result.cam):
         cam = np.asarray(cam, np.float32)
+        attention = attention_stats(cam, image.boxes)
         rows.append(
             {
                 "image_id": image.image_id,
@@ -34,10 +38,18 @@ def heatmap_rows(result: Explained, *, method: str, target_layer: str) -> list[d
                 "cam_height": cam.shape[0],
                 "cam_width": cam.shape[1],
                 "cam_max": float(cam.max()),
-                **attention_stats(cam, image.boxes),
+                **attention,
                 "num_boxes": len(image.boxes),
                 "image_height": image.image_height,
                 "image_width": image.image_width,
+                **image_flags(
+                    label=image.label,
+                    predicted_class=result.predicted_class,
+                    predicted_score=result.predicted_score,
+                    attention=attention,
+                    boxes=image.boxes,
+                    thresholds=thresholds,
+                ),
             }
         )
     return rows
@@ -46,9 +58,10 @@ def heatmap_rows(result: Explained, *, method: str, target_layer: str) -> list[d
 class FormatHeatmapRows(beam.DoFn):
     """Explained -> heatmap row dicts; compute failures -> the "errors" output."""
 
-    def __init__(self, *, method: str, target_layer: str):
+    def __init__(self, *, method: str, target_layer: str, thresholds: FlagThresholds = DEFAULT_THRESHOLDS):
         self._method = method
         self._target_layer = target_layer
+        self._thresholds = thresholds
         self._explained = beam.metrics.Metrics.counter("gradcam_audit", "images_explained")
         self._failed = beam.metrics.Metrics.counter("gradcam_audit", "compute_errors")
 
@@ -71,4 +84,6 @@ class FormatHeatmapRows(beam.DoFn):
             )
             return
         self._explained.inc()
-        yield from heatmap_rows(result, method=self._method, target_layer=self._target_layer)
+        yield from heatmap_rows(
+            result, method=self._method, target_layer=self._target_layer, thresholds=self._thresholds
+        )

@@ -34,6 +34,13 @@ HEATMAP_SCHEMA = pa.schema(
         pa.field("num_boxes", pa.int32(), nullable=False),
         pa.field("image_height", pa.int32(), nullable=False),
         pa.field("image_width", pa.int32(), nullable=False),
+        # Audit flags (transforms/flags.py documents each and its threshold).
+        pa.field("confident_wrong", pa.bool_()),
+        pa.field("low_confidence", pa.bool_()),
+        pa.field("attention_outside_box", pa.bool_()),
+        pa.field("attention_on_border", pa.bool_()),
+        pa.field("peak_cell", pa.int32()),
+        pa.field("box_cell", pa.int32()),
     ]
 )
 
@@ -61,6 +68,17 @@ CLASS_STATS_SCHEMA = pa.schema(
         pa.field("mean_box_mass", pa.float64()),
         pa.field("pointing_accuracy", pa.float64()),
         pa.field("top_confusions", pa.list_(CONFUSION_TYPE)),
+        # Audit flags over the class's targeted rows (transforms/flags.py).
+        pa.field("share_confident_wrong", pa.float64()),
+        pa.field("share_low_confidence", pa.float64()),
+        pa.field("share_attention_outside_box", pa.float64()),
+        pa.field("share_attention_on_border", pa.float64()),
+        pa.field("share_flagged", pa.float64()),
+        pa.field("peak_cell", pa.int32()),
+        pa.field("peak_cell_share", pa.float64()),
+        pa.field("box_cell_share", pa.float64()),
+        pa.field("shortcut_score", pa.float64()),
+        pa.field("shortcut", pa.bool_()),
     ]
 )
 

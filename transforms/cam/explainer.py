@@ -18,6 +18,7 @@ from transforms.cam.layers import (
     find_target_layer,
     get_layer,
     linearize_head,
+    resolve_layer_path,
 )
 from transforms.cam.methods import METHODS
 from transforms.cam.preprocess import get_preprocess_fn
@@ -56,7 +57,7 @@ class CamExplainer:
         self.model = model
         self.method = method
         self.target = target or TargetSpec()
-        self.target_layer = target_layer or find_target_layer(model)
+        self.target_layer = resolve_layer_path(model, target_layer) if target_layer else find_target_layer(model)
         h, w, _ = check_target_layer(model, self.target_layer)
         self.cam_shape = (h, w)
         shape = tuple(model.inputs[0].shape[1:])

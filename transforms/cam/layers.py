@@ -94,14 +94,14 @@ def find_target_layer(model) -> str:
     return candidates[-1]
 
 
-def get_layer(model, path: str):
-    """The layer at `path`; a bare name is searched at every depth."""
+def resolve_layer_path(model, path: str) -> str:
+    """The full path of a layer given by path or bare name (searched at every depth)."""
     layers = dict(walk_layers(model))
     if path in layers:
-        return layers[path]
+        return path
     matches = [p for p in layers if p.rsplit("/", 1)[-1] == path]
     if len(matches) == 1:
-        return layers[matches[0]]
+        return matches[0]
     spatial = [p for p, layer in layers.items() if is_spatial(layer)]
     if matches:
         raise AuditError(f"--target_layer {path!r} is ambiguous: use one of {matches}")
@@ -109,6 +109,11 @@ def get_layer(model, path: str):
         f"--target_layer: expected a layer of model {model.name!r}, got {path!r}; "
         f"layers with a spatial output: {spatial[-8:]}"
     )
+
+
+def get_layer(model, path: str):
+    """The layer at `path` (see `resolve_layer_path`)."""
+    return dict(walk_layers(model))[resolve_layer_path(model, path)]
 
 
 def check_target_layer(model, path: str) -> tuple[int, int, int]:

@@ -1,0 +1,471 @@
+"""The pipeline against its speed limit and against its peers, in one run.
+
+    python -m bench.run_bench [--quick] [--models resnet50,mobilenet_v2]
+        [--repeats 3] [--images N] [--json PATH]
+
+For each model (keras.applications, random fixed weights, 224x224, batch 32):
+
+  F  forward-only inference: `CamExplainer.forward` (one tf.function), images/s
+  K  the project's compute step on in-memory batches: `CamExplainer.__call__`
+     (-> `.explain`, one tf.function), for every CAM method
+  P  the whole job, `pipeline.graph.run([...])` on the default in-process
+     FnApiRunner, over TFRecord shards of JPEG and of PNG images -> Parquet,
+     each run in its own subprocess (so its peak RSS is its own)
+  N  the keras.io Grad-CAM example: eager, one image at a time, GradientTape
+     over a model with [last conv output, predictions] outputs
+  V  tf-keras-vis `Gradcam` (eager, batched), same model, layer and batch
+
+How start-up is counted for P: every repeat runs the pipeline on N and on 2N
+images (fresh processes, same shards layout); the steady-state rate is
+N / (run_seconds(2N) - run_seconds(N)), so imports, model loading (launcher
+and worker), the first trace, Beam graph construction and the manifest read
+back cancel out. The whole-run wall time of N images (with and without the
+process's imports) is reported too. Peak RSS comes from the N-image runs and
+one extra 4N-image run (JPEG): growth = maxrss(4N) / median maxrss(N) - 1.
+
+All numbers are medians over the repeats. Results: a table on stdout and the
+same in JSON (default bench/results/latest.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from bench.common import (
+    BATCH_SIZE,
+    METHOD_NAMES,
+    load_model,
+    measure_forward_and_cams,
+    median,
+    natural_images,
+    write_shards,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_JSON = os.path.join(REPO, "bench", "results", "latest.json")
+FORMATS = ("jpeg", "png")
+TARGETS = {
+    # (model, key) -> minimum; key "K/F gradcam", "P/F jpeg", "P/N jpeg", "RSS growth" (maximum)
+    ("resnet50", "K/F gradcam"): 0.95,
+    ("mobilenet_v2", "K/F gradcam"): 0.95,
+    ("resnet50", "P/F jpeg"): 0.85,
+    ("mobilenet_v2", "P/F jpeg"): 0.75,
+    ("resnet50", "P/N jpeg"): 12.0,
+}
+RSS_GROWTH_LIMIT = 0.10
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ---------------------------------------------------------------- peers ----
+
+
+def measure_keras_io(model_name: str, target_layer: str, *, repeats: int, min_seconds: float) -> dict:
+    """The keras.io example's `make_gradcam_heatmap`, one image at a time, eager."""
+    import keras
+    import tensorflow as tf
+
+    model = load_model(model_name)
+    model.layers[-1].activation = None  # as the example does
+    grad_model = keras.models.Model(
+        model.inputs, [model.get_layer(target_layer).output, model.output]
+    )
+
+    def make_gradcam_heatmap(img_array, pred_index=None):
+        with tf.GradientTape() as tape:
+            last_conv_layer_output, preds = grad_model(img_array)
+            if pred_index is None:
+                pred_index = tf.argmax(preds[0])
+            class_channel = preds[:, pred_index]
+        grads = tape.gradient(class_channel, last_conv_layer_output)
+        pooled_grads = tf.reduce_mean(grads, axis=(0, 1, 2))
+        last_conv_layer_output = last_conv_layer_output[0]
+        heatmap = last_conv_layer_output @ pooled_grads[..., tf.newaxis]
+        heatmap = tf.squeeze(heatmap)
+        heatmap = tf.maximum(heatmap, 0) / tf.math.reduce_max(heatmap)
+        return heatmap.numpy()
+
+    images = natural_images(8, seed=3).astype(np.float32)
+    state = {"i": 0}
+
+    def step():
+        make_gradcam_heatmap(images[state["i"] % len(images)][None])
+        state["i"] += 1
+
+    from bench.common import images_per_second
+
+    runs = [images_per_second(step, 1, min_seconds=min_seconds) for _ in range(repeats)]
+    del grad_model, model
+    return {"runs": runs, "median": median(runs), "batch": 1, "mode": "eager, one image per call"}
+
+
+def measure_tf_keras_vis(model_name: str, target_layer: str, *, repeats: int, min_seconds: float,
+                         batch: int = BATCH_SIZE) -> dict:
+    """tf-keras-vis Gradcam on the same model, layer and batch (or why it could not run)."""
+    try:
+        import tf_keras_vis
+        from tf_keras_vis.gradcam import Gradcam
+        from tf_keras_vis.utils.model_modifiers import ReplaceToLinear
+        from tf_keras_vis.utils.scores import CategoricalScore
+    except Exception as exc:  # noqa: BLE001 - report any import failure
+        return {"error": f"import failed: {type(exc).__name__}: {exc} (pip install tf-keras-vis)"}
+    try:
+        from bench.common import images_per_second
+
+        model = load_model(model_name)
+        images = natural_images(batch, seed=5).astype(np.float32)
+        classes = [int(c) for c in np.argmax(model(images[:batch], training=False), axis=-1)]
+        gradcam = Gradcam(model, model_modifier=ReplaceToLinear(), clone=True)
+        score = CategoricalScore(classes)
+
+        def step():
+            cam = gradcam(
+                score,
+                images,
+                penultimate_layer=target_layer,
+                seek_penultimate_conv_layer=False,
+                expand_cam=False,
+            )
+            np.asarray(cam)
+
+        runs = [images_per_second(step, batch, min_seconds=min_seconds) for _ in range(repeats)]
+        return {
+            "runs": runs,
+            "median": median(runs),
+            "batch": batch,
+            "version": getattr(tf_keras_vis, "__version__", "?"),
+            "settings": "ReplaceToLinear, CategoricalScore(predicted), penultimate_layer=target layer, "
+            "seek_penultimate_conv_layer=False, expand_cam=False (layer-resolution maps like the project)",
+        }
+    except Exception as exc:  # noqa: BLE001 - report why the peer does not run
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+
+
+# ------------------------------------------------------------- pipeline ----
+
+
+def run_pipeline_process(pattern: str, model_name: str, output: str, *, levers=(), extra_args=(),
+                         profile: str | None = None, profile_out: str | None = None,
+                         timeout: float = 1800) -> dict:
+    """Runs `bench.pipeline_worker` (-> pipeline.graph.run) in a fresh process."""
+    result_path = output.rstrip("/") + ".result.json"
+    cmd = [sys.executable, "-m", "bench.pipeline_worker", "--result", result_path]
+    for lever in levers:
+        cmd += ["--lever", lever]
+    if profile:
+        cmd += ["--profile", profile]
+        if profile_out:
+            cmd += ["--profile_out", profile_out]
+    cmd += ["--", "--input", pattern, "--model", model_name, "--output", output,
+            "--batch_size", str(BATCH_SIZE), "--quiet", *extra_args]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    started = time.perf_counter()
+    with open(output.rstrip("/") + ".log", "w") as log_file:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.time() > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                raise RuntimeError(f"pipeline run timed out after {timeout} s: {' '.join(cmd)}")
+            time.sleep(0.05)
+    wall = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        with open(output.rstrip("/") + ".log") as handle:
+            tail = handle.read()[-3000:]
+        raise RuntimeError(f"pipeline run failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
+    with open(result_path) as handle:
+        result = json.load(handle)
+    result["process_seconds"] = wall
+    result["maxrss_mb_wait4"] = usage.ru_maxrss / 1024.0
+    return result
+
+
+def measure_pipeline(model_name: str, n: int, workdir: str, *, repeats: int, formats=FORMATS,
+                     rss_factor: int = 4, levers=(), extra_args=()) -> dict:
+    """P for each format (steady state from N and 2N runs) and the RSS check at 4N."""
+    out: dict = {}
+    for fmt in formats:
+        sizes = {n: None, 2 * n: None}
+        if fmt == "jpeg":
+            sizes[rss_factor * n] = None
+        datasets = {}
+        for size in sizes:
+            folder = os.path.join(workdir, f"data-{fmt}-{size}")
+            datasets[size] = write_shards(folder, size, fmt, seed=size)
+        runs = {n: [], 2 * n: []}
+        for r in range(repeats):
+            for size in (n, 2 * n):
+                result = run_pipeline_process(
+                    datasets[size]["pattern"], model_name,
+                    os.path.join(workdir, f"out-{model_name}-{fmt}-{size}-{r}"),
+                    levers=levers, extra_args=extra_args,
+                )
+                if result["images_explained"] != size:
+                    raise RuntimeError(f"expected {size} images explained, got {result['images_explained']}")
+                runs[size].append(result)
+            small, large = runs[n][-1], runs[2 * n][-1]
+            delta = large["run_seconds"] - small["run_seconds"]
+            log(
+                f"  {model_name} {fmt} repeat {r + 1}/{repeats}: run({n}) {small['run_seconds']:.1f} s, "
+                f"run({2 * n}) {large['run_seconds']:.1f} s -> steady "
+                f"{(n / delta if delta > 0 else float('nan')):.1f} img/s; maxrss {small['maxrss_mb']:.0f} MB"
+            )
+        steady = []
+        for small, large in zip(runs[n], runs[2 * n]):
+            delta = large["run_seconds"] - small["run_seconds"]
+            steady.append(n / delta if delta > 0 else None)
+        whole = median(r["run_seconds"] for r in runs[n])
+        entry = {
+            "images_n": n,
+            "bytes_per_image": datasets[n]["bytes_per_image"],
+            "runs_n": runs[n],
+            "runs_2n": runs[2 * n],
+            "steady_runs": steady,
+            "steady_median": median(steady),
+            "whole_run_seconds_n": whole,
+            "whole_process_seconds_n": median(r["process_seconds"] for r in runs[n]),
+            "startup_seconds_n": median(r["startup_seconds"] for r in runs[n]),
+            "end_to_end_images_per_second_n": n / whole,
+            "maxrss_mb_n": median(r["maxrss_mb"] for r in runs[n]),
+        }
+        if fmt == "jpeg":
+            big = run_pipeline_process(
+                datasets[rss_factor * n]["pattern"], model_name,
+                os.path.join(workdir, f"out-{model_name}-{fmt}-{rss_factor * n}"),
+                levers=levers, extra_args=extra_args,
+            )
+            entry["rss"] = {
+                "images_n": n,
+                "maxrss_mb_n": entry["maxrss_mb_n"],
+                "images_big": rss_factor * n,
+                "maxrss_mb_big": big["maxrss_mb"],
+                "growth": big["maxrss_mb"] / entry["maxrss_mb_n"] - 1.0,
+                "big_run_seconds": big["run_seconds"],
+                "limit": RSS_GROWTH_LIMIT,
+            }
+            span = big["run_seconds"] - whole
+            entry["steady_from_big"] = (rss_factor - 1) * n / span if span > 0 else None
+            log(
+                f"  {model_name} RSS: {n} images {entry['maxrss_mb_n']:.0f} MB, {rss_factor * n} images "
+                f"{big['maxrss_mb']:.0f} MB ({100 * entry['rss']['growth']:+.1f}%)"
+            )
+        out[fmt] = entry
+    return out
+
+
+# ---------------------------------------------------------------- report ---
+
+
+def ratios_and_targets(name: str, m: dict) -> None:
+    f = m["forward"]["median"]
+    ratios = {f"K/F {method}": m["cam"][method]["median"] / f for method in m["cam"]}
+    n_ips = m["keras_io"]["median"]
+    v_ips = m["tf_keras_vis"].get("median")
+    for fmt, p in m["pipeline"].items():
+        ratios[f"P/F {fmt}"] = p["steady_median"] / f
+        ratios[f"P/N {fmt}"] = p["steady_median"] / n_ips
+        ratios[f"P/V {fmt}"] = p["steady_median"] / v_ips if v_ips else None
+    for method in m["cam"]:
+        ratios[f"K/N {method}"] = m["cam"][method]["median"] / n_ips
+    m["ratios"] = ratios
+    targets = {}
+    for (model, key), minimum in TARGETS.items():
+        if model == name and ratios.get(key) is not None:
+            targets[key] = {"value": ratios[key], "target": f">= {minimum}", "met": ratios[key] >= minimum}
+    rss = m["pipeline"].get("jpeg", {}).get("rss")
+    if rss:
+        targets["RSS growth"] = {"value": rss["growth"], "target": f"< {RSS_GROWTH_LIMIT}",
+                                 "met": rss["growth"] < RSS_GROWTH_LIMIT}
+    m["targets"] = targets
+
+
+def fmt(value, spec: str = ".1f") -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def table(results: dict) -> str:
+    models = results["models"]
+    lines = []
+    methods = list(next(iter(models.values()))["cam"]) if models else []
+    head = ["model", "F", *[f"K:{m}" for m in methods], "P:jpeg", "P:png", "N:keras.io", "V:tf-keras-vis"]
+    lines.append("Throughput, images/s (median of %d repeats, batch %d, 224x224, %d cores)"
+                 % (results["meta"]["repeats"], BATCH_SIZE, os.cpu_count()))
+    rows = [head]
+    for name, m in models.items():
+        p = m["pipeline"]
+        rows.append([
+            name, fmt(m["forward"]["median"]), *[fmt(m["cam"][x]["median"]) for x in methods],
+            fmt(p.get("jpeg", {}).get("steady_median")), fmt(p.get("png", {}).get("steady_median")),
+            fmt(m["keras_io"]["median"], ".2f"), fmt(m["tf_keras_vis"].get("median")),
+        ])
+    lines += _grid(rows)
+    lines.append("")
+    lines.append("Ratios")
+    rkeys = [f"K/F {x}" for x in methods] + ["P/F jpeg", "P/F png", "P/N jpeg", "P/N png", "P/V jpeg", "P/V png"]
+    rows = [["model", *rkeys]]
+    for name, m in models.items():
+        rows.append([name, *[fmt(m["ratios"].get(k), ".2f") for k in rkeys]])
+    lines += _grid(rows)
+    lines.append("")
+    lines.append("Whole runs and memory (pipeline, JPEG)")
+    rows = [["model", "N", "run(N) s", "process(N) s", "startup s", "N/run(N) img/s",
+             "RSS(N) MB", "4N", "RSS(4N) MB", "growth"]]
+    for name, m in models.items():
+        j = m["pipeline"].get("jpeg")
+        if not j:
+            continue
+        rss = j["rss"]
+        rows.append([name, str(j["images_n"]), fmt(j["whole_run_seconds_n"]), fmt(j["whole_process_seconds_n"]),
+                     fmt(j["startup_seconds_n"]), fmt(j["end_to_end_images_per_second_n"]),
+                     fmt(rss["maxrss_mb_n"], ".0f"), str(rss["images_big"]), fmt(rss["maxrss_mb_big"], ".0f"),
+                     f"{100 * rss['growth']:+.1f}%"])
+    lines += _grid(rows)
+    lines.append("")
+    lines.append("Targets")
+    for name, m in models.items():
+        for key, t in m["targets"].items():
+            lines.append(f"  {name:13s} {key:12s} {t['value']:8.3f}  target {t['target']:7s}  "
+                         f"{'met' if t['met'] else 'MISSED'}")
+        if "error" in m["tf_keras_vis"]:
+            lines.append(f"  {name:13s} tf-keras-vis did not run: {m['tf_keras_vis']['error']}")
+    return "\n".join(lines)
+
+
+def _grid(rows) -> list[str]:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+            for r in rows]
+
+
+def versions() -> dict:
+    import apache_beam
+    import keras
+    import tensorflow as tf
+
+    out = {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
+           "apache_beam": apache_beam.__version__, "numpy": np.__version__}
+    try:
+        import tf_keras_vis
+
+        out["tf_keras_vis"] = getattr(tf_keras_vis, "__version__", "?")
+    except Exception:  # noqa: BLE001
+        out["tf_keras_vis"] = None
+    return out
+
+
+# ------------------------------------------------------------------ main ---
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m bench.run_bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="Tiny counts, 1 repeat, MobileNetV2 only (< 2 min)")
+    parser.add_argument("--models", default=None, help="Comma-separated keras.applications names "
+                        "(default resnet50,mobilenet_v2; --quick: mobilenet_v2)")
+    parser.add_argument("--repeats", type=int, default=None, help="Repeats per measurement (default 3; --quick 1)")
+    parser.add_argument("--images", type=int, default=None,
+                        help="N, images per short pipeline run (2N and 4N runs too; default 256 for "
+                        "resnet50, 512 for others; --quick 32)")
+    parser.add_argument("--methods", default=",".join(METHOD_NAMES), help="CAM methods for K")
+    parser.add_argument("--formats", default=",".join(FORMATS), help="Image formats for P")
+    parser.add_argument("--min_seconds", type=float, default=None,
+                        help="Seconds per in-memory measurement (default 6; --quick 0.5)")
+    parser.add_argument("--json", default=DEFAULT_JSON, help="Where to write the results")
+    parser.add_argument("--workdir", default=None, help="Shards and outputs (default: a temp dir, removed)")
+    parser.add_argument("--skip", default="", help="Comma-separated parts to skip: peers,pipeline")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    quick = args.quick
+    model_names = (args.models or ("mobilenet_v2" if quick else "resnet50,mobilenet_v2")).split(",")
+    repeats = args.repeats or (1 if quick else 3)
+    min_seconds = args.min_seconds or (0.5 if quick else 6.0)
+    methods = tuple(args.methods.split(","))
+    formats = tuple(args.formats.split(","))
+    skip = set(filter(None, args.skip.split(",")))
+    workdir = args.workdir or tempfile.mkdtemp(prefix="gradcam-bench-")
+    os.makedirs(workdir, exist_ok=True)
+    started = time.time()
+    results = {
+        "meta": {
+            "command": " ".join(["python -m bench.run_bench", *(sys.argv[1:] if argv is None else argv)]),
+            "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "quick": quick, "repeats": repeats, "batch_size": BATCH_SIZE, "image_size": 224,
+            "cpu_count": os.cpu_count(), "machine": platform.machine(), "platform": platform.platform(),
+            "versions": versions(), "runner": "FnApiRunner (pipeline default, in-process)",
+            "startup_accounting": "P = N / (run_seconds(2N) - run_seconds(N)), fresh process per run; "
+            "run_seconds = wall time of pipeline.graph.run (excludes the process's imports)",
+        },
+        "models": {},
+    }
+    try:
+        for name in model_names:
+            n = args.images or (32 if quick else (256 if name == "resnet50" else 512))
+            log(f"{name}: F and K ({', '.join(methods)})")
+            m = measure_forward_and_cams(name, methods, repeats=repeats, min_seconds=min_seconds, log=log)
+            gc.collect()
+            if "peers" not in skip:
+                log(f"{name}: N (keras.io example, eager, one image at a time)")
+                m["keras_io"] = measure_keras_io(name, m["target_layer"], repeats=repeats,
+                                                 min_seconds=min_seconds / (2 if quick else 1))
+                log(f"  N median {m['keras_io']['median']:.2f} img/s")
+                log(f"{name}: V (tf-keras-vis Gradcam)")
+                m["tf_keras_vis"] = measure_tf_keras_vis(name, m["target_layer"], repeats=repeats,
+                                                         min_seconds=min_seconds)
+                log(f"  V {m['tf_keras_vis'].get('median', m['tf_keras_vis'].get('error'))}")
+            else:
+                m["keras_io"] = {"median": None}
+                m["tf_keras_vis"] = {"error": "skipped"}
+            import keras
+
+            keras.backend.clear_session()
+            gc.collect()
+            if "pipeline" not in skip:
+                log(f"{name}: P (pipeline.graph.run, FnApiRunner) N={n}, 2N, 4N")
+                m["pipeline"] = measure_pipeline(name, n, workdir, repeats=repeats, formats=formats)
+            else:
+                m["pipeline"] = {}
+            if m["keras_io"]["median"]:
+                ratios_and_targets(name, m)
+            else:
+                m["ratios"], m["targets"] = {}, {}
+            results["models"][name] = m
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    results["meta"]["total_seconds"] = time.time() - started
+    text = table(results)
+    results["table"] = text
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as handle:
+        json.dump(results, handle, indent=2, default=float)
+    print()
+    print(text)
+    print(f"\nWrote {args.json} ({results['meta']['total_seconds']:.0f} s)")
+    return results
+
+
+if __name__ == "__main__":
+    main()

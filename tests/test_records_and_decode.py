@@ -1,0 +1,141 @@
+"""Reading shards (CRC, truncation, empty) and decoding records (every bad case)."""
+
+
+import apache_beam as beam
+import numpy as np
+import pytest
+
+from pipeline.demo import make_example
+from tests.helpers import good_examples, jpeg_bytes, png_bytes, write_shard
+from transforms.dead_letters import ERRORS_TAG
+from transforms.decode import DecodedImage, DecodeImageExamples
+from transforms.image_header import read_header
+from transforms.records import ReadShardRecords, ShardRecord
+
+
+def run_dofn(dofn, element):
+    """Runs a DoFn's process() on one element: (main outputs, error rows)."""
+    main, errors = [], []
+    dofn.setup()
+    for out in dofn.process(element):
+        if isinstance(out, beam.pvalue.TaggedOutput):
+            assert out.tag == ERRORS_TAG
+            errors.append(out.value)
+        else:
+            main.append(out)
+    return main, errors
+
+
+def test_reads_every_record_with_position(tmp_path):
+    path = write_shard(str(tmp_path), "a.tfrecord", [b"one", b"two", b"three"])
+    main, errors = run_dofn(ReadShardRecords(), path)
+    assert [(r.index, r.data) for r in main] == [(0, b"one"), (1, b"two"), (2, b"three")]
+    assert all(r.source == path for r in main) and errors == []
+
+
+def test_crc_failure_keeps_records_before_and_the_rest_raw(tmp_path):
+    path = write_shard(str(tmp_path), "bad.tfrecord", [b"first", b"second", b"third"])
+    data = bytearray(open(path, "rb").read())
+    second_start = 12 + 5 + 4
+    data[second_start + 12 + 2] ^= 0xFF  # a byte inside "second"
+    open(path, "wb").write(bytes(data))
+    main, errors = run_dofn(ReadShardRecords(), path)
+    assert [r.data for r in main] == [b"first"]
+    (error,) = errors
+    assert (error["stage"], error["error"], error["record_index"]) == ("read", "CorruptShard", 1)
+    assert error["raw_record"] == bytes(data[second_start:])
+    assert "CRC" in error["message"]
+
+
+def test_truncated_shard(tmp_path):
+    path = write_shard(str(tmp_path), "cut.tfrecord", [b"first", b"second"])
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:-3])
+    main, errors = run_dofn(ReadShardRecords(), path)
+    assert [r.data for r in main] == [b"first"]
+    assert errors[0]["error"] == "CorruptShard" and "truncated" in errors[0]["message"]
+
+
+def test_empty_shard(tmp_path):
+    path = str(tmp_path / "empty.tfrecord")
+    open(path, "wb").close()
+    main, errors = run_dofn(ReadShardRecords(), path)
+    assert main == [] and errors[0]["error"] == "EmptyShard" and errors[0]["record_index"] is None
+
+
+def decoder(**overrides):
+    settings = dict(image_key="image/encoded", label_key="image/class/label", id_key="image/filename",
+                    label_offset=0, num_classes=3, input_size=(32, 32), max_image_pixels=100_000,
+                    require_label=False)
+    settings.update(overrides)
+    return DecodeImageExamples(**settings)
+
+
+def decode_one(data: bytes, **overrides):
+    return run_dofn(decoder(**overrides), ShardRecord("gs://b/s-0.tfrecord", 4, data))
+
+
+def test_good_record_is_resized_with_metadata():
+    (image,), errors = decode_one(good_examples(1, "x", size=48)[0])
+    assert errors == [] and isinstance(image, DecodedImage)
+    assert image.pixels.shape == (32, 32, 3) and image.pixels.dtype == np.float32
+    assert (image.image_id, image.label, image.record_index) == ("x-0", 0, 4)
+    assert image.boxes == pytest.approx(((0.1, 0.1, 0.6, 0.7),))
+    assert (image.image_height, image.image_width) == (48, 48)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 4])
+def test_grey_and_rgba_are_converted(channels):
+    (image,), errors = decode_one(make_example(png_bytes(32, 32, channels), label=1))
+    assert errors == [] and image.pixels.shape == (32, 32, 3)
+
+
+def test_id_defaults_to_shard_and_index():
+    (image,), _ = decode_one(make_example(png_bytes(32, 32), label=1))
+    assert image.image_id == "s-0.tfrecord:4"
+
+
+def test_label_offset():
+    (image,), _ = decode_one(make_example(png_bytes(32, 32), label=3), label_offset=1)
+    assert image.label == 2
+
+
+JPEG = jpeg_bytes(40, 40)
+
+
+@pytest.mark.parametrize(
+    "data, overrides, error",
+    [
+        (b"\x08\x96\x01garbage", {}, "InvalidExample"),
+        (make_example(b"", label=1), {}, "MissingFeature"),
+        (make_example(png_bytes(32, 32)), {"require_label": True}, "MissingFeature"),
+        (make_example(b"plain text, no image", label=1), {}, "UndecodableImage"),
+        (make_example(JPEG[: len(JPEG) // 2], label=1), {}, "UndecodableImage"),
+        (make_example(png_bytes(32, 32)[:60], label=1), {}, "UndecodableImage"),
+        (make_example(png_bytes(400, 300), label=1), {}, "ImageTooLarge"),
+        (make_example(png_bytes(32, 32), label=7), {}, "LabelOutOfRange"),
+    ],
+    ids=["not-example", "no-image", "no-label", "not-image", "truncated-jpeg", "truncated-png", "too-large",
+         "label-range"],
+)
+def test_bad_records_become_error_rows(data, overrides, error):
+    main, (row,) = decode_one(data, **overrides)
+    assert main == []
+    assert (row["stage"], row["error"], row["record_index"]) == ("decode", error, 4)
+    assert row["raw_record"] == data and row["message"]
+
+
+def test_size_is_read_from_the_header_before_decoding():
+    assert read_header(png_bytes(30, 20))[1:3] == (20, 30)
+    assert read_header(jpeg_bytes(30, 20))[1:3] == (20, 30)
+    # A PNG header claiming 100000 x 100000 is rejected without decoding.
+    fake = bytearray(png_bytes(8, 8))
+    fake[16:24] = (100_000).to_bytes(4, "big") * 2
+    _, (row,) = decode_one(make_example(bytes(fake), label=0))
+    assert row["error"] == "ImageTooLarge"
+
+
+def test_decoder_pickles_small():
+    import pickle
+
+    assert len(pickle.dumps(decoder())) < 2000
