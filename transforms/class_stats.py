@@ -15,6 +15,8 @@ from typing import Iterable, Optional
 import apache_beam as beam
 import numpy as np
 
+from transforms.flags import DEFAULT_THRESHOLDS, IMAGE_FLAGS, NUM_CELLS, FlagThresholds, shortcut_signal
+
 _STATS = ("peak_y", "peak_x", "entropy", "border_mass", "box_mass")
 TOP_CONFUSIONS = 3
 
@@ -37,6 +39,11 @@ class ClassAccumulator:
     pointing_hits: int = 0
     pointing_total: int = 0
     confusions: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    flag_hits: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(IMAGE_FLAGS, 0))
+    flag_counts: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(IMAGE_FLAGS, 0))
+    num_flagged: int = 0
+    peak_cells: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(NUM_CELLS, np.int64))
+    box_cells: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(NUM_CELLS, np.int64))
 
 
 def class_contributions(row: dict) -> Iterable[tuple[int, tuple[str, dict]]]:
@@ -50,6 +57,10 @@ def class_contributions(row: dict) -> Iterable[tuple[int, tuple[str, dict]]]:
 
 class ClassStatsFn(beam.CombineFn):
     """Combines (role, heatmap row) contributions of one class into its stats."""
+
+    def __init__(self, thresholds: FlagThresholds = DEFAULT_THRESHOLDS):
+        super().__init__()
+        self._thresholds = thresholds
 
     def create_accumulator(self) -> ClassAccumulator:
         return ClassAccumulator()
@@ -84,6 +95,17 @@ class ClassStatsFn(beam.CombineFn):
             if row.get("peak_in_box") is not None:
                 acc.pointing_total += 1
                 acc.pointing_hits += bool(row["peak_in_box"])
+            flagged = False
+            for flag in IMAGE_FLAGS:
+                if row.get(flag) is not None:
+                    acc.flag_counts[flag] += 1
+                    acc.flag_hits[flag] += bool(row[flag])
+                    flagged = flagged or bool(row[flag])
+            acc.num_flagged += flagged
+            if row.get("peak_cell") is not None:
+                acc.peak_cells[row["peak_cell"]] += 1
+            if row.get("box_cell") is not None:
+                acc.box_cells[row["box_cell"]] += 1
         return acc
 
     def merge_accumulators(self, accumulators) -> ClassAccumulator:
@@ -92,7 +114,7 @@ class ClassStatsFn(beam.CombineFn):
             for field in (
                 "num_labelled", "num_predicted", "num_predicted_labelled", "num_correct",
                 "sum_predicted_score", "num_targeted", "sum_target_score", "num_cam",
-                "pointing_hits", "pointing_total",
+                "pointing_hits", "pointing_total", "num_flagged",
             ):
                 setattr(merged, field, getattr(merged, field) + getattr(acc, field))
             if acc.sum_cam is not None:
@@ -101,6 +123,11 @@ class ClassStatsFn(beam.CombineFn):
                 merged.stat_sums[key] += acc.stat_sums[key]
                 merged.stat_counts[key] += acc.stat_counts[key]
             merged.confusions.update(acc.confusions)
+            for flag in IMAGE_FLAGS:
+                merged.flag_hits[flag] += acc.flag_hits[flag]
+                merged.flag_counts[flag] += acc.flag_counts[flag]
+            merged.peak_cells = merged.peak_cells + acc.peak_cells
+            merged.box_cells = merged.box_cells + acc.box_cells
         return merged
 
     def compact(self, acc: ClassAccumulator) -> ClassAccumulator:
@@ -132,15 +159,19 @@ class ClassStatsFn(beam.CombineFn):
                     :TOP_CONFUSIONS
                 ]
             ],
+            **{f"share_{flag}": ratio(acc.flag_hits[flag], acc.flag_counts[flag]) for flag in IMAGE_FLAGS},
+            "share_flagged": ratio(acc.num_flagged, acc.num_targeted),
+            **shortcut_signal(acc.peak_cells, acc.box_cells, self._thresholds),
         }
 
 
 class ComputeClassStats(beam.PTransform):
     """PCollection[heatmap row] -> PCollection[class_stats row], one per class."""
 
-    def __init__(self, class_names: Optional[list[str]] = None):
+    def __init__(self, class_names: Optional[list[str]] = None, thresholds: FlagThresholds = DEFAULT_THRESHOLDS):
         super().__init__()
         self._class_names = list(class_names or [])
+        self._thresholds = thresholds
 
     def expand(self, rows):
         names = self._class_names
@@ -153,6 +184,6 @@ class ComputeClassStats(beam.PTransform):
         return (
             rows
             | "SplitByClass" >> beam.FlatMap(class_contributions)
-            | "CombinePerClass" >> beam.CombinePerKey(ClassStatsFn())
+            | "CombinePerClass" >> beam.CombinePerKey(ClassStatsFn(self._thresholds))
             | "ToClassRow" >> beam.Map(to_row)
         )
