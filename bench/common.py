@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -91,17 +91,32 @@ def load_model(name: str):
     return load_keras_model(name)
 
 
+# Calls per measurement; --quick lowers them (see `set_quick`).
+TIMING = {"min_calls": 3, "warmup": 2}
+
+
+def set_quick() -> None:
+    TIMING.update(min_calls=1, warmup=1)
+
+
 def images_per_second(step: Callable[[], object], batch: int, *, min_seconds: float,
-                      min_calls: int = 3, warmup: int = 2) -> float:
-    """Calls `step` (one batch, result materialised) until min_seconds and min_calls."""
-    for _ in range(warmup):
+                      cpu: Optional[list] = None) -> float:
+    """Calls `step` (one batch, result materialised) until min_seconds and min_calls.
+
+    Returns wall-clock images/s; when `cpu` is a list, appends images per
+    CPU-second of this process (all threads), which a busy shared machine
+    disturbs less than wall time.
+    """
+    for _ in range(TIMING["warmup"]):
         step()
-    calls, started = 0, time.perf_counter()
+    calls, started, cpu_started = 0, time.perf_counter(), time.process_time()
     while True:
         step()
         calls += 1
         elapsed = time.perf_counter() - started
-        if calls >= min_calls and elapsed >= min_seconds:
+        if calls >= TIMING["min_calls"] and elapsed >= min_seconds:
+            if cpu is not None:
+                cpu.append(calls * batch / max(time.process_time() - cpu_started, 1e-9))
             return calls * batch / elapsed
 
 
@@ -134,13 +149,18 @@ def measure_forward_and_cams(model_name: str, methods, *, repeats: int, min_seco
     first = explainers[methods[0]]
     first.forward(images[:2]).numpy()
     forward_runs, cam_runs = [], {m: [] for m in methods}
+    forward_cpu, cam_cpu = [], {m: [] for m in methods}
+    load = []
     for r in range(repeats):
+        load.append(os.getloadavg()[0])
         forward_runs.append(
-            images_per_second(lambda: first.forward(images).numpy(), batch, min_seconds=min_seconds)
+            images_per_second(lambda: first.forward(images).numpy(), batch, min_seconds=min_seconds,
+                              cpu=forward_cpu)
         )
         for method, explainer in explainers.items():
             cam_runs[method].append(
-                images_per_second(lambda e=explainer: e(images, labels), batch, min_seconds=min_seconds)
+                images_per_second(lambda e=explainer: e(images, labels), batch, min_seconds=min_seconds,
+                                  cpu=cam_cpu[method])
             )
         log(
             f"  {model_name} repeat {r + 1}/{repeats}: F {forward_runs[-1]:.1f} img/s, "
@@ -149,6 +169,9 @@ def measure_forward_and_cams(model_name: str, methods, *, repeats: int, min_seco
     return {
         "target_layer": first.target_layer,
         "cam_shape": list(first.cam_shape),
-        "forward": {"runs": forward_runs, "median": median(forward_runs)},
-        "cam": {m: {"runs": runs, "median": median(runs)} for m, runs in cam_runs.items()},
+        "load_average_1min": load,
+        "forward": {"runs": forward_runs, "median": median(forward_runs),
+                    "cpu_runs": forward_cpu, "cpu_median": median(forward_cpu)},
+        "cam": {m: {"runs": runs, "median": median(runs), "cpu_runs": cam_cpu[m],
+                    "cpu_median": median(cam_cpu[m])} for m, runs in cam_runs.items()},
     }

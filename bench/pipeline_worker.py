@@ -65,6 +65,11 @@ def main(argv=None) -> None:
         with open(args.profile_out or args.result + ".txt", "w") as handle:
             handle.write(profiler.output_text(unicode=False, color=False, show_all=False))
     usage = resource.getrusage(resource.RUSAGE_SELF)
+    # ru_maxrss survives execve on Linux (a vfork'ed child inherits its parent's
+    # peak), so the process's own peak is read from VmHWM, which exec resets.
+    with open("/proc/self/status") as handle:
+        hwm = [line for line in handle if line.startswith("VmHWM:")]
+    maxrss_kb = int(hwm[0].split()[1]) if hwm else usage.ru_maxrss
     result = {
         "import_seconds": imported - started,
         "run_seconds": finished - imported,
@@ -72,7 +77,7 @@ def main(argv=None) -> None:
         "pipeline_seconds": manifest["timings"]["pipeline_seconds"],
         "images_explained": manifest["counts"]["images_explained"],
         "records_rejected": manifest["counts"]["records_rejected"],
-        "maxrss_mb": usage.ru_maxrss / 1024.0,
+        "maxrss_mb": maxrss_kb / 1024.0,
         "cpu_user_seconds": usage.ru_utime,
         "cpu_system_seconds": usage.ru_stime,
         "levers": args.lever,

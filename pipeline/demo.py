@@ -132,7 +132,7 @@ def write_dataset(folder: str, *, n: int, shards: int, seed: int, shortcut: bool
     os.makedirs(folder, exist_ok=True)
     images, labels, boxes = make_arrays(n, seed, shortcut=shortcut)
     per_shard = [[] for _ in range(shards)]
-    for i, (image, label, box) in enumerate(zip(images, labels, boxes)):
+    for i, (image, label, box) in enumerate(zip(images, labels, boxes, strict=True)):
         per_shard[i % shards].append(
             make_example(encode(image, fmt), label=label, image_id=f"demo-{i:05d}", boxes=[box])
         )

@@ -8,8 +8,8 @@ a bad value exits with status 2 and one line saying what was expected.
 from __future__ import annotations
 
 import argparse
-import os
 import dataclasses
+import os
 import sys
 from typing import Optional
 
@@ -144,6 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def print_beam_help() -> None:
+    """Prints every Beam pipeline option (as Beam collects them) and exits."""
+    from apache_beam.options.pipeline_options import _BeamArgumentParser
+
+    parser = _BeamArgumentParser(prog="python -m pipeline", allow_abbrev=False)
+    for cls in PipelineOptions.__subclasses__():
+        cls._add_argparse_args(parser)
+    parser.print_help()
+    sys.exit(0)
+
+
 def parse_args(argv: Optional[list[str]]) -> tuple[AuditConfig, list[str]]:
     """Splits argv into the audit config and the Beam arguments.
 
@@ -152,7 +163,7 @@ def parse_args(argv: Optional[list[str]]) -> tuple[AuditConfig, list[str]]:
     parser = build_parser()
     known, beam_args = parser.parse_known_args(argv)
     if known.help_beam:
-        PipelineOptions(["--help"])
+        print_beam_help()
     del known.help_beam
     if (known.input is None) != (known.model is None):
         parser.error("give both --input and --model, or neither to run the built-in demo")

@@ -44,10 +44,14 @@ def summary_text(manifest: dict) -> str:
     counts = manifest["counts"]
     rejected = ", ".join(f"{stage} {n}" for stage, n in counts["records_rejected"].items() if n) or "none"
     lines = [
-        f"Explained {counts['images_explained']} of {counts['records_read']} records "
-        f"(rejected: {rejected}; shard errors: {counts['shard_errors']}).",
-        f"Model {manifest['model']['uri']}, target layer {manifest['model']['target_layer']}, "
-        f"method {manifest['options']['method']}, target {manifest['options']['target']}.",
+        (
+            f"Explained {counts['images_explained']} of {counts['records_read']} records "
+            f"(rejected: {rejected}; shard errors: {counts['shard_errors']})."
+        ),
+        (
+            f"Model {manifest['model']['uri']}, target layer {manifest['model']['target_layer']}, "
+            f"method {manifest['options']['method']}, target {manifest['options']['target']}."
+        ),
         f"Tables under {manifest['output']}/ (heatmaps, class_stats, errors) and run_manifest.json.",
     ]
     for kind, n in counts["errors_by_kind"].items():

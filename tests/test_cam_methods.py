@@ -44,7 +44,7 @@ def ref_weights_map(method: str, a: np.ndarray, g: np.ndarray) -> np.ndarray:
 def reference(features, head, images, targets_per_image, method):
     """Eager per-image reference: [B, K, h, w]."""
     out = []
-    for image, targets in zip(images, targets_per_image):
+    for image, targets in zip(images, targets_per_image, strict=True):
         maps = []
         for target in targets:
             with tf.GradientTape() as tape:

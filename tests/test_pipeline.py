@@ -111,7 +111,7 @@ def test_multi_process_run_gives_the_same_rows(audited, dataset, model_path, tmp
     single = sorted(read_parquet_dir(str(output / "heatmaps")).to_pylist(), key=key)
     multi = sorted(read_parquet_dir(str(tmp_path / "heatmaps")).to_pylist(), key=key)
     assert [r["image_id"] for r in multi] == [r["image_id"] for r in single]
-    for a, b in zip(single, multi):
+    for a, b in zip(single, multi, strict=True):
         assert a["predicted_class"] == b["predicted_class"] and a["target_class"] == b["target_class"]
         np.testing.assert_allclose(a["cam"], b["cam"], rtol=1e-4, atol=1e-5 * max(a["cam_max"], 1e-6))
     assert len(read_parquet_dir(str(tmp_path / "errors"))) == dataset["bad"] + dataset["shard_errors"]

@@ -56,7 +56,7 @@ def _boxes(feature_map) -> tuple:
     if len({len(c) for c in columns}) != 1:
         raise RecordError("InvalidBoxes", f"{prefix}{{ymin,xmin,ymax,xmax}} differ in length")
     boxes = []
-    for ymin, xmin, ymax, xmax in zip(*columns):
+    for ymin, xmin, ymax, xmax in zip(*columns, strict=True):
         box = tuple(min(max(v, 0.0), 1.0) for v in (ymin, xmin, ymax, xmax))
         if box[2] > box[0] and box[3] > box[1]:
             boxes.append(box)
