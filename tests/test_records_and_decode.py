@@ -80,7 +80,7 @@ def test_good_record_is_resized_with_metadata():
     assert errors == [] and isinstance(image, DecodedImage)
     assert image.pixels.shape == (32, 32, 3) and image.pixels.dtype == np.float32
     assert (image.image_id, image.label, image.record_index) == ("x-0", 0, 4)
-    assert image.boxes == pytest.approx(((0.1, 0.1, 0.6, 0.7),))
+    np.testing.assert_allclose(image.boxes, [(0.1, 0.1, 0.6, 0.7)], rtol=1e-6)
     assert (image.image_height, image.image_width) == (48, 48)
 
 
