@@ -92,7 +92,7 @@ def load_model(name: str):
 
 
 # Calls per measurement; --quick lowers them (see `set_quick`).
-TIMING = {"min_calls": 3, "warmup": 2}
+TIMING = {"min_calls": 2, "warmup": 1}
 
 
 def set_quick() -> None:
@@ -120,13 +120,43 @@ def images_per_second(step: Callable[[], object], batch: int, *, min_seconds: fl
             return calls * batch / elapsed
 
 
+def round_robin(steps: dict, batch: int, *, min_seconds: float, warmup: bool = True) -> tuple[dict, dict]:
+    """Times several steps call by call in turn (F, K1, K2, ..., F, K1, ...).
+
+    Interleaving single calls makes every step see the same background load,
+    which matters on a shared 2-core machine: the ratios stay fair even when
+    the absolute numbers move.
+
+    Returns:
+      ({key: images/s wall}, {key: images per CPU-second of this process}).
+    """
+    for _ in range(TIMING["warmup"] if warmup else 0):
+        for step in steps.values():
+            step()
+    wall = dict.fromkeys(steps, 0.0)
+    cpu = dict.fromkeys(steps, 0.0)
+    calls = 0
+    while True:
+        for key, step in steps.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            step()
+            wall[key] += time.perf_counter() - t0
+            cpu[key] += time.process_time() - c0
+        calls += 1
+        if calls >= TIMING["min_calls"] and min(wall.values()) >= min_seconds:
+            break
+    return ({k: calls * batch / v for k, v in wall.items()},
+            {k: calls * batch / max(v, 1e-9) for k, v in cpu.items()})
+
+
 def median(values) -> float:
     values = [v for v in values if v is not None]
     return float(statistics.median(values)) if values else float("nan")
 
 
 def measure_forward_and_cams(model_name: str, methods, *, repeats: int, min_seconds: float,
-                             batch: int = BATCH_SIZE, seed: int = 0, log=print) -> dict:
+                             batch: int = BATCH_SIZE, seed: int = 0, jit_compile: bool = False,
+                             log=print) -> dict:
     """F (CamExplainer.forward) and K (CamExplainer.__call__ -> .explain) per method.
 
     One explainer (own model copy) per method; F uses the first explainer's
@@ -143,29 +173,30 @@ def measure_forward_and_cams(model_name: str, methods, *, repeats: int, min_seco
     explainers = {}
     for method in methods:
         started = time.perf_counter()
-        explainers[method] = CamExplainer(load_model(model_name), method=method)
+        explainers[method] = CamExplainer(load_model(model_name), method=method, jit_compile=jit_compile)
         explainers[method](images[:2], labels[:2])  # trace once
         log(f"  {model_name}: built + traced {method} in {time.perf_counter() - started:.1f} s")
     first = explainers[methods[0]]
-    first.forward(images[:2]).numpy()
-    forward_runs, cam_runs = [], {m: [] for m in methods}
-    forward_cpu, cam_cpu = [], {m: [] for m in methods}
+    steps = {"forward": lambda: first.forward(images).numpy()}
+    for method, explainer in explainers.items():
+        steps[method] = lambda e=explainer: e(images, labels)
+    runs = {key: [] for key in steps}
+    cpu_runs = {key: [] for key in steps}
     load = []
     for r in range(repeats):
         load.append(os.getloadavg()[0])
-        forward_runs.append(
-            images_per_second(lambda: first.forward(images).numpy(), batch, min_seconds=min_seconds,
-                              cpu=forward_cpu)
-        )
-        for method, explainer in explainers.items():
-            cam_runs[method].append(
-                images_per_second(lambda e=explainer: e(images, labels), batch, min_seconds=min_seconds,
-                                  cpu=cam_cpu[method])
-            )
+        wall, cpu = round_robin(steps, batch, min_seconds=min_seconds, warmup=r == 0)
+        for key in steps:
+            runs[key].append(wall[key])
+            cpu_runs[key].append(cpu[key])
         log(
-            f"  {model_name} repeat {r + 1}/{repeats}: F {forward_runs[-1]:.1f} img/s, "
-            + ", ".join(f"K[{m}] {cam_runs[m][-1]:.1f}" for m in methods)
+            f"  {model_name} repeat {r + 1}/{repeats}: F {wall['forward']:.1f} img/s, "
+            + ", ".join(f"K[{m}] {wall[m]:.1f}" for m in methods)
+            + f" (load {load[-1]:.1f})"
         )
+    forward_runs, forward_cpu = runs["forward"], cpu_runs["forward"]
+    cam_runs = {m: runs[m] for m in methods}
+    cam_cpu = {m: cpu_runs[m] for m in methods}
     return {
         "target_layer": first.target_layer,
         "cam_shape": list(first.cam_shape),

@@ -50,6 +50,7 @@ from bench.common import (
     measure_forward_and_cams,
     median,
     natural_images,
+    set_quick,
     write_shards,
 )
 
@@ -108,9 +109,10 @@ def measure_keras_io(model_name: str, target_layer: str, *, repeats: int, min_se
 
     from bench.common import images_per_second
 
-    runs = [images_per_second(step, 1, min_seconds=min_seconds) for _ in range(repeats)]
-    del grad_model, model
-    return {"runs": runs, "median": median(runs), "batch": 1, "mode": "eager, one image per call"}
+    cpu: list = []
+    runs = [images_per_second(step, 1, min_seconds=min_seconds, cpu=cpu) for _ in range(repeats)]
+    return {"runs": runs, "median": median(runs), "cpu_runs": cpu, "cpu_median": median(cpu),
+            "batch": 1, "mode": "eager, one image per call"}
 
 
 def measure_tf_keras_vis(model_name: str, target_layer: str, *, repeats: int, min_seconds: float,
@@ -142,10 +144,13 @@ def measure_tf_keras_vis(model_name: str, target_layer: str, *, repeats: int, mi
             )
             np.asarray(cam)
 
-        runs = [images_per_second(step, batch, min_seconds=min_seconds) for _ in range(repeats)]
+        cpu: list = []
+        runs = [images_per_second(step, batch, min_seconds=min_seconds, cpu=cpu) for _ in range(repeats)]
         return {
             "runs": runs,
             "median": median(runs),
+            "cpu_runs": cpu,
+            "cpu_median": median(cpu),
             "batch": batch,
             "version": getattr(tf_keras_vis, "__version__", "?"),
             "settings": "ReplaceToLinear, CategoricalScore(predicted), penultimate_layer=target layer, "
@@ -156,6 +161,18 @@ def measure_tf_keras_vis(model_name: str, target_layer: str, *, repeats: int, mi
 
 
 # ------------------------------------------------------------- pipeline ----
+
+
+def pipeline_flags() -> list[str]:
+    """Flags for the measured runs: the Parquet tables only (no HTML report) when
+    the pipeline has a report step, so P measures the data path."""
+    try:
+        from pipeline.options import build_parser
+
+        help_text = build_parser().format_help()
+    except Exception:  # noqa: BLE001 - the options module is edited concurrently
+        return []
+    return ["--no_report"] if "--no_report" in help_text else []
 
 
 def run_pipeline_process(pattern: str, model_name: str, output: str, *, levers=(), extra_args=(),
@@ -171,7 +188,7 @@ def run_pipeline_process(pattern: str, model_name: str, output: str, *, levers=(
         if profile_out:
             cmd += ["--profile_out", profile_out]
     cmd += ["--", "--input", pattern, "--model", model_name, "--output", output,
-            "--batch_size", str(BATCH_SIZE), "--quiet", *extra_args]
+            "--batch_size", str(BATCH_SIZE), "--quiet", *pipeline_flags(), *extra_args]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     started = time.perf_counter()
     with open(output.rstrip("/") + ".log", "w") as log_file:
@@ -195,25 +212,29 @@ def run_pipeline_process(pattern: str, model_name: str, output: str, *, levers=(
     with open(result_path) as handle:
         result = json.load(handle)
     result["process_seconds"] = wall
-    result["maxrss_mb_wait4"] = usage.ru_maxrss / 1024.0
+    result["cpu_seconds"] = usage.ru_utime + usage.ru_stime  # whole process, imports included
+    result["load_average_1min"] = os.getloadavg()[0]
     return result
 
 
 def measure_pipeline(model_name: str, n: int, workdir: str, *, repeats: int, formats=FORMATS,
-                     rss_factor: int = 4, levers=(), extra_args=()) -> dict:
-    """P for each format (steady state from N and 2N runs) and the RSS check at 4N."""
+                     pair_factor: int = 2, rss_factor: int = 4, levers=(), extra_args=()) -> dict:
+    """P for each format and the RSS check at rss_factor * N (JPEG).
+
+    Steady state per repeat: (f - 1) * N / (run_seconds(f * N) - run_seconds(N))
+    with f = pair_factor (the same from CPU seconds of the whole process for
+    the CPU-based figure). When pair_factor == rss_factor the JPEG pair's large
+    runs double as the RSS runs.
+    """
     out: dict = {}
     for fmt in formats:
-        sizes = {n: None, 2 * n: None}
-        if fmt == "jpeg":
-            sizes[rss_factor * n] = None
-        datasets = {}
-        for size in sizes:
-            folder = os.path.join(workdir, f"data-{fmt}-{size}")
-            datasets[size] = write_shards(folder, size, fmt, seed=size)
-        runs = {n: [], 2 * n: []}
+        big_n = pair_factor * n
+        sizes = [n, big_n] + ([rss_factor * n] if fmt == "jpeg" and rss_factor != pair_factor else [])
+        datasets = {size: write_shards(os.path.join(workdir, f"data-{fmt}-{size}"), size, fmt, seed=size)
+                    for size in sizes}
+        runs = {n: [], big_n: []}
         for r in range(repeats):
-            for size in (n, 2 * n):
+            for size in (n, big_n):
                 result = run_pipeline_process(
                     datasets[size]["pattern"], model_name,
                     os.path.join(workdir, f"out-{model_name}-{fmt}-{size}-{r}"),
@@ -222,25 +243,31 @@ def measure_pipeline(model_name: str, n: int, workdir: str, *, repeats: int, for
                 if result["images_explained"] != size:
                     raise RuntimeError(f"expected {size} images explained, got {result['images_explained']}")
                 runs[size].append(result)
-            small, large = runs[n][-1], runs[2 * n][-1]
+            small, large = runs[n][-1], runs[big_n][-1]
             delta = large["run_seconds"] - small["run_seconds"]
             log(
                 f"  {model_name} {fmt} repeat {r + 1}/{repeats}: run({n}) {small['run_seconds']:.1f} s, "
-                f"run({2 * n}) {large['run_seconds']:.1f} s -> steady "
-                f"{(n / delta if delta > 0 else float('nan')):.1f} img/s; maxrss {small['maxrss_mb']:.0f} MB"
+                f"run({big_n}) {large['run_seconds']:.1f} s -> steady "
+                f"{((big_n - n) / delta if delta > 0 else float('nan')):.1f} img/s; "
+                f"peak RSS {small['maxrss_mb']:.0f}/{large['maxrss_mb']:.0f} MB; load {os.getloadavg()[0]:.1f}"
             )
-        steady = []
-        for small, large in zip(runs[n], runs[2 * n]):
+        steady, steady_cpu = [], []
+        for small, large in zip(runs[n], runs[big_n], strict=True):
             delta = large["run_seconds"] - small["run_seconds"]
-            steady.append(n / delta if delta > 0 else None)
+            steady.append((big_n - n) / delta if delta > 0 else None)
+            cpu_delta = large["cpu_seconds"] - small["cpu_seconds"]
+            steady_cpu.append((big_n - n) / cpu_delta if cpu_delta > 0 else None)
         whole = median(r["run_seconds"] for r in runs[n])
         entry = {
             "images_n": n,
+            "images_pair": big_n,
             "bytes_per_image": datasets[n]["bytes_per_image"],
             "runs_n": runs[n],
-            "runs_2n": runs[2 * n],
+            "runs_pair": runs[big_n],
             "steady_runs": steady,
             "steady_median": median(steady),
+            "steady_cpu_runs": steady_cpu,
+            "steady_cpu_median": median(steady_cpu),
             "whole_run_seconds_n": whole,
             "whole_process_seconds_n": median(r["process_seconds"] for r in runs[n]),
             "startup_seconds_n": median(r["startup_seconds"] for r in runs[n]),
@@ -248,11 +275,15 @@ def measure_pipeline(model_name: str, n: int, workdir: str, *, repeats: int, for
             "maxrss_mb_n": median(r["maxrss_mb"] for r in runs[n]),
         }
         if fmt == "jpeg":
-            big = run_pipeline_process(
-                datasets[rss_factor * n]["pattern"], model_name,
-                os.path.join(workdir, f"out-{model_name}-{fmt}-{rss_factor * n}"),
-                levers=levers, extra_args=extra_args,
-            )
+            if rss_factor == pair_factor:
+                big = {"maxrss_mb": median(r["maxrss_mb"] for r in runs[big_n]),
+                       "run_seconds": median(r["run_seconds"] for r in runs[big_n])}
+            else:
+                big = run_pipeline_process(
+                    datasets[rss_factor * n]["pattern"], model_name,
+                    os.path.join(workdir, f"out-{model_name}-{fmt}-{rss_factor * n}"),
+                    levers=levers, extra_args=extra_args,
+                )
             entry["rss"] = {
                 "images_n": n,
                 "maxrss_mb_n": entry["maxrss_mb_n"],
@@ -261,6 +292,7 @@ def measure_pipeline(model_name: str, n: int, workdir: str, *, repeats: int, for
                 "growth": big["maxrss_mb"] / entry["maxrss_mb_n"] - 1.0,
                 "big_run_seconds": big["run_seconds"],
                 "limit": RSS_GROWTH_LIMIT,
+                "source": "VmHWM of each pipeline process (/proc/self/status at the end of the run)",
             }
             span = big["run_seconds"] - whole
             entry["steady_from_big"] = (rss_factor - 1) * n / span if span > 0 else None
@@ -278,15 +310,24 @@ def measure_pipeline(model_name: str, n: int, workdir: str, *, repeats: int, for
 def ratios_and_targets(name: str, m: dict) -> None:
     f = m["forward"]["median"]
     ratios = {f"K/F {method}": m["cam"][method]["median"] / f for method in m["cam"]}
-    n_ips = m["keras_io"]["median"]
+    n_ips = m["keras_io"].get("median")
     v_ips = m["tf_keras_vis"].get("median")
     for fmt, p in m["pipeline"].items():
         ratios[f"P/F {fmt}"] = p["steady_median"] / f
-        ratios[f"P/N {fmt}"] = p["steady_median"] / n_ips
+        ratios[f"P/N {fmt}"] = p["steady_median"] / n_ips if n_ips else None
         ratios[f"P/V {fmt}"] = p["steady_median"] / v_ips if v_ips else None
     for method in m["cam"]:
-        ratios[f"K/N {method}"] = m["cam"][method]["median"] / n_ips
+        ratios[f"K/N {method}"] = m["cam"][method]["median"] / n_ips if n_ips else None
     m["ratios"] = ratios
+    # The same ratios from images per CPU-second (less disturbed by other load
+    # on a shared machine; blind to lost parallelism, so an upper bound for P).
+    fc = m["forward"]["cpu_median"]
+    cpu = {f"K/F {method}": m["cam"][method]["cpu_median"] / fc for method in m["cam"]}
+    for key, p in m["pipeline"].items():
+        cpu[f"P/F {key}"] = p["steady_cpu_median"] / fc
+        n_cpu = m["keras_io"].get("cpu_median")
+        cpu[f"P/N {key}"] = p["steady_cpu_median"] / n_cpu if n_cpu else None
+    m["cpu_ratios"] = cpu
     targets = {}
     for (model, key), minimum in TARGETS.items():
         if model == name and ratios.get(key) is not None:
@@ -309,8 +350,10 @@ def table(results: dict) -> str:
     lines = []
     methods = list(next(iter(models.values()))["cam"]) if models else []
     head = ["model", "F", *[f"K:{m}" for m in methods], "P:jpeg", "P:png", "N:keras.io", "V:tf-keras-vis"]
-    lines.append("Throughput, images/s (median of %d repeats, batch %d, 224x224, %d cores)"
-                 % (results["meta"]["repeats"], BATCH_SIZE, os.cpu_count()))
+    lines.append("Throughput, images/s (median of %d repeats, batch %d, 224x224, %d cores; "
+                 "load average at start %.1f, end %.1f)"
+                 % (results["meta"]["repeats"], BATCH_SIZE, os.cpu_count(),
+                    results["meta"]["load_average_start"], results["meta"].get("load_average_end", float("nan"))))
     rows = [head]
     for name, m in models.items():
         p = m["pipeline"]
@@ -325,7 +368,12 @@ def table(results: dict) -> str:
     rkeys = [f"K/F {x}" for x in methods] + ["P/F jpeg", "P/F png", "P/N jpeg", "P/N png", "P/V jpeg", "P/V png"]
     rows = [["model", *rkeys]]
     for name, m in models.items():
-        rows.append([name, *[fmt(m["ratios"].get(k), ".2f") for k in rkeys]])
+        rows.append([name, *[fmt(m.get("ratios", {}).get(k), ".2f") for k in rkeys]])
+    lines += _grid(rows)
+    rows = [["model (CPU-s)", *rkeys[: len(methods) + 4]]]
+    for name, m in models.items():
+        rows.append([name, *[fmt(m.get("cpu_ratios", {}).get(k), ".2f") for k in rkeys[: len(methods) + 4]]])
+    lines.append("Same ratios from images per CPU-second (robust to other load; blind to idle cores)")
     lines += _grid(rows)
     lines.append("")
     lines.append("Whole runs and memory (pipeline, JPEG)")
@@ -354,7 +402,7 @@ def table(results: dict) -> str:
 
 def _grid(rows) -> list[str]:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return ["  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
             for r in rows]
 
 
@@ -384,24 +432,29 @@ def parse_args(argv):
                         "(default resnet50,mobilenet_v2; --quick: mobilenet_v2)")
     parser.add_argument("--repeats", type=int, default=None, help="Repeats per measurement (default 3; --quick 1)")
     parser.add_argument("--images", type=int, default=None,
-                        help="N, images per short pipeline run (2N and 4N runs too; default 256 for "
-                        "resnet50, 512 for others; --quick 32)")
+                        help="N, images per short pipeline run (2N and 4N runs too; default 96 for "
+                        "resnet50, 192 for others; --quick 32)")
     parser.add_argument("--methods", default=",".join(METHOD_NAMES), help="CAM methods for K")
     parser.add_argument("--formats", default=",".join(FORMATS), help="Image formats for P")
     parser.add_argument("--min_seconds", type=float, default=None,
-                        help="Seconds per in-memory measurement (default 6; --quick 0.5)")
+                        help="Seconds per in-memory measurement and step (default 3; --quick 0.3)")
     parser.add_argument("--json", default=DEFAULT_JSON, help="Where to write the results")
     parser.add_argument("--workdir", default=None, help="Shards and outputs (default: a temp dir, removed)")
     parser.add_argument("--skip", default="", help="Comma-separated parts to skip: peers,pipeline")
+    parser.add_argument("--pipeline_args", default="", help="Extra pipeline/Beam flags for P, e.g. "
+                        "'--direct_num_workers=2 --direct_running_mode=multi_threading'")
+    parser.add_argument("--levers", default="", help="Comma-separated bench.levers monkeypatches for P runs")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     quick = args.quick
+    if quick:
+        set_quick()
     model_names = (args.models or ("mobilenet_v2" if quick else "resnet50,mobilenet_v2")).split(",")
     repeats = args.repeats or (1 if quick else 3)
-    min_seconds = args.min_seconds or (0.5 if quick else 6.0)
+    min_seconds = args.min_seconds or (0.3 if quick else 3.0)
     methods = tuple(args.methods.split(","))
     formats = tuple(args.formats.split(","))
     skip = set(filter(None, args.skip.split(",")))
@@ -414,15 +467,19 @@ def main(argv=None) -> dict:
             "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "quick": quick, "repeats": repeats, "batch_size": BATCH_SIZE, "image_size": 224,
             "cpu_count": os.cpu_count(), "machine": platform.machine(), "platform": platform.platform(),
-            "versions": versions(), "runner": "FnApiRunner (pipeline default, in-process)",
-            "startup_accounting": "P = N / (run_seconds(2N) - run_seconds(N)), fresh process per run; "
-            "run_seconds = wall time of pipeline.graph.run (excludes the process's imports)",
+            "load_average_start": os.getloadavg()[0],
+            "versions": versions(), "pipeline_flags": pipeline_flags(),
+            "pipeline_args": args.pipeline_args, "levers": args.levers, "runner": "FnApiRunner (pipeline default, in-process)",
+            "startup_accounting": "P = (f-1)N / (run_seconds(fN) - run_seconds(N)), f = 2 (--quick: 4), a "
+            "fresh process per run; run_seconds = wall time of pipeline.graph.run (excludes the "
+            "process's imports); start-up (imports, model load in launcher and worker, first trace, "
+            "graph construction, manifest read-back) cancels in the difference",
         },
         "models": {},
     }
     try:
         for name in model_names:
-            n = args.images or (32 if quick else (256 if name == "resnet50" else 512))
+            n = args.images or (32 if quick else (96 if name == "resnet50" else 192))
             log(f"{name}: F and K ({', '.join(methods)})")
             m = measure_forward_and_cams(name, methods, repeats=repeats, min_seconds=min_seconds, log=log)
             gc.collect()
@@ -444,18 +501,19 @@ def main(argv=None) -> dict:
             gc.collect()
             if "pipeline" not in skip:
                 log(f"{name}: P (pipeline.graph.run, FnApiRunner) N={n}, 2N, 4N")
-                m["pipeline"] = measure_pipeline(name, n, workdir, repeats=repeats, formats=formats)
+                m["pipeline"] = measure_pipeline(name, n, workdir, repeats=repeats, formats=formats,
+                                                 pair_factor=4 if quick else 2,
+                                                 extra_args=args.pipeline_args.split(),
+                                                 levers=[x for x in args.levers.split(",") if x])
             else:
                 m["pipeline"] = {}
-            if m["keras_io"]["median"]:
-                ratios_and_targets(name, m)
-            else:
-                m["ratios"], m["targets"] = {}, {}
+            ratios_and_targets(name, m)
             results["models"][name] = m
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     results["meta"]["total_seconds"] = time.time() - started
+    results["meta"]["load_average_end"] = os.getloadavg()[0]
     text = table(results)
     results["table"] = text
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

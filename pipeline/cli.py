@@ -22,8 +22,16 @@ def main(argv=None) -> None:
     except AuditError as exc:
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(2)
+    if manifest.get("job_only"):  # Dataflow --dry_run / --template_location (pipeline/graph.build_job_only)
+        print(manifest["message"])
+        return
     if not manifest["options"]["quiet"]:
         print(summary_text(manifest))
+    comparison = manifest.get("comparison") or {}
+    if comparison.get("exit_code"):  # --compare_with_previous: 1 flagged, 2 could not compare
+        if comparison["exit_code"] == 2:
+            sys.stderr.write(f"error: {comparison['message']}\n")
+        sys.exit(comparison["exit_code"])
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import logging
 import time
 from typing import Optional
@@ -19,6 +21,7 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.options import AuditConfig, parse_args
+from pipeline.runners import only_builds_job
 from transforms.class_stats import ComputeClassStats
 from transforms.dead_letters import ERRORS_TAG
 from transforms.decode import DecodeImageExamples
@@ -138,10 +141,21 @@ class ExplainDataset(beam.PTransform):
         return {"heatmaps": rows.rows, "class_stats": stats, "errors": errors}
 
 
-def clear_outputs(output: str) -> None:
-    """Removes the tables and manifest of a previous run into the same folder."""
+def clear_outputs(output: str, run_id: Optional[str] = None) -> None:
+    """Removes what an earlier run into the same place left behind.
+
+    With `run_id` (the history layout, `pipeline.history`): the temp folders
+    of crashed earlier attempts at that run; the finished run itself is only
+    replaced by the new one's swap. Without: the tables and manifest written
+    straight into `output`.
+    """
     from pipeline.manifest import MANIFEST_NAME
 
+    if run_id is not None:
+        from pipeline.history import clear_temps
+
+        clear_temps(output, run_id)
+        return
     stale = [m.path for t in TABLES for m in FileSystems.match([f"{output}/{t}/*"])[0].metadata_list]
     manifest = f"{output}/{MANIFEST_NAME}"
     if FileSystems.exists(manifest):
@@ -175,35 +189,87 @@ def prepare(config: AuditConfig):
     if not config.output:
         raise AuditError("--output: expected a folder (local or gs://), none given")
     config.output = config.output.rstrip("/")
+    if not config.run_id:
+        from pipeline.history import default_run_id
+
+        config.run_id = default_run_id()
     files = match_shards(config.input)
     info = inspect_model(config)
     _LOG.info("Target layer: %s, maps of %dx%d", info.target_layer, *info.cam_shape)
     return files, info, read_class_names(config.class_names)
 
 
+def build_job_only(config: AuditConfig, beam_args: list, info: ModelInfo, files: list, class_names: list):
+    """Builds (and for a template, saves) the Dataflow job without running it; nothing is written or deleted.
+
+    The job writes its tables straight into the run folder: a template launched
+    later has no launcher to swap a temp folder in or to write the manifest.
+    Returns (PipelineResult or None, a short description instead of a manifest).
+    """
+    from pipeline import history
+
+    final = dataclasses.replace(config, output=history.run_dir(config.output, config.run_id))
+    pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
+    build(pipeline, final, info, files, class_names)
+    result = pipeline.run()
+    template = PipelineOptions(beam_args).get_all_options().get("template_location")
+    return result, {
+        "job_only": True,
+        "state": str(getattr(result, "state", "")),
+        "template_location": template,
+        "message": f"Dataflow job built, not run ({'template saved to ' + template if template else 'dry run'}); "
+                   f"its tables would go to {final.output}/.",
+        "output": final.output,
+        "tables": {t: f"{final.output}/{t}/" for t in TABLES},
+        "shards": files,
+        "model": {"uri": config.model, "fingerprint": info.fingerprint, **info.as_json()},
+        "options": config.as_json(),
+        "beam_args": beam_args,
+    }
+
+
 def run(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipeline] = None):
-    """Runs the audit; returns (PipelineResult, manifest dict)."""
+    """Runs the audit; returns (PipelineResult, manifest dict).
+
+    The run is written to a temp folder beside `<output>/run=<run_id>/` and
+    swapped in when complete (see `pipeline.history`); the manifest's
+    "output" is the final run folder.
+    """
+    from pipeline import history
     from pipeline.manifest import write_manifest
 
     config, beam_args = parse_args(argv)
     started = time.time()
+    started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     files, info, class_names = prepare(config)
-    clear_outputs(config.output)
+    if only_builds_job(beam_args):  # Dataflow --dry_run / --template_location: build the job only
+        return build_job_only(config, beam_args, info, files, class_names)
+    clear_outputs(config.output, config.run_id)
+    work_dir = history.temp_dir(config.output, config.run_id)
+    work = dataclasses.replace(config, output=work_dir)
     pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
-    build(pipeline, config, info, files, class_names)
-    pipeline_started = time.time()
-    result = pipeline.run()
-    result.wait_until_finish()
-    finished = time.time()
-    manifest = write_manifest(
-        config,
-        info,
-        files,
-        result,
-        beam_args=beam_args,
-        timings={
-            "startup_seconds": round(pipeline_started - started, 3),
-            "pipeline_seconds": round(finished - pipeline_started, 3),
-        },
-    )
+    build(pipeline, work, info, files, class_names)
+    try:
+        pipeline_started = time.time()
+        result = pipeline.run()
+        result.wait_until_finish()
+        finished = time.time()
+        manifest = write_manifest(
+            config,
+            info,
+            files,
+            result,
+            beam_args=beam_args,
+            timings={
+                "startup_seconds": round(pipeline_started - started, 3),
+                "pipeline_seconds": round(finished - pipeline_started, 3),
+            },
+            run={"run_id": config.run_id, "run_dir": history.run_dir(config.output, config.run_id),
+                 "started_at": started_at},
+            write_to=work_dir,
+        )
+        manifest = history.finish_run(config, manifest, work_dir)
+    except BaseException:
+        history.delete_folder(work_dir)
+        raise
     return result, manifest

@@ -91,26 +91,69 @@ def library_versions() -> dict:
     }
 
 
-def write_manifest(config, info, files, result, *, beam_args, timings) -> dict:
-    """Writes `<output>/run_manifest.json` and returns it."""
-    counts = count_outputs(config.output)
+def attention_summary(output: str) -> dict:
+    """Dataset-wide pointing game and the classes flagged as possible shortcuts."""
+    hits = read_table(output, "heatmaps", ["target_rank", "peak_in_box"]).to_pylist()
+    played = [r["peak_in_box"] for r in hits if r["target_rank"] == 0 and r["peak_in_box"] is not None]
+    stats = read_table(output, "class_stats", ["class_id", "shortcut"]).to_pylist()
+    return {
+        "pointing_accuracy": sum(played) / len(played) if played else None,
+        "pointing_images": len(played),
+        "shortcut_classes": sorted(r["class_id"] for r in stats if r["shortcut"]),
+    }
+
+
+def write_manifest(config, info, files, result, *, beam_args, timings, run: Optional[dict] = None,
+                   write_to: Optional[str] = None) -> dict:
+    """Writes `<write_to>/run_manifest.json` and returns it.
+
+    Args:
+      run: {"run_id", "run_dir", "started_at"}: where the run will live once
+        swapped in (`pipeline.history`); the manifest's "output" and "tables"
+        name that final folder.
+      write_to: the folder the tables were written to and the manifest goes
+        to (the run's temp folder); default `config.output`.
+    """
+    write_to = (write_to or config.output).rstrip("/")
+    run = run or {}
+    final = run.get("run_dir", write_to)
+    counts = count_outputs(write_to)
     counters = runner_counters(result)
     if "records_read" in counters:
         counts["records_read_by_runner"] = counters["records_read"]
         counts["balanced"] = counters["records_read"] == counts["records_read"]
     manifest = {
+        "run_id": run.get("run_id"),
+        "started_at": run.get("started_at"),
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "state": str(getattr(result, "state", "")),
-        "output": config.output,
-        "tables": {t: f"{config.output}/{t}/" for t in TABLES},
+        "output": final,
+        "output_root": config.output,
+        "run_dir": final,
+        "tables": {t: f"{final}/{t}/" for t in TABLES},
         "shards": files,
         "counts": counts,
+        "attention": attention_summary(write_to),
         "model": {"uri": config.model, "fingerprint": info.fingerprint, **info.as_json()},
         "options": config.as_json(),
         "beam_args": beam_args,
         "versions": library_versions(),
         "timings": timings,
     }
-    with FileSystems.create(f"{config.output}/{MANIFEST_NAME}") as handle:
-        handle.write(json.dumps(manifest, indent=2, default=str).encode("utf-8"))
+    save_manifest(write_to, manifest)
     return manifest
+
+
+def save_manifest(folder: str, manifest: dict) -> None:
+    """(Re)writes `<folder>/run_manifest.json`."""
+    with FileSystems.create(f"{folder.rstrip('/')}/{MANIFEST_NAME}") as handle:
+        handle.write(json.dumps(manifest, indent=2, default=str).encode("utf-8"))
+
+
+def load_manifest(folder: str) -> dict:
+    """Reads `<folder>/run_manifest.json` (FileNotFoundError when absent)."""
+    path = f"{folder.rstrip('/')}/{MANIFEST_NAME}"
+    if not FileSystems.exists(path):
+        raise FileNotFoundError(path)
+    with FileSystems.open(path) as handle:
+        return json.loads(handle.read().decode("utf-8"))

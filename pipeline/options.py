@@ -15,6 +15,8 @@ from typing import Optional
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipeline.compare import add_threshold_arguments
+from pipeline.runners import RUNNER_DESTS, add_runner_arguments, translate_runner_args
 from transforms.cam.methods import METHODS
 from transforms.cam.preprocess import PRESETS
 from transforms.cam.targets import TARGET_HELP, TargetSpec, parse_target
@@ -23,9 +25,10 @@ from transforms.errors import AuditError
 DEFAULT_RUNNER = "FnApiRunner"
 
 
-def _target(text: str) -> TargetSpec:
+def _target(text: str) -> str:
+    """Checks a --target value; returns it normalised (a plain string pickles and serialises)."""
     try:
-        return parse_target(text)
+        return str(parse_target(text))
     except AuditError as exc:
         raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
 
@@ -47,6 +50,15 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
 
 
+def _run_id(text: str) -> str:
+    from pipeline.history import check_run_id
+
+    try:
+        return check_run_id(text)
+    except AuditError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
+
+
 def add_audit_arguments(parser) -> None:
     """Adds the audit options to an argparse parser (or Beam's)."""
     add = parser.add_argument
@@ -56,7 +68,7 @@ def add_audit_arguments(parser) -> None:
     add("--weights", default=None, help="Weights file for a keras.applications --model (random but fixed weights when omitted; nothing is downloaded)")
     add("--unsafe_model", action="store_true", default=False, help="Load the model with Keras safe mode OFF (runs code stored in the file: only for files you trust)")
     add("--target_layer", default=None, help="Layer whose activations are explained (default: the last layer with a 4-D spatial output before the head; nested models as outer/inner)")
-    add("--target", type=_target, default=parse_target("predicted"), help=f"Class each CAM explains: {TARGET_HELP} (topk:K writes K rows per image)")
+    add("--target", type=_target, default="predicted", help=f"Class each CAM explains: {TARGET_HELP} (topk:K writes K rows per image)")
     add("--method", choices=list(METHODS), default="gradcam", help="CAM method")
     add("--image_key", default="image/encoded", help="Feature with the encoded image")
     add("--label_key", default="image/class/label", help="Feature with the int64 label")
@@ -70,14 +82,51 @@ def add_audit_arguments(parser) -> None:
     add("--large_model", action="store_true", default=False, help="Share one model across the worker processes of a machine (RunInference large_model)")
     add("--demo_dir", default=os.environ.get("GRADCAM_AUDIT_DEMO_DIR", ".demo"), help="Where the demo keeps its data, model and output")
     add("--quiet", action="store_true", default=False, help="Do not print the summary")
+    add("--run_id", type=_run_id, default=None,
+        help="Name of this run: outputs go to <output>/run=<run_id>/ (a re-run of an id replaces it; "
+        "default: today's date in UTC, YYYY-MM-DD)")
+    add("--compare_with_previous", action="store_true", default=False,
+        help="Compare with the run listed just before this one in <output>/runs.json; exit status 1 when "
+        "something is flagged (thresholds below, see pipeline/compare.py)")
+    add("--report", dest="report", action="store_true", default=True,
+        help="Write <run>/report.html, a self-contained visual report (default)")
+    add("--no_report", dest="report", action="store_false", help="Do not write report.html")
+    add_threshold_arguments(parser)
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+class _PlainValues:
+    """Registers options on Beam's parser so that every parsed value is JSON-plain.
+
+    Portable runners (PortableRunner, Flink, Dataflow runner v2) serialise all
+    pipeline options into a protobuf Struct: a value such as a TargetSpec
+    fails there ("Value predicted has unexpected type TargetSpec"). Values are
+    still checked by their converter but kept as the text given.
+    """
+
+    def __init__(self, parser):
+        self._parser = parser
+
+    def add_argument(self, *args, **kwargs):
+        convert = kwargs.get("type")
+        if convert is not None and convert not in (int, float, str):
+            kwargs["type"] = lambda text, convert=convert: (lambda v: v if isinstance(v, _PLAIN) else text)(convert(text))
+        if not isinstance(kwargs.get("default"), _PLAIN):
+            kwargs["default"] = str(kwargs["default"])
+        return self._parser.add_argument(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._parser, name)
 
 
 class AuditOptions(PipelineOptions):
-    """The audit options as a Beam PipelineOptions view."""
+    """The audit options as a Beam PipelineOptions view (plain values: see _PlainValues)."""
 
     @classmethod
     def _add_argparse_args(cls, parser):
-        add_audit_arguments(parser)
+        add_audit_arguments(_PlainValues(parser))
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -110,6 +159,19 @@ class AuditConfig:
     large_model: bool
     demo_dir: str
     quiet: bool
+    run_id: Optional[str]
+    compare_with_previous: bool
+    report: bool
+    max_images_change: float
+    max_accuracy_drop: float
+    max_score_change: float
+    min_cam_correlation: float
+    max_peak_shift: float
+    max_border_mass_change: float
+    max_box_mass_change: float
+    max_rejected_increase: float
+    min_images: int
+    check_moves_inside_boxes: bool
 
     @property
     def is_demo(self) -> bool:
@@ -140,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     add_audit_arguments(parser)
+    add_runner_arguments(parser)
     parser.add_argument("--help_beam", action="store_true", help="List every Beam pipeline option and exit")
     return parser
 
@@ -169,4 +232,10 @@ def parse_args(argv: Optional[list[str]]) -> tuple[AuditConfig, list[str]]:
         parser.error("give both --input and --model, or neither to run the built-in demo")
     if not any(arg == "--runner" or arg.startswith("--runner=") for arg in beam_args):
         beam_args = [f"--runner={DEFAULT_RUNNER}", *beam_args]
+    runner_settings = {name: vars(known).pop(name) for name in RUNNER_DESTS}
+    try:  # --runner=dataflow|flink|portable shorthands and --gpu_type/--gpu_count (pipeline/runners.py)
+        beam_args = translate_runner_args(beam_args, **runner_settings)
+    except ValueError as exc:
+        parser.error(str(exc))
+    known.target = parse_target(known.target)
     return AuditConfig(**vars(known)), beam_args

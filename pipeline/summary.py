@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.manifest import read_table
+from transforms.flags import CELL_NAMES
 
 CONCENTRATED = 0.5  # share of a class's mean map in one ninth of the image
 
@@ -52,13 +53,25 @@ def summary_text(manifest: dict) -> str:
             f"Model {manifest['model']['uri']}, target layer {manifest['model']['target_layer']}, "
             f"method {manifest['options']['method']}, target {manifest['options']['target']}."
         ),
-        f"Tables under {manifest['output']}/ (heatmaps, class_stats, errors) and run_manifest.json.",
+        (
+            f"Tables under {manifest['output']}/ (heatmaps, class_stats, errors), run_manifest.json"
+            + (" and report.html." if isinstance(manifest.get("report"), str) else ".")
+        ),
     ]
     for kind, n in counts["errors_by_kind"].items():
         lines.append(f"  error {kind}: {n}")
+    attention = manifest.get("attention") or {}
+    if attention.get("pointing_accuracy") is not None:
+        lines.append(
+            f"Pointing game: the CAM peak falls inside the box on {attention['pointing_accuracy']:.1%} "
+            f"of {attention['pointing_images']} boxed images."
+        )
     stats = sorted(read_table(manifest["output"], "class_stats").to_pylist(), key=lambda r: r["class_id"])
     lines.append("")
-    lines.append(f"{'class':<16}{'images':>7}{'acc':>7}{'score':>7}{'in-box':>8}{'border':>8}  attention")
+    lines.append(
+        f"{'class':<16}{'images':>7}{'acc':>7}{'score':>7}{'in-box':>8}{'border':>8}{'point':>7}{'flagged':>8}"
+        "  attention"
+    )
     flagged = []
     for row in stats:
         name = f"{row['class_id']} {row['class_name'] or ''}".strip()
@@ -68,11 +81,37 @@ def summary_text(manifest: dict) -> str:
         lines.append(
             f"{name:<16}{row['num_labelled']:>7}{_fmt(row['accuracy']):>7}"
             f"{_fmt(row['mean_predicted_score']):>7}{_fmt(row['mean_box_mass']):>8}"
-            f"{_fmt(row['mean_border_mass']):>8}  {where} ({share:.0%})"
+            f"{_fmt(row['mean_border_mass']):>8}{_fmt(row.get('pointing_accuracy')):>7}"
+            f"{_fmt(row.get('share_flagged'), '.0%'):>8}  {where} ({share:.0%})"
         )
+        reasons = []
         if share >= CONCENTRATED and where != "centre":
-            flagged.append(
-                f"! class {name}: {share:.0%} of its mean attention sits in the {where}, "
-                "whatever the object's position: a possible shortcut."
+            reasons.append(f"{share:.0%} of its mean attention sits in the {where}")
+        if row.get("shortcut"):
+            box_share = row.get("box_cell_share")
+            reasons.append(
+                f"{row['peak_cell_share']:.0%} of its images peak in the {CELL_NAMES[row['peak_cell']]} ninth"
+                + ("" if box_share is None else f", where {box_share:.0%} of its objects are")
             )
+        if reasons:
+            flagged.append(f"! class {name}: " + "; ".join(reasons) + ", whatever the object's position: "
+                           "a possible shortcut.")
+    flagged += comparison_lines(manifest.get("comparison"))
     return "\n".join(lines + [""] + flagged)
+
+
+def comparison_lines(comparison: dict | None) -> list[str]:
+    """What --compare_with_previous found, as summary lines."""
+    if not comparison:
+        return []
+    if comparison.get("baseline_run_id") is None:
+        return [f"Comparison: {comparison.get('message', 'no earlier run')}."]
+    if comparison.get("flagged") is None:
+        return [f"! compare: could not compare with run {comparison['baseline_run_id']}: {comparison['message']}"]
+    if not comparison["flagged"]:
+        return [f"Compared with run {comparison['baseline_run_id']}: nothing flagged."]
+    out = [f"! compare with run {comparison['baseline_run_id']}: flagged classes "
+           f"{', '.join(str(c) for c in comparison['flagged_classes']) or 'none'}"
+           + (f"; {'; '.join(comparison['run_reasons'])}" if comparison["run_reasons"] else "")
+           + "; details in comparison.json in the run folder."]
+    return out

@@ -70,3 +70,7 @@ def dataset(tmp_path_factory):
         "shard_errors": 3,
         "records": 10 + 3 + 8 + len(bad) + kept + 3,
     }
+
+
+# The demo's nightly runs (history, comparison, flags, report tests).
+from tests.audit_fixtures import demo_runs  # noqa: E402, F401

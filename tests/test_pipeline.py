@@ -13,17 +13,20 @@ from tests.conftest import BAD_RECORDS
 from tests.helpers import parquet_schema, read_parquet_dir
 from transforms.schemas import CLASS_STATS_SCHEMA, ERROR_SCHEMA, HEATMAP_SCHEMA
 
+RUN = "run=test"  # each run writes under <output>/run=<run_id>/ (pipeline/history.py)
+
 
 def run_audit(dataset, model_path, output, *extra):
     _, manifest = run(["--input", dataset["pattern"], "--model", model_path, "--output", str(output),
-                       "--batch_size", "4", "--max_image_pixels", "1000000", *extra])
+                       "--batch_size", "4", "--max_image_pixels", "1000000", "--run_id", "test", *extra])
+    assert manifest["output"] == str(output / RUN)
     return manifest
 
 
 @pytest.fixture(scope="module")
 def audited(dataset, model_path, tmp_path_factory):
     output = tmp_path_factory.mktemp("out")
-    return output, run_audit(dataset, model_path, output)
+    return output / RUN, run_audit(dataset, model_path, output)
 
 
 def test_every_record_is_explained_or_rejected(audited, dataset):
@@ -92,7 +95,7 @@ def test_manifest_on_disk(audited):
 
 def test_topk_writes_k_rows_per_image(dataset, model_path, tmp_path):
     manifest = run_audit(dataset, model_path, tmp_path, "--target", "topk:2", "--method", "layercam")
-    rows = read_parquet_dir(str(tmp_path / "heatmaps")).to_pylist()
+    rows = read_parquet_dir(str(tmp_path / RUN / "heatmaps")).to_pylist()
     assert len(rows) == 2 * dataset["good"] and manifest["counts"]["images_explained"] == dataset["good"]
     by_image = {}
     for r in rows:
@@ -109,18 +112,18 @@ def test_multi_process_run_gives_the_same_rows(audited, dataset, model_path, tmp
     run_audit(dataset, model_path, tmp_path, "--direct_num_workers=2", "--direct_running_mode=multi_processing")
     key = lambda r: r["image_id"]  # noqa: E731
     single = sorted(read_parquet_dir(str(output / "heatmaps")).to_pylist(), key=key)
-    multi = sorted(read_parquet_dir(str(tmp_path / "heatmaps")).to_pylist(), key=key)
+    multi = sorted(read_parquet_dir(str(tmp_path / RUN / "heatmaps")).to_pylist(), key=key)
     assert [r["image_id"] for r in multi] == [r["image_id"] for r in single]
     for a, b in zip(single, multi, strict=True):
         assert a["predicted_class"] == b["predicted_class"] and a["target_class"] == b["target_class"]
         np.testing.assert_allclose(a["cam"], b["cam"], rtol=1e-4, atol=1e-5 * max(a["cam_max"], 1e-6))
-    assert len(read_parquet_dir(str(tmp_path / "errors"))) == dataset["bad"] + dataset["shard_errors"]
+    assert len(read_parquet_dir(str(tmp_path / RUN / "errors"))) == dataset["bad"] + dataset["shard_errors"]
 
 
 def test_rerun_into_the_same_output_replaces_it(dataset, model_path, tmp_path):
     run_audit(dataset, model_path, tmp_path)
     run_audit(dataset, model_path, tmp_path, "--batch_size", "7")
-    assert len(read_parquet_dir(str(tmp_path / "heatmaps"))) == dataset["good"]
+    assert len(read_parquet_dir(str(tmp_path / RUN / "heatmaps"))) == dataset["good"]
 
 
 def cli(*args, env=None):

@@ -161,20 +161,23 @@ class DecodeImageExamples(beam.DoFn):
                 f"{header.format} {header.width}x{header.height} = {header.width * header.height} "
                 f"pixels; expected at most --max_image_pixels={self._max_pixels}",
             )
-        try:
-            image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-        except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as exc:
-            reason = str(exc).strip().splitlines()[0][:300]
-            raise RecordError("UndecodableImage", f"{header.format}: {reason}") from None
-        height, width = int(image.shape[0]), int(image.shape[1])
-        if (height, width) != (header.height, header.width):
-            raise RecordError(
-                "UndecodableImage",
-                f"{header.format}: header says {header.width}x{header.height}, decoded {width}x{height}",
-            )
-        pixels = tf.cast(image, tf.float32)
-        if (height, width) != self._input_size:
-            pixels = tf.image.resize(pixels, self._input_size, method="bilinear")
+        # Decoding stays on the CPU: on GPU workers every SDK process would
+        # otherwise open a CUDA context just to resize images.
+        with tf.device("/CPU:0"):
+            try:
+                image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+            except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as exc:
+                reason = str(exc).strip().splitlines()[0][:300]
+                raise RecordError("UndecodableImage", f"{header.format}: {reason}") from None
+            height, width = int(image.shape[0]), int(image.shape[1])
+            if (height, width) != (header.height, header.width):
+                raise RecordError(
+                    "UndecodableImage",
+                    f"{header.format}: header says {header.width}x{header.height}, decoded {width}x{height}",
+                )
+            pixels = tf.cast(image, tf.float32)
+            if (height, width) != self._input_size:
+                pixels = tf.image.resize(pixels, self._input_size, method="bilinear")
         return DecodedImage(
             source=record.source,
             record_index=record.index,

@@ -44,10 +44,11 @@ also make its mean CAM; with --target predicted, the images predicted as it):
                          class's images, wherever the objects are.
 
 On the demo (400 images, the marker class 2 "triangle"), the shortcut model
-puts the peak of ~74% of its triangles in the top-left ninth where no box
-centre ever lies (score ~0.7), while the other classes peak in the centre
-ninth on <= 50% of their images with box centres there on ~30-40% (score
-<= ~0.2).
+puts the peak of 74% of its triangles in the top-left ninth, where no box
+centre ever lies (score 0.74); the other classes peak most often in the
+centre ninth (46-49% of their images), where 42-55% of their box centres
+are (scores -0.07 to 0.04). A model trained without the marker has no class
+above 0.15.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 heatmaps     one row per (image, target): prediction, target, raw CAM, attention
 class_stats  one row per class: counts, accuracy, mean CAM, attention, confusions
 errors       one row per rejected record (or corrupt/empty shard), raw bytes kept
+comparison   one row per class: what changed since a baseline run (pipeline/compare.py)
 """
 
 import pyarrow as pa
@@ -91,6 +92,32 @@ ERROR_SCHEMA = pa.schema(
         pa.field("error", pa.string(), nullable=False),
         pa.field("message", pa.string(), nullable=False),
         pa.field("raw_record", pa.binary()),
+    ]
+)
+
+COMPARISON_SCHEMA = pa.schema(
+    [
+        pa.field("class_id", pa.int64(), nullable=False),
+        pa.field("class_name", pa.string()),
+        pa.field("baseline_images", pa.int64()),
+        pa.field("current_images", pa.int64()),
+        pa.field("images_change", pa.float64()),
+        pa.field("baseline_accuracy", pa.float64()),
+        pa.field("current_accuracy", pa.float64()),
+        pa.field("accuracy_change", pa.float64()),
+        pa.field("baseline_mean_score", pa.float64()),
+        pa.field("current_mean_score", pa.float64()),
+        pa.field("mean_score_change", pa.float64()),
+        pa.field("cam_correlation", pa.float64()),
+        pa.field("peak_shift", pa.float64()),
+        pa.field("border_mass_change", pa.float64()),
+        pa.field("box_mass_change", pa.float64()),
+        pa.field("pointing_accuracy_change", pa.float64()),
+        pa.field("share_flagged_change", pa.float64()),
+        pa.field("baseline_shortcut", pa.bool_()),
+        pa.field("current_shortcut", pa.bool_()),
+        pa.field("flagged", pa.bool_(), nullable=False),
+        pa.field("reasons", pa.list_(pa.string()), nullable=False),
     ]
 )
 

@@ -1,4 +1,6 @@
 # Shared settings for scripts/flink/*.sh (sourced, not executed).
+# shellcheck shell=bash
+# shellcheck disable=SC2034  # variables are used by the scripts that source this
 #
 # Every value can be overridden from the environment. Versions:
 #   FLINK_BEAM_VERSION  Beam release of the Java job server. Must equal the
@@ -14,9 +16,15 @@
 #   BEAM_EXPANSION_PORT (-1 = Java expansion service disabled)
 #   BEAM_WORKER_POOL_PORT (50000)
 # Other:
-#   FLINK_CLUSTER_DIR   install + runtime prefix (default <repo>/.cluster)
+#   FLINK_CLUSTER_DIR   install prefix (default <repo>/.cluster, git-ignored)
+#   FLINK_RUNTIME_DIR   conf/ run/ logs/ tmp/ artifacts/ of a running cluster
+#                       (default: FLINK_CLUSTER_DIR)
 #   BEAM_PYTHON         python of the SDK worker pool (default <repo>/.venv/bin/python)
-#   FLINK_TM_SLOTS (2)  FLINK_TM_MEMORY (1536m)  FLINK_JM_MEMORY (1024m)
+#   BEAM_POOL_PYTHONPATH  prepended to the pool's (and so every SDK harness's)
+#                       PYTHONPATH; default <repo>, so code pickled by reference
+#                       (e.g. dill, Beam 2.62's default pickler, and functions in
+#                       tests/ modules) imports on the workers as in the submitter
+#   FLINK_TM_SLOTS (2)  FLINK_TM_MEMORY (2048m)  FLINK_JM_MEMORY (1024m)
 #   FLINK_RESTART_ATTEMPTS (10)  FLINK_RESTART_DELAY (2 s)
 #   FLINK_HEARTBEAT_INTERVAL_MS (1000)  FLINK_HEARTBEAT_TIMEOUT_MS (6000)
 #   FLINK_START_TIMEOUT (120 seconds per wait)
@@ -32,10 +40,17 @@ FLINK_CLUSTER_DIR="${FLINK_CLUSTER_DIR:-$REPO_ROOT/.cluster}"
 FLINK_HOME_DIR="$FLINK_CLUSTER_DIR/flink-$FLINK_VERSION"
 FLINK_JARS_DIR="$FLINK_CLUSTER_DIR/jars"
 FLINK_JOB_SERVER_JAR="${FLINK_JOB_SERVER_JAR:-$FLINK_JARS_DIR/beam-runners-flink-$FLINK_MINOR-job-server-$FLINK_BEAM_VERSION.jar}"
-FLINK_CONF_DIR_GEN="$FLINK_CLUSTER_DIR/conf"
-FLINK_RUN_DIR="$FLINK_CLUSTER_DIR/run"
-FLINK_LOG_DIR="$FLINK_CLUSTER_DIR/logs"
-FLINK_TMP_DIR="$FLINK_CLUSTER_DIR/tmp"
+# Runtime state of one running cluster (config, PIDs, logs, temp files, staged
+# artifacts); several clusters can share one install with different
+# FLINK_RUNTIME_DIRs and ports.
+FLINK_RUNTIME_DIR="${FLINK_RUNTIME_DIR:-$FLINK_CLUSTER_DIR}"
+FLINK_CONF_DIR_GEN="$FLINK_RUNTIME_DIR/conf"
+FLINK_RUN_DIR="$FLINK_RUNTIME_DIR/run"
+FLINK_LOG_DIR="$FLINK_RUNTIME_DIR/logs"
+FLINK_TMP_DIR="$FLINK_RUNTIME_DIR/tmp"
+FLINK_ARTIFACTS_DIR="$FLINK_RUNTIME_DIR/artifacts"
+# LD_PRELOAD shim that rewrites wildcard binds to loopback (loopback_bind.c).
+FLINK_LOOPBACK_SHIM="$FLINK_CLUSTER_DIR/lib/libloopback_bind.so"
 
 FLINK_BIND_HOST=127.0.0.1
 FLINK_RPC_PORT="${FLINK_RPC_PORT:-6123}"
@@ -46,13 +61,15 @@ BEAM_EXPANSION_PORT="${BEAM_EXPANSION_PORT:--1}"
 BEAM_WORKER_POOL_PORT="${BEAM_WORKER_POOL_PORT:-50000}"
 
 FLINK_TM_SLOTS="${FLINK_TM_SLOTS:-2}"
-FLINK_TM_MEMORY="${FLINK_TM_MEMORY:-1536m}"
+FLINK_TM_MEMORY="${FLINK_TM_MEMORY:-2048m}"
 FLINK_JM_MEMORY="${FLINK_JM_MEMORY:-1024m}"
 FLINK_RESTART_ATTEMPTS="${FLINK_RESTART_ATTEMPTS:-10}"
 FLINK_RESTART_DELAY="${FLINK_RESTART_DELAY:-2 s}"
 FLINK_HEARTBEAT_INTERVAL_MS="${FLINK_HEARTBEAT_INTERVAL_MS:-1000}"
 FLINK_HEARTBEAT_TIMEOUT_MS="${FLINK_HEARTBEAT_TIMEOUT_MS:-6000}"
 FLINK_START_TIMEOUT="${FLINK_START_TIMEOUT:-120}"
+
+BEAM_POOL_PYTHONPATH="${BEAM_POOL_PYTHONPATH-$REPO_ROOT}"
 
 if [ -z "${BEAM_PYTHON:-}" ]; then
   if [ -x "$REPO_ROOT/.venv/bin/python" ]; then
@@ -112,6 +129,7 @@ flink_dist_jar() {
 flink_require_installed() {
   [ -n "$(flink_dist_jar)" ] || flink_die "no Flink in $FLINK_HOME_DIR: run scripts/flink/install.sh"
   [ -f "$FLINK_JOB_SERVER_JAR" ] || flink_die "no job server jar $FLINK_JOB_SERVER_JAR: run scripts/flink/install.sh"
+  [ -f "$FLINK_LOOPBACK_SHIM" ] || flink_die "no $FLINK_LOOPBACK_SHIM: run scripts/flink/install.sh"
   [ -n "$BEAM_PYTHON" ] && [ -x "$BEAM_PYTHON" ] || flink_die "BEAM_PYTHON not executable: '$BEAM_PYTHON'"
 }
 

@@ -10,6 +10,8 @@
 #   * a Flink distribution (lib/ opt/ plugins/ bin/) taken from the PyPI
 #     package apache-flink-libraries==$FLINK_VERSION (pip download + untar
 #     of its deps/ folder, no install) -> $FLINK_CLUSTER_DIR/flink-<version>/
+#   * libloopback_bind.so (gcc; apt-get install gcc if missing): LD_PRELOAD
+#     shim keeping Beam's Java gRPC servers on 127.0.0.1 (loopback_bind.c)
 #   * optionally (--beam-venv DIR, or FLINK_BEAM_VENV=DIR) a small venv with
 #     apache-beam==$FLINK_BEAM_VERSION for the SDK worker pool / submitter.
 #
@@ -20,7 +22,7 @@ set -euo pipefail
 BEAM_VENV="${FLINK_BEAM_VENV:-}"
 while [ $# -gt 0 ]; do
   case "$1" in
-    --prefix) export FLINK_CLUSTER_DIR="$(mkdir -p "$2" && cd "$2" && pwd)"; shift 2 ;;
+    --prefix) FLINK_CLUSTER_DIR="$(mkdir -p "$2" && cd "$2" && pwd)"; export FLINK_CLUSTER_DIR; shift 2 ;;
     --beam-venv) BEAM_VENV="$2"; shift 2 ;;
     -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
@@ -66,7 +68,7 @@ else
   command -v mvn >/dev/null || apt_install maven
   ARTIFACT="beam-runners-flink-$FLINK_MINOR-job-server"
   flink_log "trying published $ARTIFACT:$FLINK_BEAM_VERSION from Maven Central"
-  if mvn -q -B -Dmaven.repo.local="$MAVEN_REPO_LOCAL" dependency:get \
+  if mvn -q -B -U -Dmaven.repo.local="$MAVEN_REPO_LOCAL" dependency:get \
       -Dartifact="org.apache.beam:$ARTIFACT:$FLINK_BEAM_VERSION" -Dtransitive=false >/dev/null 2>&1; then
     cp "$MAVEN_REPO_LOCAL/org/apache/beam/$ARTIFACT/$FLINK_BEAM_VERSION/$ARTIFACT-$FLINK_BEAM_VERSION.jar" \
       "$FLINK_JOB_SERVER_JAR.part"
@@ -88,8 +90,20 @@ else
 fi
 # A quick sanity check that the jar has the driver class.
 if command -v unzip >/dev/null; then
-  unzip -l "$FLINK_JOB_SERVER_JAR" 2>/dev/null | grep -q 'org/apache/beam/runners/flink/FlinkJobServerDriver.class' \
+  unzip -l "$FLINK_JOB_SERVER_JAR" 'org/apache/beam/runners/flink/FlinkJobServerDriver.class' >/dev/null 2>&1 \
     || flink_die "$FLINK_JOB_SERVER_JAR lacks FlinkJobServerDriver"
+fi
+
+# --- loopback bind shim (LD_PRELOAD for the JVMs) ------------------------
+SHIM_SRC="$FLINK_SCRIPTS_DIR/loopback_bind.c"
+if [ -f "$FLINK_LOOPBACK_SHIM" ] && [ "$FLINK_LOOPBACK_SHIM" -nt "$SHIM_SRC" ]; then
+  flink_log "loopback bind shim present: $FLINK_LOOPBACK_SHIM"
+else
+  command -v gcc >/dev/null || apt_install gcc libc6-dev
+  mkdir -p "$(dirname "$FLINK_LOOPBACK_SHIM")"
+  gcc -shared -fPIC -O2 -Wall -o "$FLINK_LOOPBACK_SHIM.part" "$SHIM_SRC" -ldl
+  mv "$FLINK_LOOPBACK_SHIM.part" "$FLINK_LOOPBACK_SHIM"
+  flink_log "built loopback bind shim: $FLINK_LOOPBACK_SHIM"
 fi
 
 # --- pip (for downloads and the optional venv) --------------------------
@@ -156,7 +170,9 @@ if [ -n "$BEAM_VENV" ]; then
 fi
 
 # --- report --------------------------------------------------------------
-if [ -x "$BEAM_PYTHON" ]; then
+if [ -n "$BEAM_VENV" ]; then
+  flink_log "  use: BEAM_PYTHON=$BEAM_VENV/bin/python (apache-beam $FLINK_BEAM_VERSION) for the worker pool and the submitter"
+elif [ -x "$BEAM_PYTHON" ]; then
   PYBEAM="$("$BEAM_PYTHON" -c 'import apache_beam; print(apache_beam.__version__)' 2>/dev/null || echo none)"
   if [ "$PYBEAM" != "$FLINK_BEAM_VERSION" ]; then
     echo "[flink] NOTE: $BEAM_PYTHON has apache-beam $PYBEAM, the job server is $FLINK_BEAM_VERSION;" \
@@ -166,3 +182,4 @@ fi
 flink_log "done in $(( $(date +%s) - T0 ))s:"
 flink_log "  job server: $FLINK_JOB_SERVER_JAR ($(du -h "$FLINK_JOB_SERVER_JAR" | cut -f1))"
 flink_log "  flink:      $FLINK_HOME_DIR"
+flink_log "  shim:       $FLINK_LOOPBACK_SHIM"

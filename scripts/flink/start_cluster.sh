@@ -4,7 +4,8 @@
 #   taskmanager-1  TaskManagerRunner (start_taskmanager.sh)
 #   workerpool     Beam Python SDK worker pool (EXTERNAL environment), loopback_worker_pool.py
 #   jobserver      Beam Flink job server (job/artifact ports), submitting to the cluster
-# PIDs go to $FLINK_CLUSTER_DIR/run/<name>.pid, logs to $FLINK_CLUSTER_DIR/logs/.
+# PIDs go to $FLINK_RUNTIME_DIR/run/<name>.pid, logs to $FLINK_RUNTIME_DIR/logs/
+# (FLINK_RUNTIME_DIR defaults to FLINK_CLUSTER_DIR = <repo>/.cluster).
 # Waits (bounded by $FLINK_START_TIMEOUT s per step) until REST /v1/overview
 # shows a TaskManager and the job server accepts connections. On any failure
 # it stops what it started (stop_cluster.sh) and exits non-zero.
@@ -27,6 +28,16 @@ for f in "$FLINK_RUN_DIR"/*.pid; do
   rm -f "$f" "${f%.pid}.start"
 done
 
+flink_wait_py free 127.0.0.1 "$FLINK_RPC_PORT" "$FLINK_REST_PORT" "$BEAM_JOB_PORT" \
+  "$BEAM_ARTIFACT_PORT" "$BEAM_EXPANSION_PORT" "$BEAM_WORKER_POOL_PORT" \
+  || flink_die "a port is taken (another cluster running?); set other ports (see env.sh)"
+
+POOL_BEAM="$("$BEAM_PYTHON" -c 'import apache_beam; print(apache_beam.__version__)' 2>/dev/null)" \
+  || flink_die "$BEAM_PYTHON cannot import apache_beam (set BEAM_PYTHON; install.sh --beam-venv DIR makes one)"
+if [ "$POOL_BEAM" != "$FLINK_BEAM_VERSION" ]; then
+  echo "[flink] WARNING: worker pool python has apache-beam $POOL_BEAM, the job server is $FLINK_BEAM_VERSION" >&2
+fi
+
 on_exit() {
   local rc=$?
   if [ "$rc" -ne 0 ]; then
@@ -38,8 +49,11 @@ on_exit() {
 trap on_exit EXIT
 trap 'exit 130' INT TERM
 
+# Leftovers of an earlier cluster in this runtime dir (blobs of a killed
+# TaskManager, ~150 MB of job jar per job): nothing of it is running now.
+rm -rf "${FLINK_TMP_DIR:?}" "${FLINK_ARTIFACTS_DIR:?}"
 mkdir -p "$FLINK_CONF_DIR_GEN" "$FLINK_RUN_DIR" "$FLINK_LOG_DIR" "$FLINK_TMP_DIR" \
-  "$FLINK_CLUSTER_DIR/artifacts"
+  "$FLINK_ARTIFACTS_DIR"
 
 # --- generated Flink configuration (config.yaml, flat keys) --------------
 cat >"$FLINK_CONF_DIR_GEN/config.yaml" <<EOF
@@ -56,6 +70,11 @@ taskmanager.rpc.port: 0
 taskmanager.data.port: 0
 taskmanager.numberOfTaskSlots: $FLINK_TM_SLOTS
 taskmanager.memory.process.size: $FLINK_TM_MEMORY
+# Beam pipelines fuse into many stages; the default network share (10%)
+# ran out of buffers for the audit at parallelism 2.
+taskmanager.memory.network.fraction: 0.25
+taskmanager.memory.network.min: 256mb
+taskmanager.memory.network.max: 512mb
 rest.address: $FLINK_BIND_HOST
 rest.bind-address: $FLINK_BIND_HOST
 rest.port: $FLINK_REST_PORT
@@ -114,7 +133,7 @@ JM_DYN_CONFIGS="$(echo "$PARAMS" | sed -n 2p)"
 [ -n "$JM_JVM_PARAMS" ] || flink_die "BashJavaUtils GET_JM_RESOURCE_PARAMS gave no JVM params"
 # shellcheck disable=SC2086
 flink_spawn jobmanager "$FLINK_LOG_DIR/jobmanager.out" \
-  "$JAVA" $JM_JVM_PARAMS "${FLINK_JAVA17_OPTS[@]}" \
+  env LD_PRELOAD="$FLINK_LOOPBACK_SHIM" "$JAVA" $JM_JVM_PARAMS "${FLINK_JAVA17_OPTS[@]}" \
   -Dlog.file="$FLINK_LOG_DIR/jobmanager.log" \
   -Dlog4j.configuration="file:$FLINK_CONF_DIR_GEN/log4j.properties" \
   -Dlog4j.configurationFile="file:$FLINK_CONF_DIR_GEN/log4j.properties" \
@@ -124,7 +143,7 @@ flink_spawn jobmanager "$FLINK_LOG_DIR/jobmanager.out" \
 
 # --- Beam Python SDK worker pool (started now: it is quick) ----------------
 flink_spawn workerpool "$FLINK_LOG_DIR/workerpool.log" \
-  "$BEAM_PYTHON" "$FLINK_SCRIPTS_DIR/loopback_worker_pool.py" \
+  env PYTHONPATH="$BEAM_POOL_PYTHONPATH${PYTHONPATH:+:$PYTHONPATH}" "$BEAM_PYTHON" "$FLINK_SCRIPTS_DIR/loopback_worker_pool.py" \
   --host="$FLINK_BIND_HOST" --service_port="$BEAM_WORKER_POOL_PORT"
 
 flink_wait_py port 127.0.0.1 "$FLINK_REST_PORT" "$FLINK_START_TIMEOUT" "$FLINK_RUN_DIR/jobmanager.pid" \
@@ -137,14 +156,14 @@ flink_wait_py taskmanagers "http://127.0.0.1:$FLINK_REST_PORT" 1 "$FLINK_START_T
 
 # --- Beam Flink job server -------------------------------------------------
 flink_spawn jobserver "$FLINK_LOG_DIR/jobserver.log" \
-  "$JAVA" -Xmx768m "${FLINK_JAVA17_OPTS[@]}" -jar "$FLINK_JOB_SERVER_JAR" \
+  env LD_PRELOAD="$FLINK_LOOPBACK_SHIM" "$JAVA" -Xmx768m "${FLINK_JAVA17_OPTS[@]}" -jar "$FLINK_JOB_SERVER_JAR" \
   --flink-master="127.0.0.1:$FLINK_REST_PORT" \
   --flink-conf-dir="$FLINK_CONF_DIR_GEN" \
   --job-host="$FLINK_BIND_HOST" \
   --job-port="$BEAM_JOB_PORT" \
   --artifact-port="$BEAM_ARTIFACT_PORT" \
   --expansion-port="$BEAM_EXPANSION_PORT" \
-  --artifacts-dir="$FLINK_CLUSTER_DIR/artifacts"
+  --artifacts-dir="$FLINK_ARTIFACTS_DIR"
 
 flink_wait_py port 127.0.0.1 "$BEAM_WORKER_POOL_PORT" "$FLINK_START_TIMEOUT" "$FLINK_RUN_DIR/workerpool.pid" \
   || { tail -n 30 "$FLINK_LOG_DIR/workerpool.log" >&2 || true; false; }

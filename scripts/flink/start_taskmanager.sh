@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Starts one more Flink TaskManager (a separate JVM, loopback only) for the
 # session cluster started by start_cluster.sh, records its PID in
-# $FLINK_CLUSTER_DIR/run/taskmanager-<N>.pid and waits until the JobManager
+# $FLINK_RUNTIME_DIR/run/taskmanager-<N>.pid and waits until the JobManager
 # lists it (resource id tm-<N>).
 #
 # Usage: scripts/flink/start_taskmanager.sh [N]   (default: next free N)
@@ -38,7 +38,7 @@ export FLINK_CONF_DIR="$FLINK_CONF_DIR_GEN" FLINK_HOME="$FLINK_HOME_DIR" \
   FLINK_PLUGINS_DIR="$FLINK_HOME_DIR/plugins" FLINK_BIN_DIR="$FLINK_HOME_DIR/bin"
 # shellcheck disable=SC2086
 flink_spawn "$NAME" "$FLINK_LOG_DIR/$NAME.out" \
-  "$JAVA" $JVM_PARAMS "${FLINK_JAVA17_OPTS[@]}" \
+  env LD_PRELOAD="$FLINK_LOOPBACK_SHIM" "$JAVA" $JVM_PARAMS "${FLINK_JAVA17_OPTS[@]}" \
   -Dlog.file="$FLINK_LOG_DIR/$NAME.log" \
   -Dlog4j.configuration="file:$FLINK_CONF_DIR_GEN/log4j.properties" \
   -Dlog4j.configurationFile="file:$FLINK_CONF_DIR_GEN/log4j.properties" \

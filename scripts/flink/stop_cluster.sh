@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stops every process that start_cluster.sh / start_taskmanager.sh recorded in
-# $FLINK_CLUSTER_DIR/run/*.pid, and nothing else: SIGTERM first, SIGKILL after
+# $FLINK_RUNTIME_DIR/run/*.pid, and nothing else: SIGTERM first, SIGKILL after
 # $FLINK_STOP_TIMEOUT seconds (default 20).
 #
 # Each recorded process was started with setsid, so it leads its own process
@@ -79,6 +79,10 @@ for t in "${TARGETS[@]}"; do
     rm -f "$FLINK_RUN_DIR/$name.pid" "$FLINK_RUN_DIR/$name.start"
   fi
 done
-[ $rc -eq 0 ] && rm -f "$FLINK_RUN_DIR/cluster.env"
+if [ $rc -eq 0 ]; then
+  rm -f "$FLINK_RUN_DIR/cluster.env"
+  # temp files (job jars in blob stores, staged artifacts); logs and conf stay
+  rm -rf "${FLINK_TMP_DIR:?}" "${FLINK_ARTIFACTS_DIR:?}"
+fi
 flink_log "stopped ${#TARGETS[@]} process(es)"
 exit $rc

@@ -7,6 +7,9 @@
   wait_for.py taskmanager-id REST_URL RESOURCE_ID TIMEOUT [PIDFILE]
       until REST_URL/v1/taskmanagers lists a TaskManager with that id.
 
+  wait_for.py free HOST PORT...
+      exit 0 if every PORT can be bound on HOST now, else 1 (names the busy ones).
+
 With PIDFILE, gives up as soon as that process has died. Exit 0 when ready,
 1 on timeout or death (with a message on stderr).
 """
@@ -47,7 +50,26 @@ def _check(kind, a, b):
     raise SystemExit("unknown check %r" % kind)
 
 
+def _free(host, ports):
+    busy = []
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            # like the servers themselves: TIME_WAIT leftovers of a stopped
+            # cluster do not block the port, a listener does
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, int(port)))
+            except OSError:
+                busy.append(port)
+    if busy:
+        sys.stderr.write("port(s) already in use on %s: %s\n" % (host, " ".join(busy)))
+        return 1
+    return 0
+
+
 def main(argv):
+    if argv and argv[0] == "free":
+        return _free(argv[1], [p for p in argv[2:] if int(p) > 0])
     if len(argv) < 4:
         raise SystemExit(__doc__)
     kind, a, b, timeout = argv[0], argv[1], argv[2], float(argv[3])

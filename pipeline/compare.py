@@ -1,0 +1,415 @@
+"""Compare two runs class by class and flag what moved.
+
+    python -m pipeline.compare --baseline RUN_DIR --current RUN_DIR [thresholds]
+
+RUN_DIR is a run folder (`<output>/run=<id>`, local or gs://). The
+comparison is written to `<current>/comparison.json` and
+`<current>/comparison.parquet` (schema `transforms.schemas.COMPARISON_SCHEMA`).
+
+Exit status: 0 nothing flagged, 1 something flagged, 2 the comparison could
+not run (a missing run folder or table, a bad option), with one line on stderr.
+
+Per class (class_stats of both runs), with the default thresholds:
+
+  images        |current - baseline| / baseline >= --max_images_change (0.2);
+                a class present in one run only is always flagged.
+  accuracy      a drop of at least --max_accuracy_drop (0.05).
+  mean score    |change| of mean_predicted_score >= --max_score_change (0.1).
+  attention     (only for classes with >= --min_images (10) images in both)
+    border      |change| of mean_border_mass >= --max_border_mass_change (0.15).
+    box         |change| of mean_box_mass >= --max_box_mass_change (0.15):
+                attention moving off (or onto) the objects.
+    correlation Pearson correlation of the two mean normalised CAMs
+                < --min_cam_correlation (0.7); maps of different sizes are
+                resampled to the larger one first.
+    peak shift  distance between the mean peak positions (fractions of the
+                image side) >= --max_peak_shift (0.15).
+                These two flag only classes without boxes (or with
+                --check_moves_inside_boxes): with boxes, the box and border
+                masses already say whether attention left the object, while
+                the mean map also moves when attention only moves within the
+                objects (a retrained demo model looks at the top of its
+                circles instead of the bottom: correlation 0.18, shift 0.21,
+                in-box mass 0.99 -> 0.98). Both are always reported.
+  shortcut      the class became a possible shortcut (transforms/flags.py).
+
+Run-wide: the share of rejected records rising by at least
+--max_rejected_increase (0.02).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from transforms.schemas import COMPARISON_SCHEMA
+
+COMPARISON_JSON = "comparison.json"
+COMPARISON_PARQUET = "comparison.parquet"
+EXIT_OK, EXIT_FLAGGED, EXIT_FAILED = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareThresholds:
+    """When a change between two runs is flagged (see the module docstring)."""
+
+    max_images_change: float = 0.2
+    max_accuracy_drop: float = 0.05
+    max_score_change: float = 0.1
+    min_cam_correlation: float = 0.7
+    max_peak_shift: float = 0.15
+    max_border_mass_change: float = 0.15
+    max_box_mass_change: float = 0.15
+    max_rejected_increase: float = 0.02
+    min_images: int = 10
+    check_moves_inside_boxes: bool = False
+
+
+_THRESHOLD_HELP = {
+    "max_images_change": "Flag a class whose number of images changed by this share of the baseline's",
+    "max_accuracy_drop": "Flag a class whose accuracy dropped by at least this much",
+    "max_score_change": "Flag a class whose mean predicted score moved by at least this much",
+    "min_cam_correlation": "Flag a class whose mean CAMs correlate less than this",
+    "max_peak_shift": "Flag a class whose mean peak moved at least this far (fraction of the image side)",
+    "max_border_mass_change": "Flag a class whose mean border mass moved by at least this much",
+    "max_box_mass_change": "Flag a class whose mean in-box mass moved by at least this much",
+    "max_rejected_increase": "Flag the run when the share of rejected records rose by at least this much",
+    "min_images": "Compare attention only for classes with at least this many images in both runs",
+    "check_moves_inside_boxes": "Also apply --min_cam_correlation and --max_peak_shift to classes with boxes "
+    "(by default their box and border masses decide whether attention moved)",
+}
+
+
+class CompareError(Exception):
+    """The comparison cannot run (exit status 2)."""
+
+
+def add_threshold_arguments(parser) -> None:
+    """Adds one --<threshold> option per CompareThresholds field."""
+    for field in dataclasses.fields(CompareThresholds):
+        if field.type in (bool, "bool"):
+            parser.add_argument(f"--{field.name}", action="store_true", default=field.default,
+                                help=_THRESHOLD_HELP[field.name])
+            continue
+        parser.add_argument(
+            f"--{field.name}",
+            type=int if field.type in (int, "int") else float,
+            default=field.default,
+            help=_THRESHOLD_HELP[field.name],
+        )
+
+
+def thresholds_from(namespace) -> CompareThresholds:
+    """CompareThresholds from parsed options (argparse namespace or dataclass)."""
+    return CompareThresholds(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(CompareThresholds)})
+
+
+@dataclasses.dataclass
+class RunData:
+    """What the comparison reads of one run."""
+
+    run_dir: str
+    manifest: dict
+    classes: dict  # class_id -> class_stats row
+
+
+def load_run(run_dir: str, role: str) -> RunData:
+    """Reads a run folder's manifest and class_stats; CompareError if it is not a run."""
+    from pipeline.manifest import MANIFEST_NAME, load_manifest, read_table
+
+    run_dir = run_dir.rstrip("/")
+    try:
+        manifest = load_manifest(run_dir)
+    except FileNotFoundError:
+        raise CompareError(
+            f"--{role}: expected a finished run folder with {MANIFEST_NAME}, found none at {run_dir!r}"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise CompareError(f"--{role}: could not read {run_dir}/{MANIFEST_NAME}: {exc}") from None
+    try:
+        stats = read_table(run_dir, "class_stats").to_pylist()
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise CompareError(f"--{role}: could not read {run_dir}/class_stats: {exc}") from None
+    return RunData(run_dir, manifest, {int(r["class_id"]): r for r in stats})
+
+
+def _resize(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear resampling of a 2-D map (cell centres aligned)."""
+    if a.shape == shape:
+        return a
+
+    def coords(n_in, n_out):
+        return np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+
+    ys, xs = coords(a.shape[0], shape[0]), coords(a.shape[1], shape[1])
+    rows = np.stack([np.interp(ys, np.arange(a.shape[0]), a[:, j]) for j in range(a.shape[1])], axis=1)
+    return np.stack([np.interp(xs, np.arange(a.shape[1]), rows[i]) for i in range(shape[0])], axis=0)
+
+
+def mean_cam(row: Optional[dict]) -> Optional[np.ndarray]:
+    if not row or row.get("mean_cam") is None:
+        return None
+    return np.asarray(row["mean_cam"], np.float64).reshape(row["cam_height"], row["cam_width"])
+
+
+def cam_correlation(a: Optional[np.ndarray], b: Optional[np.ndarray]) -> Optional[float]:
+    """Pearson correlation of two maps (resampled to the larger shape); None if undefined."""
+    if a is None or b is None:
+        return None
+    shape = max(a.shape, b.shape, key=lambda s: s[0] * s[1])
+    a, b = _resize(a, shape).ravel(), _resize(b, shape).ravel()
+    if a.std() == 0 or b.std() == 0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _delta(base: Optional[dict], cur: Optional[dict], key: str) -> Optional[float]:
+    if not base or not cur or base.get(key) is None or cur.get(key) is None:
+        return None
+    return float(cur[key]) - float(base[key])
+
+
+def _get(row: Optional[dict], key: str):
+    return None if not row else row.get(key)
+
+
+def compare_class(class_id: int, base: Optional[dict], cur: Optional[dict], t: CompareThresholds) -> dict:
+    """One row of COMPARISON_SCHEMA: the changes of one class and why it is flagged."""
+    reasons = []
+    n_base, n_cur = _get(base, "num_labelled"), _get(cur, "num_labelled")
+    if base is None:
+        reasons.append("new class: absent from the baseline")
+    elif cur is None:
+        reasons.append("class missing: present in the baseline only")
+    images_change = None
+    if n_base is not None and n_cur is not None:
+        if n_base:
+            images_change = (n_cur - n_base) / n_base
+            if abs(images_change) >= t.max_images_change:
+                reasons.append(f"images {n_base} -> {n_cur} ({images_change:+.0%}; limit {t.max_images_change:.0%})")
+        elif n_cur:
+            reasons.append(f"images 0 -> {n_cur}")
+    accuracy_change = _delta(base, cur, "accuracy")
+    if accuracy_change is not None and -accuracy_change >= t.max_accuracy_drop:
+        reasons.append(
+            f"accuracy {base['accuracy']:.2f} -> {cur['accuracy']:.2f} (drop limit {t.max_accuracy_drop:.2f})"
+        )
+    score_change = _delta(base, cur, "mean_predicted_score")
+    if score_change is not None and abs(score_change) >= t.max_score_change:
+        reasons.append(
+            f"mean score {base['mean_predicted_score']:.2f} -> {cur['mean_predicted_score']:.2f} "
+            f"(limit {t.max_score_change:.2f})"
+        )
+    enough = (n_base or 0) >= t.min_images and (n_cur or 0) >= t.min_images
+    correlation = cam_correlation(mean_cam(base), mean_cam(cur))
+    peak_shift = None
+    if all(_get(r, k) is not None for r in (base, cur) for k in ("mean_peak_y", "mean_peak_x")):
+        peak_shift = math.hypot(cur["mean_peak_y"] - base["mean_peak_y"], cur["mean_peak_x"] - base["mean_peak_x"])
+    border_change = _delta(base, cur, "mean_border_mass")
+    box_change = _delta(base, cur, "mean_box_mass")
+    # With boxes in both runs the box and border masses say whether attention left the
+    # object; a move that stays on it (e.g. from a circle's bottom to its top) is not
+    # flagged unless --check_moves_inside_boxes.
+    boxed = _get(base, "mean_box_mass") is not None and _get(cur, "mean_box_mass") is not None
+    shape_checks = enough and (t.check_moves_inside_boxes or not boxed)
+    if shape_checks:
+        if correlation is not None and correlation < t.min_cam_correlation:
+            reasons.append(f"mean CAM correlation {correlation:.2f} (min {t.min_cam_correlation:.2f})")
+        if peak_shift is not None and peak_shift >= t.max_peak_shift:
+            reasons.append(f"mean peak moved {peak_shift:.2f} of the image (limit {t.max_peak_shift:.2f})")
+    if enough:
+        if border_change is not None and abs(border_change) >= t.max_border_mass_change:
+            reasons.append(
+                f"border mass {base['mean_border_mass']:.2f} -> {cur['mean_border_mass']:.2f} "
+                f"(limit {t.max_border_mass_change:.2f})"
+            )
+        if box_change is not None and abs(box_change) >= t.max_box_mass_change:
+            reasons.append(
+                f"in-box mass {base['mean_box_mass']:.2f} -> {cur['mean_box_mass']:.2f} "
+                f"(limit {t.max_box_mass_change:.2f})"
+            )
+    if _get(cur, "shortcut") and not _get(base, "shortcut"):
+        reasons.append("became a possible shortcut (attention in one place whatever the object's position)")
+    name = _get(cur, "class_name") or _get(base, "class_name")
+    return {
+        "class_id": class_id,
+        "class_name": name,
+        "baseline_images": n_base,
+        "current_images": n_cur,
+        "images_change": images_change,
+        "baseline_accuracy": _get(base, "accuracy"),
+        "current_accuracy": _get(cur, "accuracy"),
+        "accuracy_change": accuracy_change,
+        "baseline_mean_score": _get(base, "mean_predicted_score"),
+        "current_mean_score": _get(cur, "mean_predicted_score"),
+        "mean_score_change": score_change,
+        "cam_correlation": correlation,
+        "peak_shift": peak_shift,
+        "border_mass_change": border_change,
+        "box_mass_change": box_change,
+        "pointing_accuracy_change": _delta(base, cur, "pointing_accuracy"),
+        "share_flagged_change": _delta(base, cur, "share_flagged"),
+        "baseline_shortcut": _get(base, "shortcut"),
+        "current_shortcut": _get(cur, "shortcut"),
+        "flagged": bool(reasons),
+        "reasons": reasons,
+    }
+
+
+def _rejected_share(manifest: dict) -> Optional[float]:
+    counts = manifest.get("counts", {})
+    read = counts.get("records_read") or 0
+    return sum((counts.get("records_rejected") or {}).values()) / read if read else None
+
+
+def compare_runs(baseline: RunData, current: RunData, thresholds: Optional[CompareThresholds] = None) -> dict:
+    """The comparison of two loaded runs (a JSON-able dict)."""
+    t = thresholds or CompareThresholds()
+    classes = [
+        compare_class(c, baseline.classes.get(c), current.classes.get(c), t)
+        for c in sorted(set(baseline.classes) | set(current.classes))
+    ]
+    run_reasons = []
+    before, after = _rejected_share(baseline.manifest), _rejected_share(current.manifest)
+    if before is not None and after is not None and after - before >= t.max_rejected_increase:
+        run_reasons.append(f"rejected records {before:.1%} -> {after:.1%} (limit +{t.max_rejected_increase:.0%})")
+    flagged_classes = [c["class_id"] for c in classes if c["flagged"]]
+    b_model, c_model = baseline.manifest.get("model", {}), current.manifest.get("model", {})
+    return {
+        "baseline": {"run_id": baseline.manifest.get("run_id"), "run_dir": baseline.run_dir,
+                     "model_fingerprint": b_model.get("fingerprint"),
+                     "images_explained": baseline.manifest.get("counts", {}).get("images_explained")},
+        "current": {"run_id": current.manifest.get("run_id"), "run_dir": current.run_dir,
+                    "model_fingerprint": c_model.get("fingerprint"),
+                    "images_explained": current.manifest.get("counts", {}).get("images_explained")},
+        "model_changed": b_model.get("fingerprint") != c_model.get("fingerprint"),
+        "thresholds": dataclasses.asdict(t),
+        "run_reasons": run_reasons,
+        "flagged_classes": flagged_classes,
+        "flagged": bool(flagged_classes or run_reasons),
+        "classes": classes,
+    }
+
+
+def write_comparison(comparison: dict, folder: str) -> dict:
+    """Writes comparison.json and comparison.parquet into `folder`; returns their paths."""
+    folder = folder.rstrip("/")
+    paths = {"json": f"{folder}/{COMPARISON_JSON}", "parquet": f"{folder}/{COMPARISON_PARQUET}"}
+    with FileSystems.create(paths["json"]) as handle:
+        handle.write(json.dumps(comparison, indent=2, default=_json_default).encode("utf-8"))
+    table = pa.Table.from_pylist(comparison["classes"], schema=COMPARISON_SCHEMA)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    with FileSystems.create(paths["parquet"]) as handle:
+        handle.write(sink.getvalue().to_pybytes())
+    return paths
+
+
+def _json_default(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
+
+
+def brief(comparison: dict) -> dict:
+    """What a manifest or the runs index keeps of a comparison."""
+    return {
+        "baseline_run_id": comparison["baseline"]["run_id"],
+        "baseline_run_dir": comparison["baseline"]["run_dir"],
+        "flagged": comparison["flagged"],
+        "flagged_classes": comparison["flagged_classes"],
+        "run_reasons": comparison["run_reasons"],
+    }
+
+
+def comparison_text(comparison: dict) -> str:
+    """A short table of the changes, then one line per flagged class."""
+    b, c = comparison["baseline"], comparison["current"]
+    lines = [
+        f"Compared run {c['run_id']} with baseline {b['run_id']}"
+        + (" (model changed)." if comparison["model_changed"] else " (same model)."),
+        f"{'class':<16}{'images':>9}{'acc':>8}{'score':>8}{'corr':>7}{'shift':>7}{'border':>8}{'in-box':>8}",
+    ]
+
+    def f(v, spec="+.2f"):
+        return "-" if v is None else format(v, spec)
+
+    for row in comparison["classes"]:
+        name = f"{row['class_id']} {row['class_name'] or ''}".strip()
+        before = "-" if row["baseline_images"] is None else row["baseline_images"]
+        after = "-" if row["current_images"] is None else row["current_images"]
+        images = f"{before}>{after}"
+        lines.append(
+            f"{name:<16}{images:>9}{f(row['accuracy_change']):>8}{f(row['mean_score_change']):>8}"
+            f"{f(row['cam_correlation'], '.2f'):>7}{f(row['peak_shift'], '.2f'):>7}"
+            f"{f(row['border_mass_change']):>8}{f(row['box_mass_change']):>8}"
+        )
+    lines.append("")
+    for reason in comparison["run_reasons"]:
+        lines.append(f"! run: {reason}")
+    for row in comparison["classes"]:
+        if row["flagged"]:
+            name = f"{row['class_id']} {row['class_name'] or ''}".strip()
+            lines.append(f"! class {name}: " + "; ".join(row["reasons"]))
+    if not comparison["flagged"]:
+        lines.append("Nothing flagged.")
+    return "\n".join(lines)
+
+
+def exit_code(comparison: dict) -> int:
+    return EXIT_FLAGGED if comparison["flagged"] else EXIT_OK
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        sys.stderr.write(f"error: {message} (see --help)\n")
+        sys.exit(EXIT_FAILED)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="python -m pipeline.compare",
+        description="Compare two audit runs class by class. Exit status: 0 nothing flagged, "
+        "1 something flagged, 2 the comparison could not run.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--baseline", required=True, help="The earlier run folder (<output>/run=<id>, local or gs://)")
+    parser.add_argument("--current", required=True, help="The run folder to check (local or gs://)")
+    parser.add_argument("--write_to", default=None,
+                        help="Folder for comparison.json/.parquet (default: the --current folder)")
+    parser.add_argument("--no_write", action="store_true", help="Only print, write nothing")
+    parser.add_argument("--quiet", action="store_true", help="Print nothing but errors")
+    add_threshold_arguments(parser)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        baseline = load_run(args.baseline, "baseline")
+        current = load_run(args.current, "current")
+        comparison = compare_runs(baseline, current, thresholds_from(args))
+        if not args.no_write:
+            write_comparison(comparison, args.write_to or current.run_dir)
+    except CompareError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return EXIT_FAILED
+    except (OSError, ValueError) as exc:
+        sys.stderr.write(f"error: the comparison could not run: {type(exc).__name__}: {exc}\n")
+        return EXIT_FAILED
+    if not args.quiet:
+        print(comparison_text(comparison))
+    return exit_code(comparison)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,495 @@
+"""The visual report of one run: a single self-contained HTML file.
+
+    python -m pipeline.report RUN_DIR [--out PATH] [--per_flag N]
+
+Writes `<RUN_DIR>/report.html` (local or gs://): the run's counts, a
+per-class table and plots, the mean CAM of each class, and for each audit
+flag a grid of its worst images with the CAM overlaid, read back from the
+source shards by `source` and `record_index`; and, when the run folder holds
+a comparison.json, what changed since the baseline run.
+
+Everything is embedded (images as data: URIs, CSS and a few lines of
+script inline) and a Content-Security-Policy forbids any fetch, so the file
+opens offline and from a bucket. An inline script sets
+`<body data-images-ok="true">` once every <img> has decoded, which the
+headless-browser test reads.
+
+Cost: the tables are read whole (the heatmaps with their CAMs); the images
+come from at most `per_flag` rows per flag, each shard read once up to the
+last record needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import html
+import io
+import json
+import logging
+import sys
+from typing import Optional
+
+import numpy as np
+
+_LOG = logging.getLogger(__name__)
+
+REPORT_NAME = "report.html"
+PER_FLAG = 8
+MAX_CLASS_MAPS = 24
+TILE = 144  # px, longest side of an image tile
+ALPHA = 0.6  # opacity of the CAM's hottest point; it falls with sqrt(CAM / max), so cold areas show the image
+COLORMAP = "jet"
+
+# flag column -> (title, sort column, worst first is descending?, what it means)
+FLAG_GRIDS = {
+    "confident_wrong": ("Confidently wrong", "predicted_score", True,
+                        "wrong prediction with a score of at least 0.8"),
+    "low_confidence": ("Low confidence", "predicted_score", False, "no class gets half of the probability"),
+    "attention_outside_box": ("Attention outside the box", "box_mass", False,
+                              "the CAM peak misses every box and less than half of its mass is inside them"),
+    "attention_on_border": ("Attention on the border", "border_mass", True,
+                            "at least 60% of the CAM's mass in the outer 12.5% band"),
+}
+
+_ROW_COLUMNS = ["image_id", "source", "record_index", "label", "predicted_class", "predicted_score",
+                "target_rank", "target_class", "cam", "cam_height", "cam_width", "border_mass",
+                "box_mass", "peak_in_box", "peak_cell", *FLAG_GRIDS]
+
+
+def _data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _figure_uri(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return _data_uri(buf.getvalue(), "image/png")
+
+
+def _esc(value) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _fmt(value, spec: str = ".2f") -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "-"
+    return format(value, spec)
+
+
+def _class_name(names: dict, class_id) -> str:
+    if class_id is None:
+        return "-"
+    name = names.get(int(class_id))
+    return f"{class_id} {name}" if name else str(class_id)
+
+
+# -- images read back from the shards -------------------------------------------------------------
+
+
+def read_records(wanted: dict[str, set[int]]) -> dict[tuple[str, int], bytes]:
+    """The serialized records at (source, record_index), each shard read once."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from transforms.records import CorruptRecord, iter_records
+
+    found = {}
+    for source, indices in wanted.items():
+        last = max(indices)
+        try:
+            with FileSystems.open(source) as handle:
+                for index, data in enumerate(iter_records(handle)):
+                    if index in indices:
+                        found[(source, index)] = data
+                    if index >= last:
+                        break
+        except (OSError, CorruptRecord) as exc:
+            _LOG.warning("Report: could not read %s: %s", source, exc)
+    return found
+
+
+def parse_example(data: bytes, image_key: str) -> tuple[Optional[bytes], list]:
+    """(encoded image bytes, boxes) of a serialized tf.train.Example."""
+    import tensorflow as tf
+
+    feature = tf.train.Example.FromString(data).features.feature
+    image = feature[image_key].bytes_list.value[0] if image_key in feature and feature[image_key].bytes_list.value \
+        else None
+    cols = [list(feature[f"image/object/bbox/{k}"].float_list.value) if f"image/object/bbox/{k}" in feature else []
+            for k in ("ymin", "xmin", "ymax", "xmax")]
+    boxes = list(zip(*cols, strict=True)) if len({len(c) for c in cols}) == 1 else []
+    return image, boxes
+
+
+def overlay_tile(encoded: Optional[bytes], cam: np.ndarray, boxes=(), size: int = TILE) -> bytes:
+    """A JPEG of the image with the CAM (normalised to its max) overlaid and boxes drawn.
+
+    Without image bytes (a record that could not be read back) the CAM alone is shown.
+    """
+    import matplotlib
+    from PIL import Image, ImageDraw
+
+    if encoded is not None:
+        image = Image.open(io.BytesIO(encoded)).convert("RGB")
+    else:
+        image = Image.new("RGB", (size, size), (128, 128, 128))
+    scale = size / max(image.size)
+    width, height = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    image = image.resize((width, height), Image.BILINEAR)
+    peak = float(cam.max())
+    norm = (cam / peak) if peak > 0 else np.zeros_like(cam)
+    heat = Image.fromarray(norm.astype(np.float32)).resize((width, height), Image.BILINEAR)
+    rgba = matplotlib.colormaps[COLORMAP](np.clip(np.asarray(heat), 0, 1))
+    alpha = ALPHA * np.sqrt(np.clip(np.asarray(heat), 0, 1))[..., None]
+    blended = (1 - alpha) * np.asarray(image, np.float32) / 255 + alpha * rgba[..., :3]
+    out = Image.fromarray((np.clip(blended, 0, 1) * 255).astype(np.uint8))
+    draw = ImageDraw.Draw(out)
+    for ymin, xmin, ymax, xmax in boxes:
+        draw.rectangle([xmin * width, ymin * height, xmax * width - 1, ymax * height - 1], outline=(255, 255, 255),
+                       width=2)
+    buf = io.BytesIO()
+    out.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+# -- plots ----------------------------------------------------------------------------------------
+
+
+def class_plots(stats: list[dict], names: dict) -> str:
+    """Bars per class: accuracy and pointing game; share of each flag."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [_class_name(names, s["class_id"]) for s in stats]
+    x = np.arange(len(stats))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+
+    def values(key):
+        return [np.nan if s.get(key) is None else s[key] for s in stats]
+
+    width = 0.38
+    axes[0].bar(x - width / 2, values("accuracy"), width, label="accuracy")
+    axes[0].bar(x + width / 2, values("pointing_accuracy"), width, label="pointing game")
+    axes[0].set_ylim(0, 1.05)
+    axes[0].set_title("Accuracy and pointing game per class")
+    flags = list(FLAG_GRIDS)
+    width = 0.8 / len(flags)
+    for i, flag in enumerate(flags):
+        axes[1].bar(x - 0.4 + width * (i + 0.5), values(f"share_{flag}"), width, label=flag.replace("_", " "))
+    axes[1].set_ylim(0, 1.05)
+    axes[1].set_title("Share of flagged images per class")
+    for ax in axes:
+        ax.set_xticks(x, labels, rotation=30 if len(stats) > 4 else 0, ha="right" if len(stats) > 4 else "center",
+                      fontsize=8)
+        ax.legend(fontsize=7, loc="upper right")
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _figure_uri(fig)
+
+
+def mean_cam_figure(stats: list[dict], names: dict, title: str = "") -> Optional[str]:
+    """One panel per class: its mean normalised CAM over the image (3x3 grid drawn)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [s for s in stats if s.get("mean_cam") is not None]
+    if not rows:
+        return None
+    cols = min(len(rows), 6)
+    lines = (len(rows) + cols - 1) // cols
+    fig, axes = plt.subplots(lines, cols, figsize=(1.9 * cols, 2.1 * lines), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, s in zip(axes.ravel()[: len(rows)], rows, strict=True):
+        cam = np.asarray(s["mean_cam"], np.float32).reshape(s["cam_height"], s["cam_width"])
+        ax.imshow(cam, cmap=COLORMAP, vmin=0, extent=(0, 1, 1, 0), interpolation="bilinear")
+        for t in (1 / 3, 2 / 3):
+            ax.axhline(t, color="white", lw=0.5, alpha=0.6)
+            ax.axvline(t, color="white", lw=0.5, alpha=0.6)
+        mark = " (shortcut?)" if s.get("shortcut") else ""
+        ax.set_title(f"{_class_name(names, s['class_id'])}{mark}", fontsize=8,
+                     color="crimson" if s.get("shortcut") else "black")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _figure_uri(fig)
+
+
+# -- the page -------------------------------------------------------------------------------------
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"DejaVu Sans",sans-serif;margin:24px;color:#222;max-width:1200px}
+h1{font-size:22px;margin-bottom:4px} h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd}
+h3{font-size:15px;margin-bottom:4px}
+.muted{color:#666;font-size:13px} .counts span{display:inline-block;margin-right:18px}
+table{border-collapse:collapse;font-size:13px} th,td{padding:3px 8px;border-bottom:1px solid #eee;text-align:right}
+th{background:#f5f5f5} td.l,th.l{text-align:left} tr.alert td{background:#fde8e8}
+.grid{display:flex;flex-wrap:wrap;gap:10px} figure{margin:0;width:150px;font-size:11px}
+figure img{display:block;border:1px solid #ccc} figcaption{word-break:break-all;line-height:1.3}
+.bad{color:#b00020;font-weight:600} .ok{color:#0a7a2f;font-weight:600}
+"""
+
+_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+
+_SCRIPT = """
+function markImages(){var imgs=Array.prototype.slice.call(document.images);
+var ok=imgs.every(function(i){return i.complete&&i.naturalWidth>0;});
+document.body.setAttribute('data-images',String(imgs.length));
+document.body.setAttribute('data-images-ok',ok?'true':'false');}
+window.addEventListener('load',markImages);
+"""
+
+
+def _class_table(stats: list[dict], names: dict) -> str:
+    from transforms.flags import CELL_NAMES
+
+    head = ("<tr><th class=l>class</th><th>images</th><th>accuracy</th><th>precision</th><th>mean score</th>"
+            "<th>in-box mass</th><th>border mass</th><th>pointing game</th><th>flagged</th>"
+            "<th class=l>peaks in one ninth</th><th>boxes there</th><th>shortcut score</th><th>shortcut?</th></tr>")
+    body = []
+    for s in stats:
+        cell = s.get("peak_cell")
+        where = "-" if cell is None else f"{CELL_NAMES[cell]} {_fmt(s.get('peak_cell_share'), '.0%')}"
+        body.append(
+            f"<tr class='{'alert' if s.get('shortcut') else ''}'><td class=l>{_esc(_class_name(names, s['class_id']))}</td>"
+            f"<td>{s['num_labelled']}</td><td>{_fmt(s['accuracy'])}</td><td>{_fmt(s['precision'])}</td>"
+            f"<td>{_fmt(s['mean_predicted_score'])}</td><td>{_fmt(s['mean_box_mass'])}</td>"
+            f"<td>{_fmt(s['mean_border_mass'])}</td><td>{_fmt(s['pointing_accuracy'])}</td>"
+            f"<td>{_fmt(s.get('share_flagged'), '.0%')}</td><td class=l>{_esc(where)}</td>"
+            f"<td>{_fmt(s.get('box_cell_share'), '.0%')}</td><td>{_fmt(s.get('shortcut_score'))}</td>"
+            f"<td>{'<span class=bad>yes</span>' if s.get('shortcut') else 'no'}</td></tr>"
+        )
+    return f"<table>{head}{''.join(body)}</table>"
+
+
+def _tile_grid(rows: list[dict], records: dict, names: dict, image_key: str, extra: str) -> str:
+    figures = []
+    for r in rows:
+        data = records.get((r["source"], r["record_index"]))
+        encoded, boxes = (None, [])
+        if data is not None:
+            try:
+                encoded, boxes = parse_example(data, image_key)
+            except Exception as exc:  # noqa: BLE001 - a record the decoder accepted; show the CAM alone
+                _LOG.warning("Report: could not parse %s[%d]: %s", r["source"], r["record_index"], exc)
+        cam = np.asarray(r["cam"], np.float32).reshape(r["cam_height"], r["cam_width"])
+        try:
+            tile = overlay_tile(encoded, cam, boxes)
+        except Exception as exc:  # noqa: BLE001
+            _LOG.warning("Report: could not draw %s: %s", r["image_id"], exc)
+            tile = overlay_tile(None, cam, ())
+        wrong = r["label"] is not None and r["label"] != r["predicted_class"]
+        figures.append(
+            f"<figure><img alt='{_esc(r['image_id'])}' src='{_data_uri(tile, 'image/jpeg')}'>"
+            f"<figcaption><b>{_esc(r['image_id'])}</b><br>label {_esc(_class_name(names, r['label']))}<br>"
+            f"<span class='{'bad' if wrong else ''}'>pred {_esc(_class_name(names, r['predicted_class']))}</span>"
+            f" ({_fmt(r['predicted_score'])})<br>{_esc(extra.format(**r)) if extra else ''}</figcaption></figure>"
+        )
+    return f"<div class=grid>{''.join(figures)}</div>"
+
+
+def _extra_caption(sort_key: str) -> str:
+    return {"box_mass": "in-box {box_mass:.2f}", "border_mass": "border {border_mass:.2f}"}.get(sort_key, "")
+
+
+def select_worst(rows: list[dict], flag: str, sort_key: str, descending: bool, n: int) -> list[dict]:
+    """Up to n rows with `flag` set, worst first (ties by image id)."""
+    hits = [r for r in rows if r.get(flag) and r.get(sort_key) is not None]
+    hits.sort(key=lambda r: ((-r[sort_key]) if descending else r[sort_key], r["image_id"]))
+    return hits[:n]
+
+
+def _comparison_section(comparison: dict, names: dict, current_stats: list[dict]) -> str:
+    b, c = comparison["baseline"], comparison["current"]
+    verdict = ("<span class=bad>something was flagged</span>" if comparison["flagged"]
+               else "<span class=ok>nothing flagged</span>")
+    parts = [
+        "<h2>Compared with the previous run</h2>",
+        (
+            f"<p>Baseline run <b>{_esc(b['run_id'])}</b> ({_esc(b['images_explained'])} images) vs this run "
+            f"({_esc(c['images_explained'])} images); model "
+            f"{'changed' if comparison['model_changed'] else 'unchanged'}: {verdict}.</p>"
+        ),
+    ]
+    for reason in comparison.get("run_reasons", []):
+        parts.append(f"<p class=bad>Run: {_esc(reason)}</p>")
+    head = ("<tr><th class=l>class</th><th>images</th><th>accuracy</th><th>mean score</th><th>CAM correlation</th>"
+            "<th>peak shift</th><th>border mass</th><th>in-box mass</th><th class=l>flagged because</th></tr>")
+    body = []
+    for row in comparison["classes"]:
+        body.append(
+            f"<tr class='{'alert' if row['flagged'] else ''}'><td class=l>"
+            f"{_esc(_class_name(names, row['class_id']))}</td>"
+            f"<td>{_esc(row['baseline_images'])} &rarr; {_esc(row['current_images'])}</td>"
+            f"<td>{_fmt(row['baseline_accuracy'])} &rarr; {_fmt(row['current_accuracy'])}</td>"
+            f"<td>{_fmt(row['mean_score_change'], '+.2f')}</td><td>{_fmt(row['cam_correlation'])}</td>"
+            f"<td>{_fmt(row['peak_shift'])}</td><td>{_fmt(row['border_mass_change'], '+.2f')}</td>"
+            f"<td>{_fmt(row['box_mass_change'], '+.2f')}</td>"
+            f"<td class=l>{_esc('; '.join(row['reasons'])) or '-'}</td></tr>"
+        )
+    parts.append(f"<table>{head}{''.join(body)}</table>")
+    flagged = set(comparison["flagged_classes"])
+    if flagged:
+        try:
+            from pipeline.manifest import read_table
+
+            before = [s for s in read_table(b["run_dir"], "class_stats").to_pylist() if s["class_id"] in flagged]
+            after = [s for s in current_stats if s["class_id"] in flagged]
+            for title, rows in ((f"Baseline {b['run_id']}: mean CAM of the flagged classes", before),
+                                ("This run: mean CAM of the flagged classes", after)):
+                uri = mean_cam_figure(sorted(rows, key=lambda s: s["class_id"]), names, title)
+                if uri:
+                    parts.append(f"<p><img alt='{_esc(title)}' src='{uri}'></p>")
+        except Exception as exc:  # noqa: BLE001 - the baseline may have moved; the table above stands alone
+            parts.append(f"<p class=muted>(Baseline maps unavailable: {_esc(exc)})</p>")
+    return "".join(parts)
+
+
+def render_report(run_dir: str, manifest: dict, comparison: Optional[dict] = None, per_flag: int = PER_FLAG) -> str:
+    """The HTML of the report of the run whose tables are in `run_dir`."""
+    import pyarrow as pa
+
+    from pipeline.manifest import read_table
+    from transforms.flags import CELL_NAMES
+
+    stats = sorted(read_table(run_dir, "class_stats").to_pylist(), key=lambda s: s["class_id"])
+    names = {s["class_id"]: s["class_name"] for s in stats if s["class_name"]}
+    heat = read_table(run_dir, "heatmaps")
+    heat = heat.select([c for c in _ROW_COLUMNS if c in heat.column_names])
+    rows = [r for r in heat.to_pylist() if r["target_rank"] == 0]
+    image_key = (manifest.get("options") or {}).get("image_key", "image/encoded")
+
+    grids = []
+    for flag, (title, key, desc, meaning) in FLAG_GRIDS.items():
+        total = sum(1 for r in rows if r.get(flag))
+        grids.append((flag, title, meaning, total, select_worst(rows, flag, key, desc, per_flag), key))
+    shortcut_grids = []
+    for s in stats:
+        if s.get("shortcut") and s.get("peak_cell") is not None:
+            chosen = [r for r in rows if r["predicted_class"] == s["class_id"] and r.get("peak_cell") == s["peak_cell"]]
+            chosen.sort(key=lambda r: (-r["predicted_score"], r["image_id"]))
+            shortcut_grids.append((s, chosen[:per_flag]))
+    wanted: dict[str, set[int]] = {}
+    for *_, chosen, _key in grids:
+        for r in chosen:
+            wanted.setdefault(r["source"], set()).add(r["record_index"])
+    for _, chosen in shortcut_grids:
+        for r in chosen:
+            wanted.setdefault(r["source"], set()).add(r["record_index"])
+    records = read_records(wanted)
+
+    counts = manifest.get("counts", {})
+    attention = manifest.get("attention", {})
+    model = manifest.get("model", {})
+    options = manifest.get("options", {})
+    rejected = counts.get("records_rejected") or {}
+    title = f"Grad-CAM audit, run {manifest.get('run_id') or '-'}"
+    parts = [
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
+        f"<meta http-equiv='Content-Security-Policy' content=\"{_CSP}\">",
+        f"<title>{_esc(title)}</title><style>{_CSS}</style><script>{_SCRIPT}</script></head><body>",
+        f"<h1>{_esc(title)}</h1>",
+        (
+            f"<p class=muted>Finished {_esc(manifest.get('finished_at'))} &middot; model {_esc(model.get('uri'))} "
+            f"({_esc(model.get('fingerprint'))}) &middot; layer {_esc(model.get('target_layer'))} &middot; "
+            f"method {_esc(options.get('method'))}, target {_esc(options.get('target'))}</p>"
+        ),
+        (
+            "<p class=counts>"
+            f"<span><b>{_esc(counts.get('images_explained'))}</b> images explained</span>"
+            f"<span><b>{_esc(counts.get('records_read'))}</b> records read</span>"
+            f"<span><b>{sum(rejected.values())}</b> rejected "
+            f"({_esc(', '.join(f'{k} {v}' for k, v in rejected.items() if v) or 'none')})</span>"
+            f"<span><b>{_esc(counts.get('shard_errors'))}</b> shard errors</span>"
+            f"<span>pointing game <b>{_fmt(attention.get('pointing_accuracy'), '.1%')}</b> "
+            f"of {_esc(attention.get('pointing_images'))} boxed images</span></p>"
+        ),
+    ]
+    shortcut = [s for s in stats if s.get("shortcut")]
+    if shortcut:
+        for s in shortcut:
+            parts.append(
+                f"<p class=bad>Possible shortcut: class {_esc(_class_name(names, s['class_id']))}: "
+                f"{_fmt(s['peak_cell_share'], '.0%')} of its images peak in the {CELL_NAMES[s['peak_cell']]} ninth, "
+                f"where {_fmt(s.get('box_cell_share'), '.0%')} of its objects are.</p>"
+            )
+    parts.append("<h2>Classes</h2>")
+    parts.append(_class_table(stats, names))
+    if stats:
+        parts.append(f"<p><img alt='per-class plots' src='{class_plots(stats, names)}'></p>")
+        shown = sorted(stats, key=lambda s: (not s.get("shortcut"), -(s.get("share_flagged") or 0)))[:MAX_CLASS_MAPS]
+        maps = mean_cam_figure(sorted(shown, key=lambda s: s["class_id"]), names)
+        if maps:
+            more = f" (the {MAX_CLASS_MAPS} most flagged of {len(stats)})" if len(stats) > MAX_CLASS_MAPS else ""
+            parts.append(f"<h2>Mean heatmap per class{more}</h2>"
+                         "<p class=muted>Mean of each image's CAM divided by its maximum; lines cut the image in "
+                         f"ninths.</p><p><img alt='mean heatmaps' src='{maps}'></p>")
+    for s, chosen in shortcut_grids:
+        parts.append(
+            f"<h3 class=bad>Possible shortcut, class {_esc(_class_name(names, s['class_id']))}: images peaking in "
+            f"the {CELL_NAMES[s['peak_cell']]} ninth</h3>"
+        )
+        parts.append(_tile_grid(chosen, records, names, image_key, ""))
+    parts.append("<h2>Flagged images</h2><p class=muted>Worst first; white rectangles are the boxes; "
+                 f"CAM in the '{COLORMAP}' colour map, opacity up to {ALPHA} where it is hottest.</p>")
+    for _flag, title_, meaning, total, chosen, key in grids:
+        parts.append(f"<h3>{_esc(title_)}: {total} image{'s' if total != 1 else ''}</h3>"
+                     f"<p class=muted>{_esc(meaning)}</p>")
+        if chosen:
+            parts.append(_tile_grid(chosen, records, names, image_key, _extra_caption(key)))
+    if comparison:
+        parts.append(_comparison_section(comparison, names, stats))
+    parts.append(f"<p class=muted>Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC "
+                 f"by pipeline.report (pyarrow {pa.__version__}).</p></body></html>")
+    return "\n".join(parts)
+
+
+def write_report(run_dir: str, *, manifest: Optional[dict] = None, comparison: Optional[dict] = None,
+                 out: Optional[str] = None, per_flag: int = PER_FLAG) -> str:
+    """Renders the report of the run in `run_dir` and writes it; returns its path."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from pipeline.manifest import load_manifest
+
+    run_dir = run_dir.rstrip("/")
+    manifest = manifest if manifest is not None else load_manifest(run_dir)
+    if comparison is None:
+        from pipeline.compare import COMPARISON_JSON
+
+        path = f"{run_dir}/{COMPARISON_JSON}"
+        if FileSystems.exists(path):
+            with FileSystems.open(path) as handle:
+                comparison = json.loads(handle.read().decode("utf-8"))
+    page = render_report(run_dir, manifest, comparison, per_flag)
+    out = out or f"{run_dir}/{REPORT_NAME}"
+    with FileSystems.create(out) as handle:
+        handle.write(page.encode("utf-8"))
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", help="A run folder (<output>/run=<id>, local or gs://)")
+    parser.add_argument("--out", default=None, help="Where to write the HTML (default: <run_dir>/report.html)")
+    parser.add_argument("--per_flag", type=int, default=PER_FLAG, help="Images shown per flag")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        path = write_report(args.run_dir, out=args.out, per_flag=args.per_flag)
+    except FileNotFoundError as exc:
+        sys.stderr.write(f"error: expected a finished run folder with run_manifest.json, found none at {exc}\n")
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Test infrastructure: servers, emulators and clusters started (and stopped) by the tests."""

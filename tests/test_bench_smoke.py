@@ -1,0 +1,70 @@
+"""Smoke tests of the benchmarks: they run end to end and write sane JSON.
+
+Both scripts run in subprocesses (fresh TensorFlow state, Keras dtype policy
+untouched here) in their smallest modes; the numbers are not judged, only
+that every expected figure is there and positive.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(module: str, *args: str, timeout: float) -> None:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    assert proc.returncode == 0, f"{module} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_run_bench_quick_writes_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    _run("bench.run_bench", "--quick", "--methods", "gradcam", "--formats", "jpeg",
+         "--json", str(out), timeout=170)
+    results = json.loads(out.read_text())
+    assert results["meta"]["quick"] is True
+    assert set(results["models"]) == {"mobilenet_v2"}
+    m = results["models"]["mobilenet_v2"]
+    assert _positive(m["forward"]["median"])
+    assert _positive(m["cam"]["gradcam"]["median"])
+    assert _positive(m["keras_io"]["median"])
+    peer = m["tf_keras_vis"]
+    assert _positive(peer.get("median")) or peer.get("error"), peer
+    p = m["pipeline"]["jpeg"]
+    # Wall-time differences can invert on a heavily shared machine; CPU seconds
+    # of the 4N run always exceed those of the N run.
+    assert _positive(p["steady_cpu_median"])
+    assert isinstance(p["steady_median"], float)
+    assert _positive(p["whole_run_seconds_n"])
+    assert _positive(p["rss"]["maxrss_mb_n"]) and _positive(p["rss"]["maxrss_mb_big"])
+    assert p["rss"]["images_big"] == 4 * p["images_n"]
+    assert _positive(m["ratios"]["K/F gradcam"])
+    for key in ("K/F gradcam", "P/F jpeg", "P/N jpeg"):
+        assert _positive(m["cpu_ratios"][key]), key
+    assert "P/F jpeg" in m["ratios"]
+    assert {"K/F gradcam", "P/F jpeg", "RSS growth"} <= set(m["targets"])
+    assert "K/F gradcam" in results["table"]
+
+
+def test_gpu_check_runs_its_cpu_table_without_a_gpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    _run("bench.gpu_check", "--quick", "--json", str(out), timeout=120)
+    result = json.loads(out.read_text())
+    assert result["meta"]["device"] in ("CPU", "GPU")
+    assert result["rows"]
+    for row in result["rows"]:
+        assert "error" not in row, row
+        assert _positive(row["forward_ips"])
+        assert all(_positive(v) for v in row["cam_ips"].values())

@@ -1,0 +1,131 @@
+"""Comparing runs: the demo's changed model is flagged on the right class; exit codes 0/1/2."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import compare
+from pipeline.demo import SHORTCUT_CLASS
+from tests.audit_fixtures import RUN_IDS
+from transforms.schemas import COMPARISON_SCHEMA
+
+
+def _stats(**kw):
+    cam = np.zeros((4, 4), np.float32)
+    cam[1:3, 1:3] = 1
+    row = {"class_id": 0, "class_name": "a", "num_labelled": 100, "accuracy": 0.9, "mean_predicted_score": 0.9,
+           "mean_cam": cam.ravel().tolist(), "cam_height": 4, "cam_width": 4, "mean_peak_y": 0.5,
+           "mean_peak_x": 0.5, "mean_border_mass": 0.1, "mean_box_mass": 0.8, "pointing_accuracy": 0.9,
+           "share_flagged": 0.1, "shortcut": False}
+    return {**row, **kw}
+
+
+def test_each_threshold_flags_alone():
+    t = compare.CompareThresholds()
+    assert compare.compare_class(0, _stats(), _stats(), t)["reasons"] == []
+    cases = {
+        "images": dict(num_labelled=79),
+        "accuracy": dict(accuracy=0.85),
+        "mean score": dict(mean_predicted_score=0.75),
+        "border mass": dict(mean_border_mass=0.3),
+        "in-box mass": dict(mean_box_mass=0.6),
+        "became a possible shortcut": dict(shortcut=True),
+    }
+    for words, change in cases.items():
+        reasons = compare.compare_class(0, _stats(), _stats(**change), t)["reasons"]
+        assert len(reasons) == 1 and words in reasons[0], (words, reasons)
+    # Small changes and accuracy gains are not flagged.
+    calm = _stats(num_labelled=85, accuracy=0.99, mean_predicted_score=0.95, mean_border_mass=0.2, mean_box_mass=0.7)
+    assert compare.compare_class(0, _stats(), calm, t)["reasons"] == []
+
+
+def test_moves_of_the_mean_map_flag_without_boxes_or_when_asked():
+    moved = np.zeros((4, 4), np.float32)
+    moved[0, 0] = 1
+    shifted = _stats(mean_cam=moved.ravel().tolist(), mean_peak_y=0.1, mean_peak_x=0.1)
+    t = compare.CompareThresholds()
+    row = compare.compare_class(0, _stats(), shifted, t)
+    assert row["cam_correlation"] < 0.7 and row["peak_shift"] > 0.15 and not row["flagged"]
+    row = compare.compare_class(0, _stats(mean_box_mass=None), {**shifted, "mean_box_mass": None}, t)
+    assert [r.split(" ")[0] for r in row["reasons"]] == ["mean", "mean"] and row["flagged"]
+    strict = compare.CompareThresholds(check_moves_inside_boxes=True)
+    assert len(compare.compare_class(0, _stats(), shifted, strict)["reasons"]) == 2
+    # Few images: no attention verdicts.
+    few = compare.compare_class(0, _stats(num_labelled=5, mean_box_mass=None),
+                                {**shifted, "num_labelled": 5, "mean_box_mass": None}, t)
+    assert all("mean" not in r for r in few["reasons"])
+
+
+def test_correlation_resamples_maps_of_other_sizes():
+    a = np.outer(np.hanning(8), np.hanning(8))
+    b = np.outer(np.hanning(16), np.hanning(16))
+    assert compare.cam_correlation(a, b) > 0.95
+    assert compare.cam_correlation(a, np.ones((8, 8))) is None
+
+
+def test_classes_in_one_run_only_are_flagged():
+    t = compare.CompareThresholds()
+    assert "new class" in compare.compare_class(5, None, _stats(class_id=5), t)["reasons"][0]
+    assert "class missing" in compare.compare_class(5, _stats(class_id=5), None, t)["reasons"][0]
+
+
+def test_the_changed_model_is_flagged_on_the_shortcut_class(demo_runs):
+    """Run 2 swaps in a model trained without the marker: class 2's attention leaves the corner."""
+    assert demo_runs.exit_codes[RUN_IDS[1]] == 1
+    folder = demo_runs.run_dir(RUN_IDS[1])
+    result = json.load(open(os.path.join(folder, compare.COMPARISON_JSON)))
+    assert result["flagged_classes"] == [SHORTCUT_CLASS] and result["model_changed"]
+    row = result["classes"][SHORTCUT_CLASS]
+    assert row["box_mass_change"] > 0.3 and row["border_mass_change"] < -0.3
+    assert row["cam_correlation"] < 0.5 and row["peak_shift"] > 0.25
+    table = pq.read_table(os.path.join(folder, compare.COMPARISON_PARQUET))
+    assert table.schema.equals(COMPARISON_SCHEMA)
+    assert table.column("flagged").to_pylist() == [c == SHORTCUT_CLASS for c in range(4)]
+    brief = demo_runs.manifests[RUN_IDS[1]]["comparison"]
+    assert brief["baseline_run_id"] == RUN_IDS[0] and brief["exit_code"] == 1
+    # The shortcut model again: class 2 is flagged for becoming a shortcut again.
+    assert demo_runs.exit_codes[RUN_IDS[2]] == 1
+    again = json.load(open(os.path.join(demo_runs.run_dir(RUN_IDS[2]), compare.COMPARISON_JSON)))
+    assert again["flagged_classes"] == [SHORTCUT_CLASS]
+    assert any("shortcut" in r for r in again["classes"][SHORTCUT_CLASS]["reasons"])
+
+
+def test_identical_runs_exit_0(demo_runs, tmp_path, capsys):
+    """Runs 1 and 3: the same model on the same shards."""
+    code = compare.main(["--baseline", demo_runs.run_dir(RUN_IDS[0]), "--current", demo_runs.run_dir(RUN_IDS[2]),
+                         "--write_to", str(tmp_path)])
+    assert code == 0, capsys.readouterr().out
+    result = json.load(open(tmp_path / compare.COMPARISON_JSON))
+    assert not result["flagged"] and not result["model_changed"]
+    for row in result["classes"]:
+        assert row["accuracy_change"] == 0 and row["cam_correlation"] > 0.999
+    assert "Nothing flagged." in capsys.readouterr().out
+
+
+def test_flagged_comparison_exits_1_from_the_command_line(demo_runs, capsys):
+    code = compare.main(["--baseline", demo_runs.run_dir(RUN_IDS[0]), "--current", demo_runs.run_dir(RUN_IDS[1]),
+                         "--no_write"])
+    assert code == 1
+    out = capsys.readouterr().out
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("!")] == ["! class 2 triangle"]
+
+
+@pytest.mark.parametrize("which", ["baseline", "current"])
+def test_a_missing_run_exits_2_with_one_line(demo_runs, tmp_path, capsys, which):
+    runs = {"baseline": demo_runs.run_dir(RUN_IDS[0]), "current": demo_runs.run_dir(RUN_IDS[1])}
+    runs[which] = str(tmp_path / "run=1999-12-31")
+    code = compare.main(["--baseline", runs["baseline"], "--current", runs["current"], "--no_write"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    expected = f"error: --{which}: expected a finished run folder with run_manifest.json, found none at "
+    assert err[0] == expected + repr(runs[which])
+
+
+def test_bad_threshold_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main(["--baseline", "a", "--current", "b", "--max_peak_shift", "far"])
+    assert exit_info.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1

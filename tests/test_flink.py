@@ -1,0 +1,104 @@
+"""The audit on a real standalone Flink cluster (JobManager + TaskManager JVMs).
+
+The cluster comes from scripts/flink/ (installed on first use: Java, the
+Beam Flink job server, Flink 1.19 from apache-flink-libraries), everything
+on 127.0.0.1, and an EXTERNAL Python worker pool running this project's
+virtualenv. Every process is stopped by PID when the module ends, also
+when a test fails.
+"""
+
+import os
+import sys
+import threading
+import time
+
+import pytest
+
+from pipeline.demo import make_example
+from tests.helpers import png_bytes, write_shard
+from tests.infra.audit_results import assert_same_results, audit, heatmap_key, local_audit, read_rows
+from tests.infra.flink_cluster import flink_cluster
+
+pytestmark = pytest.mark.cluster
+RUN_TIMEOUT = 420
+
+
+def run_in_thread(*args):
+    """audit(*args) in a thread; returns (thread, box) where box gets "manifest" or "error"."""
+    box = {}
+
+    def target():
+        try:
+            box["manifest"] = audit(*args)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the test
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def finished(thread, box, timeout=RUN_TIMEOUT):
+    thread.join(timeout)
+    assert not thread.is_alive(), f"the Flink run did not finish in {timeout} s"
+    if "error" in box:
+        raise box["error"]
+    return box["manifest"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    started = time.monotonic()
+    with flink_cluster(tmp_path_factory.mktemp("flink"), beam_python=sys.executable, install=True) as c:
+        c.start_seconds = time.monotonic() - started
+        yield c
+    assert c.leftover_pids() == [], "a cluster process outlived stop_cluster.sh"
+
+
+def test_flink_run_equals_the_direct_run(cluster, dataset, model_path, tmp_path, tmp_path_factory):
+    baseline = local_audit(dataset, model_path, tmp_path_factory)
+    thread, box = run_in_thread(dataset["pattern"], model_path, str(tmp_path), *cluster.pipeline_args(parallelism=2))
+    manifest = finished(thread, box)
+    assert "--runner=PortableRunner" in manifest["beam_args"]
+    assert_same_results(baseline, manifest)
+    assert manifest["counts"]["records_read"] == dataset["records"]
+    assert cluster.non_loopback_listeners() == []
+    assert [job["state"] for job in cluster.jobs()] == ["FINISHED"]
+
+
+@pytest.fixture(scope="module")
+def bigger_dataset(tmp_path_factory):
+    """240 images in 6 shards: long enough on one slot to kill a TaskManager mid-job."""
+    folder = str(tmp_path_factory.mktemp("bigger"))
+    for s in range(6):
+        write_shard(folder, f"big-{s}.tfrecord", [
+            make_example(png_bytes(32, 32, seed=1000 * s + i), label=i % 3, image_id=f"big-{s}-{i}")
+            for i in range(40)])
+    return {"pattern": os.path.join(folder, "big-*.tfrecord"), "records": 240}
+
+
+def test_killed_taskmanager_restarts_with_exactly_the_expected_rows(cluster, bigger_dataset, model_path, tmp_path,
+                                                                     tmp_path_factory):
+    expected = audit(bigger_dataset["pattern"], model_path, str(tmp_path_factory.mktemp("bigger-local")))
+    known = {job["jid"] for job in cluster.jobs()}
+    thread, box = run_in_thread(bigger_dataset["pattern"], model_path, str(tmp_path),
+                                *cluster.pipeline_args(parallelism=1), "--batch_size", "2")
+    deadline = time.monotonic() + 180
+    job = None
+    while time.monotonic() < deadline and job is None:
+        running = [j for j in cluster.jobs() if j["jid"] not in known and j["state"] == "RUNNING"]
+        job = running[0] if running else None
+        time.sleep(0.5)
+    assert job is not None, "the job never reached RUNNING"
+    time.sleep(8)  # let the SDK harness load the model and start writing
+    assert thread.is_alive(), "the job ended before the TaskManager could be killed: make the data bigger"
+    killed = cluster.kill_taskmanager()
+    cluster.start_taskmanager()
+    manifest = finished(thread, box)
+    exceptions = cluster.rest(f"/v1/jobs/{job['jid']}/exceptions")
+    assert exceptions.get("exceptionHistory", {}).get("entries"), f"no failover recorded after killing {killed}"
+    got = sorted(map(heatmap_key, read_rows(manifest, "heatmaps")))
+    assert got == sorted(map(heatmap_key, read_rows(expected, "heatmaps")))
+    assert len(got) == len(set(got)) == bigger_dataset["records"]
+    assert manifest["counts"]["images_explained"] == bigger_dataset["records"]
+    assert_same_results(expected, manifest)

@@ -1,0 +1,105 @@
+"""The visual report: self-contained HTML, images read back from the shards, loads in a real browser."""
+
+import os
+import re
+
+import pytest
+
+from pipeline.demo import SHORTCUT_CLASS
+from pipeline.manifest import read_table
+from pipeline.report import main as report_main
+from pipeline.report import parse_example, read_records
+from tests.audit_fixtures import RUN_IDS
+from tests.browser import dump_dom, find_browser, screenshot
+
+
+def _html(demo_runs, run_id):
+    return open(os.path.join(demo_runs.run_dir(run_id), "report.html"), encoding="utf-8").read()
+
+
+def test_report_is_self_contained(demo_runs):
+    for run_id in RUN_IDS:
+        page = _html(demo_runs, run_id)
+        refs = re.findall(r"""(?:src|href)\s*=\s*['"]?([^'" >]+)""", page)
+        assert refs and all(ref.startswith("data:image/") for ref in refs), run_id
+        assert "http://" not in page and "https://" not in page and "@import" not in page
+        assert "Content-Security-Policy" in page
+        assert len(page) < 1_500_000
+
+
+def test_report_shows_the_shortcut_and_the_comparison(demo_runs):
+    first = _html(demo_runs, RUN_IDS[0])
+    assert f"Possible shortcut: class {SHORTCUT_CLASS} triangle" in first
+    assert "Compared with the previous run" not in first
+    for title in ("Confidently wrong", "Low confidence", "Attention outside the box", "Attention on the border"):
+        assert title in first
+    second = _html(demo_runs, RUN_IDS[1])
+    assert "Compared with the previous run" in second and "something was flagged" in second
+    assert "Possible shortcut" not in second
+    assert "pointing game" in second
+
+
+def test_images_are_read_back_by_source_and_index(demo_runs):
+    rows = read_table(demo_runs.run_dir(RUN_IDS[0]), "heatmaps", ["image_id", "source", "record_index"]).to_pylist()
+    chosen = rows[::97]
+    wanted = {}
+    for r in chosen:
+        wanted.setdefault(r["source"], set()).add(r["record_index"])
+    records = read_records(wanted)
+    for r in chosen:
+        import tensorflow as tf
+
+        data = records[(r["source"], r["record_index"])]
+        feature = tf.train.Example.FromString(data).features.feature
+        assert feature["image/filename"].bytes_list.value[0].decode() == r["image_id"]
+        image, boxes = parse_example(data, "image/encoded")
+        assert image[:4] == b"\x89PNG" and len(boxes) == 1
+
+
+def test_report_command_rewrites_a_report(demo_runs, tmp_path, capsys):
+    out = str(tmp_path / "again.html")
+    assert report_main([demo_runs.run_dir(RUN_IDS[1]), "--out", out, "--per_flag", "3"]) == 0
+    page = open(out, encoding="utf-8").read()
+    assert "Compared with the previous run" in page  # read back from comparison.json
+    assert report_main([str(tmp_path / "run=nothing")]) == 2
+    assert "run_manifest.json" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def browser():
+    found = find_browser(install=True)
+    if not found:
+        pytest.fail("no Chromium: run scripts/install_chromium.sh (apt-get install chromium) or set CHROMIUM")
+    return found
+
+
+@pytest.mark.parametrize("run_id", [RUN_IDS[0], RUN_IDS[2]])
+def test_report_loads_in_a_headless_browser(demo_runs, browser, run_id):
+    path = os.path.join(demo_runs.run_dir(run_id), "report.html")
+    proc = dump_dom(browser, path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    body = re.search(r"<body[^>]*>", proc.stdout)
+    assert body, proc.stdout[:500]
+    expected = len(re.findall(r"<img\b", open(path, encoding="utf-8").read()))
+    assert f'data-images="{expected}"' in body.group(0) and expected >= 10
+    assert 'data-images-ok="true"' in body.group(0), "an <img> did not decode"
+    console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
+    assert not console, console  # no script error, no blocked fetch
+
+
+def test_report_screenshot(demo_runs, browser, tmp_path):
+    """A screenshot of the top of the page; GRADCAM_AUDIT_UPDATE_DOCS=1 also saves docs/report.png."""
+    from PIL import Image
+
+    path = os.path.join(demo_runs.run_dir(RUN_IDS[2]), "report.html")
+    png = str(tmp_path / "report.png")
+    screenshot(browser, path, png)
+    image = Image.open(png)
+    assert image.size == (900, 1125)
+    assert len(image.convert("RGB").getcolors(1 << 16) or []) > 20  # not a blank page
+    if os.environ.get("GRADCAM_AUDIT_UPDATE_DOCS") == "1":
+        import shutil
+
+        from tests.browser import REPO
+
+        shutil.copy(png, os.path.join(REPO, "docs", "report.png"))
