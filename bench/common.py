@@ -149,6 +149,21 @@ def round_robin(steps: dict, batch: int, *, min_seconds: float, warmup: bool = T
             {k: calls * batch / max(v, 1e-9) for k, v in cpu.items()})
 
 
+def write_results(results: dict, path: str, table: Callable[[dict], str], default=float) -> dict:
+    """Adds the printed table to `results`, writes them as JSON to `path` and prints the table."""
+    import json
+
+    text = table(results)
+    results["table"] = text
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(results, handle, indent=2, default=default)
+    print()
+    print(text)
+    print(f"\nWrote {path} ({results['meta']['total_seconds']:.0f} s)")
+    return results
+
+
 def median(values) -> float:
     values = [v for v in values if v is not None]
     return float(statistics.median(values)) if values else float("nan")

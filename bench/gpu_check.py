@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import time
@@ -51,7 +50,7 @@ def main(argv=None) -> dict:
     import keras
     import tensorflow as tf
 
-    from bench.common import METHOD_NAMES, measure_forward_and_cams, set_quick
+    from bench.common import METHOD_NAMES, measure_forward_and_cams, set_quick, write_results
 
     if gpus:
         print(f"GPU(s): {[g.name for g in gpus]}; memory growth on", flush=True)
@@ -118,15 +117,7 @@ def main(argv=None) -> dict:
         },
         "rows": rows,
     }
-    text = table(result)
-    result["table"] = text
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as handle:
-        json.dump(result, handle, indent=2, default=str)
-    print()
-    print(text)
-    print(f"\nWrote {args.json} ({result['meta']['total_seconds']:.0f} s)")
-    return result
+    return write_results(result, args.json, table, default=str)
 
 
 def table(result: dict) -> str:

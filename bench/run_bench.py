@@ -51,6 +51,7 @@ from bench.common import (
     median,
     natural_images,
     set_quick,
+    write_results,
     write_shards,
 )
 
@@ -514,15 +515,7 @@ def main(argv=None) -> dict:
             shutil.rmtree(workdir, ignore_errors=True)
     results["meta"]["total_seconds"] = time.time() - started
     results["meta"]["load_average_end"] = os.getloadavg()[0]
-    text = table(results)
-    results["table"] = text
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as handle:
-        json.dump(results, handle, indent=2, default=float)
-    print()
-    print(text)
-    print(f"\nWrote {args.json} ({results['meta']['total_seconds']:.0f} s)")
-    return results
+    return write_results(results, args.json, table, default=float)
 
 
 if __name__ == "__main__":

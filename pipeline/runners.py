@@ -20,11 +20,14 @@ Dataflow (`dataflow_args`):
   --experiments=no_use_multiple_sdk_containers ... are Beam's own options
   and pass through unchanged (see docs/dataflow.md).
 
-Flink (`flink_args`): the Flink cluster scripts (scripts/flink/) own the
-details; they plug in with `register_translator("flink", fn)` or by editing
-`flink_args`. The default here: with --job_endpoint (a running Beam Flink
-job server) -> PortableRunner, otherwise FlinkRunner (which starts its own
-job server from --flink_master / --flink_job_server_jar).
+Flink (`flink_args`):
+  without --job_endpoint / --flink_master: the local cluster of
+  scripts/flink/start_cluster.sh: --runner=PortableRunner
+  --job_endpoint=localhost:$BEAM_JOB_PORT (8099) --environment_type=EXTERNAL
+  --environment_config=localhost:$BEAM_WORKER_POOL_PORT (50000);
+  with --job_endpoint: PortableRunner to that Beam Flink job server;
+  with --flink_master: FlinkRunner --flink_submit_uber_jar (Beam builds a jar
+  and posts it to Flink's REST API; no job server runs in between).
 
 Portable (`portable_args`): --runner=PortableRunner, and
 --environment_type=LOOPBACK when no environment is given (Beam's default,

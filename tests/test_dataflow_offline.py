@@ -58,7 +58,11 @@ def test_shorthands_translate_to_beam_arguments():
     assert [a for a in mine if a.startswith("--setup_file")] == ["--setup_file=/x/setup.py"]
     assert mine.count("--experiments=use_runner_v2") == 1 and "--runner" not in mine
     assert translate_runner_args(["--runner=portable", "--job_endpoint=127.0.0.1:1"])[-1] == "--environment_type=LOOPBACK"
-    assert translate_runner_args(["--runner=Flink"])[0] == "--runner=FlinkRunner"
+    assert translate_runner_args(["--runner=Flink"]) == [
+        "--runner=PortableRunner", "--job_endpoint=localhost:8099", "--environment_type=EXTERNAL",
+        "--environment_config=localhost:50000"]
+    uber = translate_runner_args(["--runner=flink", "--flink_master=127.0.0.1:8081"])
+    assert uber[0] == "--runner=FlinkRunner" and "--flink_submit_uber_jar" in uber
     assert translate_runner_args(["--runner=FnApiRunner"]) == ["--runner=FnApiRunner"]
     assert canonical_runner("PortableRunner") == "portable" and canonical_runner("DirectRunner") is None
     with pytest.raises(ValueError, match="only for --runner=dataflow"):

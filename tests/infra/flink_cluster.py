@@ -35,11 +35,12 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.infra.servers import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS_DIR = REPO_ROOT / "scripts" / "flink"
@@ -76,12 +77,6 @@ def ensure_installed(install_dir: Path | None = None, timeout: float = 1800) -> 
         env = dict(os.environ, FLINK_CLUSTER_DIR=str(install_dir))
         subprocess.run(["bash", str(SCRIPTS_DIR / "install.sh")], env=env, check=True, timeout=timeout)
     return install_dir
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 def beam_version(python: str) -> str | None:
