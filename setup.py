@@ -20,7 +20,8 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8", "gcp-storage-emulator>=2024.8.3", "ruff"],
-        "report": ["matplotlib>=3.8"],
+        "report": ["matplotlib>=3.8", "pillow>=10"],
+        "bench": ["tf-keras-vis>=0.8.7", "pyinstrument>=4.6"],
     },
     entry_points={"console_scripts": ["gradcam-audit=pipeline.cli:main"]},
 )
