@@ -17,7 +17,7 @@ For each model (keras.applications, random fixed weights, 224x224, batch 32):
 
 How start-up is counted for P: every repeat runs the pipeline on N and on 2N
 images (fresh processes, same shards layout); the steady-state rate is
-N / (run_seconds(2N) - run_seconds(N)), so imports, model loading (launcher
+N / (pipeline_seconds(2N) - pipeline_seconds(N)), so imports, model loading (launcher
 and worker), the first trace, Beam graph construction and the manifest read
 back cancel out. The whole-run wall time of N images (with and without the
 process's imports) is reported too. Peak RSS comes from the N-image runs and
@@ -222,7 +222,10 @@ def measure_pipeline(model_name: str, n: int, workdir: str, *, repeats: int, for
                      pair_factor: int = 2, rss_factor: int = 4, levers=(), extra_args=()) -> dict:
     """P for each format and the RSS check at rss_factor * N (JPEG).
 
-    Steady state per repeat: (f - 1) * N / (run_seconds(f * N) - run_seconds(N))
+    Steady state per repeat: (f - 1) * N / (pipeline_seconds(f * N) - pipeline_seconds(N)),
+    pipeline_seconds being the job's own wall time after the launcher's
+    start-up (manifest timings; a first idle-machine run that differenced the
+    whole process time, N=96, scattered 10-25 img/s for the same ResNet50)
     with f = pair_factor (the same from CPU seconds of the whole process for
     the CPU-based figure). When pair_factor == rss_factor the JPEG pair's large
     runs double as the RSS runs.
@@ -245,7 +248,7 @@ def measure_pipeline(model_name: str, n: int, workdir: str, *, repeats: int, for
                     raise RuntimeError(f"expected {size} images explained, got {result['images_explained']}")
                 runs[size].append(result)
             small, large = runs[n][-1], runs[big_n][-1]
-            delta = large["run_seconds"] - small["run_seconds"]
+            delta = large["pipeline_seconds"] - small["pipeline_seconds"]
             log(
                 f"  {model_name} {fmt} repeat {r + 1}/{repeats}: run({n}) {small['run_seconds']:.1f} s, "
                 f"run({big_n}) {large['run_seconds']:.1f} s -> steady "
@@ -254,7 +257,7 @@ def measure_pipeline(model_name: str, n: int, workdir: str, *, repeats: int, for
             )
         steady, steady_cpu = [], []
         for small, large in zip(runs[n], runs[big_n], strict=True):
-            delta = large["run_seconds"] - small["run_seconds"]
+            delta = large["pipeline_seconds"] - small["pipeline_seconds"]
             steady.append((big_n - n) / delta if delta > 0 else None)
             cpu_delta = large["cpu_seconds"] - small["cpu_seconds"]
             steady_cpu.append((big_n - n) / cpu_delta if cpu_delta > 0 else None)
@@ -433,8 +436,8 @@ def parse_args(argv):
                         "(default resnet50,mobilenet_v2; --quick: mobilenet_v2)")
     parser.add_argument("--repeats", type=int, default=None, help="Repeats per measurement (default 3; --quick 1)")
     parser.add_argument("--images", type=int, default=None,
-                        help="N, images per short pipeline run (2N and 4N runs too; default 96 for "
-                        "resnet50, 192 for others; --quick 32)")
+                        help="N, images per short pipeline run (2N and 4N runs too; default 192 for "
+                        "resnet50, 384 for others; --quick 32)")
     parser.add_argument("--methods", default=",".join(METHOD_NAMES), help="CAM methods for K")
     parser.add_argument("--formats", default=",".join(FORMATS), help="Image formats for P")
     parser.add_argument("--min_seconds", type=float, default=None,
@@ -480,7 +483,7 @@ def main(argv=None) -> dict:
     }
     try:
         for name in model_names:
-            n = args.images or (32 if quick else (96 if name == "resnet50" else 192))
+            n = args.images or (32 if quick else (192 if name == "resnet50" else 384))
             log(f"{name}: F and K ({', '.join(methods)})")
             m = measure_forward_and_cams(name, methods, repeats=repeats, min_seconds=min_seconds, log=log)
             gc.collect()
