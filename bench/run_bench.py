@@ -474,10 +474,11 @@ def main(argv=None) -> dict:
             "load_average_start": os.getloadavg()[0],
             "versions": versions(), "pipeline_flags": pipeline_flags(),
             "pipeline_args": args.pipeline_args, "levers": args.levers, "runner": "FnApiRunner (pipeline default, in-process)",
-            "startup_accounting": "P = (f-1)N / (run_seconds(fN) - run_seconds(N)), f = 2 (--quick: 4), a "
-            "fresh process per run; run_seconds = wall time of pipeline.graph.run (excludes the "
-            "process's imports); start-up (imports, model load in launcher and worker, first trace, "
-            "graph construction, manifest read-back) cancels in the difference",
+            "startup_accounting": "P = (f-1)N / (pipeline_seconds(fN) - pipeline_seconds(N)), f = 2 (--quick: 4), "
+            "a fresh process per run; pipeline_seconds = the job's wall time after the launcher's start-up "
+            "(manifest timings: excludes imports and the launcher's model check); what remains of start-up "
+            "(worker model load, first trace) cancels in the difference. run(N) in the whole-run table is the "
+            "wall time of pipeline.graph.run including the launcher",
         },
         "models": {},
     }
