@@ -6,8 +6,12 @@ import pytest
 
 from pipeline.demo import make_example
 from tests.helpers import good_examples, jpeg_bytes, png_bytes, small_functional, write_shard
+from tests.infra.portable import loopback_only_grpc
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Beam's in-process runner opens its gRPC control/data/state/logging servers
+# on [::]:0 for multi-process workers; in the tests every server binds 127.0.0.1.
+loopback_only_grpc()
 
 
 @pytest.fixture(scope="session")
