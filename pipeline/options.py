@@ -94,39 +94,18 @@ def add_audit_arguments(parser) -> None:
     add_threshold_arguments(parser)
 
 
-_PLAIN = (str, int, float, bool, type(None))
-
-
-class _PlainValues:
-    """Registers options on Beam's parser so that every parsed value is JSON-plain.
-
-    Portable runners (PortableRunner, Flink, Dataflow runner v2) serialise all
-    pipeline options into a protobuf Struct: a value such as a TargetSpec
-    fails there ("Value predicted has unexpected type TargetSpec"). Values are
-    still checked by their converter but kept as the text given.
-    """
-
-    def __init__(self, parser):
-        self._parser = parser
-
-    def add_argument(self, *args, **kwargs):
-        convert = kwargs.get("type")
-        if convert is not None and convert not in (int, float, str):
-            kwargs["type"] = lambda text, convert=convert: (lambda v: v if isinstance(v, _PLAIN) else text)(convert(text))
-        if not isinstance(kwargs.get("default"), _PLAIN):
-            kwargs["default"] = str(kwargs["default"])
-        return self._parser.add_argument(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._parser, name)
-
-
 class AuditOptions(PipelineOptions):
-    """The audit options as a Beam PipelineOptions view (plain values: see _PlainValues)."""
+    """The audit options as a Beam PipelineOptions view.
+
+    Every converter returns a plain value (str, int, float, bool): portable
+    runners (PortableRunner, Flink, Dataflow runner v2) serialise all pipeline
+    options into a protobuf Struct, where an object such as a TargetSpec
+    fails ("Value predicted has unexpected type TargetSpec").
+    """
 
     @classmethod
     def _add_argparse_args(cls, parser):
-        add_audit_arguments(_PlainValues(parser))
+        add_audit_arguments(parser)
 
 
 class _OneLineParser(argparse.ArgumentParser):
