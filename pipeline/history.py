@@ -23,7 +23,6 @@ should sort in time order (ISO dates do; "nightly-9" and "nightly-10" do not).
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import re
 import uuid
@@ -31,6 +30,7 @@ from typing import Optional
 
 from apache_beam.io.filesystems import FileSystems
 
+from pipeline.manifest import read_json, write_json
 from transforms.errors import AuditError
 
 _LOG = logging.getLogger(__name__)
@@ -153,19 +153,6 @@ def clear_temps(output: str, run_id: str) -> None:
     for folder in sorted(folders):
         _LOG.info("Deleting %s, left by an earlier attempt at run %s", folder, run_id)
         delete_folder(folder)
-
-
-def read_json(path: str) -> Optional[dict]:
-    """A JSON file (local or remote), or None when it does not exist."""
-    if not FileSystems.exists(path):
-        return None
-    with FileSystems.open(path) as handle:
-        return json.loads(handle.read().decode("utf-8"))
-
-
-def write_json(path: str, value) -> None:
-    with FileSystems.create(path) as handle:
-        handle.write(json.dumps(value, indent=2, default=str).encode("utf-8"))
 
 
 def index_entry(manifest: dict) -> dict:

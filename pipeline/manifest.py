@@ -144,16 +144,29 @@ def write_manifest(config, info, files, result, *, beam_args, timings, run: Opti
     return manifest
 
 
+def read_json(path: str) -> Optional[dict]:
+    """A JSON file through Beam's FileSystems (local or remote), or None when it does not exist."""
+    if not FileSystems.exists(path):
+        return None
+    with FileSystems.open(path) as handle:
+        return json.loads(handle.read().decode("utf-8"))
+
+
+def write_json(path: str, value) -> None:
+    """Writes `value` as indented JSON through Beam's FileSystems."""
+    with FileSystems.create(path) as handle:
+        handle.write(json.dumps(value, indent=2, default=str).encode("utf-8"))
+
+
 def save_manifest(folder: str, manifest: dict) -> None:
     """(Re)writes `<folder>/run_manifest.json`."""
-    with FileSystems.create(f"{folder.rstrip('/')}/{MANIFEST_NAME}") as handle:
-        handle.write(json.dumps(manifest, indent=2, default=str).encode("utf-8"))
+    write_json(f"{folder.rstrip('/')}/{MANIFEST_NAME}", manifest)
 
 
 def load_manifest(folder: str) -> dict:
     """Reads `<folder>/run_manifest.json` (FileNotFoundError when absent)."""
     path = f"{folder.rstrip('/')}/{MANIFEST_NAME}"
-    if not FileSystems.exists(path):
+    manifest = read_json(path)
+    if manifest is None:
         raise FileNotFoundError(path)
-    with FileSystems.open(path) as handle:
-        return json.loads(handle.read().decode("utf-8"))
+    return manifest

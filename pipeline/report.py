@@ -26,7 +26,6 @@ import base64
 import datetime
 import html
 import io
-import json
 import logging
 import sys
 from typing import Optional
@@ -457,17 +456,14 @@ def write_report(run_dir: str, *, manifest: Optional[dict] = None, comparison: O
     """Renders the report of the run in `run_dir` and writes it; returns its path."""
     from apache_beam.io.filesystems import FileSystems
 
-    from pipeline.manifest import load_manifest
+    from pipeline.manifest import load_manifest, read_json
 
     run_dir = run_dir.rstrip("/")
     manifest = manifest if manifest is not None else load_manifest(run_dir)
     if comparison is None:
         from pipeline.compare import COMPARISON_JSON
 
-        path = f"{run_dir}/{COMPARISON_JSON}"
-        if FileSystems.exists(path):
-            with FileSystems.open(path) as handle:
-                comparison = json.loads(handle.read().decode("utf-8"))
+        comparison = read_json(f"{run_dir}/{COMPARISON_JSON}")
     page = render_report(run_dir, manifest, comparison, per_flag)
     out = out or f"{run_dir}/{REPORT_NAME}"
     with FileSystems.create(out) as handle:
