@@ -28,12 +28,10 @@ def locate(mean_cam: np.ndarray) -> tuple[str, float]:
     share = float(mass[i, j])
     if share < 1 / 3:
         return "spread out", share
-    vertical, horizontal = ("top", "middle", "bottom")[i], ("left", "centre", "right")[j]
-    if (i, j) == (1, 1):
-        return "centre", share
-    if i != 1 and j != 1:
-        return f"{vertical}-{horizontal} corner", share
-    return f"{vertical if i != 1 else horizontal} edge", share
+    name = CELL_NAMES[i * 3 + j]
+    if name == "centre":
+        return name, share
+    return f"{name} {'corner' if '-' in name else 'edge'}", share
 
 
 def _fmt(value, spec: str = ".2f") -> str:
