@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
+
+from pipeline.manifest import read_table
 
 AUDIT_ARGS = ("--batch_size", "4", "--max_image_pixels", "1000000")
 
@@ -43,13 +43,8 @@ def table_files(manifest: dict, table: str) -> list:
 
 
 def read_rows(manifest: dict, table: str) -> list:
-    """Every row of one table of a run, as dicts (files read through Beam's FileSystems)."""
-    tables = []
-    for path in table_files(manifest, table):
-        if path.endswith(".parquet"):
-            with FileSystems.open(path) as handle:
-                tables.append(pq.read_table(pa.BufferReader(handle.read())))
-    return pa.concat_tables(tables).to_pylist() if tables else []
+    """Every row of one table of a run, as dicts (read through Beam's FileSystems)."""
+    return read_table(manifest["output"], table).to_pylist()
 
 
 def heatmap_key(row: dict) -> tuple:
