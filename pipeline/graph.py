@@ -1,6 +1,7 @@
 """The pipeline graph and `run(argv)`: the one file that wires every step.
 
-    shard paths -> ReadRecords -> DecodeImages -> ExplainImages (RunInference)
+    shard paths -> ReadRecords -> DecodeImages (checks) -> ExplainImages (RunInference:
+      batch decode + CAM)
       -> FormatHeatmapRows -> WriteHeatmaps
                            -> ComputeClassStats -> WriteClassStats
     errors of every step -> CollectErrors -> WriteErrors
@@ -107,6 +108,7 @@ class ExplainDataset(beam.PTransform):
             batch_size=c.batch_size,
             jit_compile=c.jit_compile,
             large_model=c.large_model,
+            mixed_precision=c.mixed_precision,
         )
 
     def expand(self, shards):
@@ -123,7 +125,6 @@ class ExplainDataset(beam.PTransform):
                 id_key=c.id_key,
                 label_offset=c.label_offset,
                 num_classes=self._info.num_classes,
-                input_size=self._info.input_shape[:2],
                 max_image_pixels=c.max_image_pixels,
                 require_label=c.target.needs_label,
             )

@@ -21,6 +21,7 @@ from transforms.cam.methods import METHODS
 from transforms.cam.preprocess import PRESETS
 from transforms.cam.targets import TARGET_HELP, TargetSpec, parse_target
 from transforms.errors import AuditError
+from transforms.precision import MIXED_PRECISION
 
 DEFAULT_RUNNER = "FnApiRunner"
 
@@ -79,6 +80,8 @@ def add_audit_arguments(parser) -> None:
     add("--batch_size", type=_positive_int, default=32, help="Images per model call")
     add("--max_image_pixels", type=_positive_int, default=40_000_000, help="Images with more pixels (width x height, read from the header) are rejected before decoding")
     add("--jit_compile", action="store_true", default=False, help="Compile the CAM function with XLA (slower for some models on CPU; try on GPU)")
+    add("--mixed_precision", choices=list(MIXED_PRECISION), default="off",
+        help="Run the model's layers in float16 or bfloat16 (GPU speed-up; the CAM and scores stay float32)")
     add("--large_model", action="store_true", default=False, help="Share one model across the worker processes of a machine (RunInference large_model)")
     add("--demo_dir", default=os.environ.get("GRADCAM_AUDIT_DEMO_DIR", ".demo"), help="Where the demo keeps its data, model and output")
     add("--quiet", action="store_true", default=False, help="Do not print the summary")
@@ -136,6 +139,7 @@ class AuditConfig:
     max_image_pixels: int
     jit_compile: bool
     large_model: bool
+    mixed_precision: str
     demo_dir: str
     quiet: bool
     run_id: Optional[str]

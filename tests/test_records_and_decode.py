@@ -1,4 +1,9 @@
-"""Reading shards (CRC, truncation, empty) and decoding records (every bad case)."""
+"""Reading shards (CRC, truncation, empty) and decoding records (every bad case).
+
+Decoding is two steps: `DecodeImageExamples` (per record: Example, features,
+header size check) and `decode_batch` (the model handler's batch decode);
+`decode_one` runs both, so every bad case is checked whichever step finds it.
+"""
 
 
 import apache_beam as beam
@@ -7,8 +12,8 @@ import pytest
 
 from pipeline.demo import make_example
 from tests.helpers import good_examples, jpeg_bytes, png_bytes, write_shard
-from transforms.dead_letters import ERRORS_TAG
-from transforms.decode import DecodedImage, DecodeImageExamples
+from transforms.dead_letters import ERRORS_TAG, error_row
+from transforms.decode import BatchImageDecoder, DecodedImage, DecodeImageExamples, decode_batch
 from transforms.image_header import read_header
 from transforms.records import ReadShardRecords, ShardRecord
 
@@ -65,14 +70,37 @@ def test_empty_shard(tmp_path):
 
 def decoder(**overrides):
     settings = dict(image_key="image/encoded", label_key="image/class/label", id_key="image/filename",
-                    label_offset=0, num_classes=3, input_size=(32, 32), max_image_pixels=100_000,
-                    require_label=False)
+                    label_offset=0, num_classes=3, max_image_pixels=100_000, require_label=False)
     settings.update(overrides)
     return DecodeImageExamples(**settings)
 
 
+_BATCH_DECODERS: dict = {}
+
+
+def batch_decoder(shape=(32, 32, 3)) -> BatchImageDecoder:
+    if shape not in _BATCH_DECODERS:
+        _BATCH_DECODERS[shape] = BatchImageDecoder(shape)
+    return _BATCH_DECODERS[shape]
+
+
+def decode_records(records, shape=(32, 32, 3), **overrides):
+    """Both decode steps over records: (decoded images, error rows), as the pipeline makes them."""
+    checked, errors = [], []
+    dofn = decoder(**overrides)
+    for record in records:
+        main, rejected = run_dofn(dofn, record)
+        checked += main
+        errors += rejected
+    _, images, failed = decode_batch(batch_decoder(shape), checked)
+    errors += [error_row(source=item.source, record_index=item.record_index, image_id=item.image_id,
+                         stage="decode", error=exc.error, message=exc.message, raw_record=item.raw_record)
+               for item, exc in failed]
+    return images, errors
+
+
 def decode_one(data: bytes, **overrides):
-    return run_dofn(decoder(**overrides), ShardRecord("gs://b/s-0.tfrecord", 4, data))
+    return decode_records([ShardRecord("gs://b/s-0.tfrecord", 4, data)], **overrides)
 
 
 def test_good_record_is_resized_with_metadata():

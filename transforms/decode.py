@@ -1,16 +1,32 @@
-"""`DecodeImageExamples`: serialized tf.train.Example -> checked, resized image.
+"""Decoding records in two steps: cheap checks per record, pixels per batch.
 
-Each record either becomes a `DecodedImage` or an error row (tag "errors")
-saying what was wrong: not an Example, a missing feature, an image that is
-not an image, too large, truncated, or a label outside the model's classes.
-Grey and RGBA images are converted to RGB (alpha is dropped).
+`DecodeImageExamples` (a DoFn, plain Python per record) parses the
+tf.train.Example, reads the id, label and boxes, and checks the image's size
+from its header (`transforms.image_header`) *before* anything is decoded, so
+a decompression bomb is rejected without allocating its pixels. It emits a
+`DecodedImage` that still holds the encoded bytes (`pixels` is None) or an
+error row (tag "errors"): not an Example, a missing feature, not an image,
+too large, a label outside the model's classes.
+
+`BatchImageDecoder` turns the encoded images of a whole batch into the
+model's input in one `tf.function` (fixed input signature: a string vector)
+on the CPU: decode (JPEG, PNG, GIF, BMP), grey/RGBA conversion to the model's
+channels, cast, bilinear resize. TensorFlow runs the images of a batch in
+parallel on its own threads and releases the GIL, so decoding in one thread
+overlaps with the model call of another. `decode_batch` runs it inside the
+model handler: a batch that fails is bisected so each truncated or corrupt
+image becomes one error (stage "decode") and the rest are decoded.
+
+Channels follow the model: C=3 replicates grey and drops alpha; C=1 turns
+RGB(A) into grey with the standard luma weights (`tf.image.rgb_to_grayscale`).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import apache_beam as beam
+import numpy as np
 
 from transforms.dead_letters import ERRORS_TAG, RecordError, error_row
 from transforms.image_header import read_header
@@ -18,11 +34,16 @@ from transforms.records import ShardRecord, shard_name
 
 
 class DecodedImage(NamedTuple):
-    """A record ready for the model.
+    """A checked record, and after the batch decode, the model's input.
 
     Attributes:
-      pixels: float32 [H, W, 3] in 0-255, resized to the model's input size.
+      image_height, image_width: the image's own size (from the header; checked
+        against the decoded size).
+      pixels: float32 [H, W, C] in 0-255 at the model's input size, or None
+        until `decode_batch` has run (a view into the decoded batch).
       boxes: ((ymin, xmin, ymax, xmax), ...) as fractions of the image, or ().
+      encoded: the encoded image bytes (JPEG, PNG, GIF, BMP).
+      image_format: "jpeg", "png", "gif" or "bmp" (from the header).
     """
 
     source: str
@@ -34,6 +55,8 @@ class DecodedImage(NamedTuple):
     image_width: int
     pixels: object
     raw_record: bytes
+    encoded: Optional[bytes] = None
+    image_format: str = ""
 
 
 def _first(feature_map, key: str):
@@ -64,7 +87,7 @@ def _boxes(feature_map) -> tuple:
 
 
 class DecodeImageExamples(beam.DoFn):
-    """ShardRecord -> DecodedImage, or an error row on the "errors" output."""
+    """ShardRecord -> DecodedImage (encoded, checked), or an error row on the "errors" output."""
 
     def __init__(
         self,
@@ -74,7 +97,6 @@ class DecodeImageExamples(beam.DoFn):
         id_key: str,
         label_offset: int,
         num_classes: int,
-        input_size: tuple[int, int],
         max_image_pixels: int,
         require_label: bool,
     ):
@@ -83,7 +105,6 @@ class DecodeImageExamples(beam.DoFn):
         self._id_key = id_key
         self._label_offset = label_offset
         self._num_classes = num_classes
-        self._input_size = tuple(input_size)
         self._max_pixels = max_image_pixels
         self._require_label = require_label
         self._rejected = beam.metrics.Metrics.counter("gradcam_audit", "decode_errors")
@@ -99,21 +120,10 @@ class DecodeImageExamples(beam.DoFn):
             image_id = str(raw_id) if raw_id not in (None, "") else (
                 f"{shard_name(record.source)}:{record.index}"
             )
-            yield self._decode(record, features, image_id)
+            yield self._check(record, features, image_id)
         except RecordError as exc:
             self._rejected.inc()
-            yield beam.pvalue.TaggedOutput(
-                ERRORS_TAG,
-                error_row(
-                    source=record.source,
-                    record_index=record.index,
-                    image_id=image_id,
-                    stage="decode",
-                    error=exc.error,
-                    message=exc.message,
-                    raw_record=record.data,
-                ),
-            )
+            yield beam.pvalue.TaggedOutput(ERRORS_TAG, decode_error_row(record, image_id, exc))
 
     @staticmethod
     def _parse(data: bytes):
@@ -144,9 +154,7 @@ class DecodeImageExamples(beam.DoFn):
             )
         return label
 
-    def _decode(self, record: ShardRecord, features, image_id: str) -> DecodedImage:
-        import tensorflow as tf
-
+    def _check(self, record: ShardRecord, features, image_id: str) -> DecodedImage:
         encoded = _first(features, self._image_key)
         if not isinstance(encoded, bytes) or not encoded:
             raise RecordError("MissingFeature", f"no image bytes in feature {self._image_key!r}")
@@ -161,31 +169,151 @@ class DecodeImageExamples(beam.DoFn):
                 f"{header.format} {header.width}x{header.height} = {header.width * header.height} "
                 f"pixels; expected at most --max_image_pixels={self._max_pixels}",
             )
-        # Decoding stays on the CPU: on GPU workers every SDK process would
-        # otherwise open a CUDA context just to resize images.
-        with tf.device("/CPU:0"):
-            try:
-                image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-            except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as exc:
-                reason = str(exc).strip().splitlines()[0][:300]
-                raise RecordError("UndecodableImage", f"{header.format}: {reason}") from None
-            height, width = int(image.shape[0]), int(image.shape[1])
-            if (height, width) != (header.height, header.width):
-                raise RecordError(
-                    "UndecodableImage",
-                    f"{header.format}: header says {header.width}x{header.height}, decoded {width}x{height}",
-                )
-            pixels = tf.cast(image, tf.float32)
-            if (height, width) != self._input_size:
-                pixels = tf.image.resize(pixels, self._input_size, method="bilinear")
         return DecodedImage(
             source=record.source,
             record_index=record.index,
             image_id=image_id,
             label=label,
             boxes=boxes,
-            image_height=height,
-            image_width=width,
-            pixels=pixels.numpy(),
+            image_height=header.height,
+            image_width=header.width,
+            pixels=None,
             raw_record=record.data,
+            encoded=encoded,
+            image_format=header.format,
         )
+
+
+def decode_error_row(record: ShardRecord, image_id: Optional[str], exc: RecordError) -> dict:
+    """The errors-table row (stage "decode") for a record that failed its checks."""
+    return error_row(
+        source=record.source,
+        record_index=record.index,
+        image_id=image_id,
+        stage="decode",
+        error=exc.error,
+        message=exc.message,
+        raw_record=record.data,
+    )
+
+
+class BatchImageDecoder:
+    """Encoded images [B] -> float32 [B, H, W, C] (0-255) in one compiled function.
+
+    Built once per worker process (in the model handler's `load_model`) and
+    shared by its threads. Everything runs on the CPU: on GPU workers the
+    decoded batch then reaches the device once, as the model's input.
+
+    Args:
+      input_shape: the model's (H, W, C), C in {1, 3}.
+    """
+
+    def __init__(self, input_shape: Sequence[int]):
+        import tensorflow as tf
+
+        height, width, channels = (int(d) for d in input_shape)
+        if channels not in (1, 3):
+            raise ValueError(f"model input: expected 1 or 3 channels, found {channels}")
+        self.input_shape = (height, width, channels)
+
+        def one(encoded):
+            image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+            image.set_shape([None, None, 3])
+            size = tf.shape(image)[:2]
+            pixels = tf.cast(image, tf.float32)
+            if channels == 1:
+                pixels = tf.image.rgb_to_grayscale(pixels)
+            pixels = tf.image.resize(pixels, (height, width), method="bilinear")
+            return pixels, size
+
+        def decode(encoded):
+            with tf.device("/CPU:0"):
+                return tf.map_fn(
+                    one,
+                    encoded,
+                    fn_output_signature=(
+                        tf.TensorSpec([height, width, channels], tf.float32),
+                        tf.TensorSpec([2], tf.int32),
+                    ),
+                    parallel_iterations=64,
+                )
+
+        self._decode = tf.function(decode, input_signature=[tf.TensorSpec([None], tf.string, name="encoded")])
+
+    def __call__(self, encoded: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """Returns (pixels float32 [B, H, W, C], decoded (height, width) int32 [B, 2]).
+
+        Raises:
+          tf.errors.OpError: when any image of the batch cannot be decoded.
+        """
+        import tensorflow as tf
+
+        pixels, sizes = self._decode(tf.constant(list(encoded), dtype=tf.string))
+        return pixels.numpy(), sizes.numpy()
+
+    @property
+    def tracing_count(self) -> int:
+        return self._decode.experimental_get_tracing_count()
+
+
+def _decode_failure(item: DecodedImage, exc: Exception) -> RecordError:
+    """The error for one image that failed in the batch function, with the decoder's own reason.
+
+    The graph error's first line says only "Graph execution error", so the
+    one image is decoded once more eagerly (failure path only) for the message.
+    """
+    import tensorflow as tf
+
+    try:
+        with tf.device("/CPU:0"):
+            tf.io.decode_image(item.encoded, channels=3, expand_animations=False)
+        lines = [line for line in str(exc).splitlines() if line.strip() and "Graph execution" not in line]
+    except (tf.errors.OpError, ValueError) as eager:
+        lines = str(getattr(eager, "message", eager)).strip().splitlines()
+    return RecordError("UndecodableImage", f"{item.image_format}: {lines[0][:300] if lines else type(exc).__name__}")
+
+
+def _decode_bisecting(decoder: BatchImageDecoder, items: Sequence[DecodedImage], failures: list):
+    """(pixels, sizes, items) of what decodes; what does not goes to `failures`."""
+    import tensorflow as tf
+
+    try:
+        pixels, sizes = decoder([item.encoded for item in items])
+        return [(pixels, sizes, list(items))]
+    except (tf.errors.OpError, ValueError) as exc:
+        if len(items) == 1:
+            failures.append((items[0], _decode_failure(items[0], exc)))
+            return []
+    half = len(items) // 2
+    return _decode_bisecting(decoder, items[:half], failures) + _decode_bisecting(decoder, items[half:], failures)
+
+
+def decode_batch(
+    decoder: BatchImageDecoder, items: Sequence[DecodedImage]
+) -> tuple[np.ndarray, list[DecodedImage], list[tuple[DecodedImage, RecordError]]]:
+    """Decodes a batch of checked records in one call (bisecting around bad images).
+
+    Returns:
+      (pixels float32 [G, H, W, C] of the G images that decoded, those images
+      with `pixels` set to their row of that array, [(image, RecordError)] for
+      every image that failed: undecodable or truncated, or decoded to another
+      size than its header says).
+    """
+    failures: list = []
+    parts = _decode_bisecting(decoder, items, failures) if items else []
+    good, arrays = [], []
+    for pixels, sizes, part in parts:
+        expected = np.array([(item.image_height, item.image_width) for item in part], np.int32).reshape(-1, 2)
+        same = (sizes == expected).all(axis=1)
+        for item, ok, (h, w) in zip(part, same, sizes, strict=True):
+            if not ok:
+                failures.append((item, RecordError(
+                    "UndecodableImage",
+                    f"{item.image_format}: header says {item.image_width}x{item.image_height}, decoded {w}x{h}",
+                )))
+        arrays.append(pixels if same.all() else pixels[same])
+        good.extend(item for item, ok in zip(part, same, strict=True) if ok)
+    if not arrays:
+        return np.zeros([0, *decoder.input_shape], np.float32), [], failures
+    batch = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+    return batch, [item._replace(pixels=batch[i]) for i, item in enumerate(good)], failures

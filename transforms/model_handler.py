@@ -1,11 +1,14 @@
-"""`KerasCamModelHandler`: Beam RunInference handler that explains batches.
+"""`KerasCamModelHandler`: Beam RunInference handler that decodes and explains batches.
 
 `__init__` keeps plain settings only (it is pickled to every worker);
 `load_model` loads the Keras model once per worker process (RunInference
-shares it across threads with `shared.Shared`) and compiles the explainer;
-`run_inference` stacks a batch and makes one call of the compiled function.
-A batch that fails is retried image by image so one bad image cannot take
-the good ones with it.
+shares it across threads with `shared.Shared`), applies `--mixed_precision`,
+and compiles the explainer and the batch image decoder (`CamWorker`);
+`run_inference` decodes the batch's encoded images in one call of the
+decoder's `tf.function` (CPU), then makes one call of the explainer's (the
+decoded batch goes to the device once). An image that does not decode
+becomes an error (stage "decode") while the rest of its batch is explained;
+a batch that fails in the model is retried image by image (stage "compute").
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import numpy as np
 from apache_beam.ml.inference.base import ModelHandler
 
 from transforms.cam.targets import TargetSpec
-from transforms.decode import DecodedImage
+from transforms.decode import BatchImageDecoder, DecodedImage, decode_batch
 
 _LOG = logging.getLogger(__name__)
 
@@ -32,7 +35,16 @@ class Explained(NamedTuple):
     target_score: np.ndarray  # [K] float
     target_logit: np.ndarray  # [K] float
     cam: np.ndarray  # [K, h, w] float32
-    error: Optional[tuple[str, str]] = None  # (error, message) when compute failed
+    error: Optional[tuple[str, str]] = None  # (error, message) when the image failed
+    error_stage: str = "compute"  # the errors table's stage of `error`: "decode" or "compute"
+
+
+class CamWorker:
+    """What `load_model` returns (one per process, shared by its threads)."""
+
+    def __init__(self, explainer, decoder: BatchImageDecoder):
+        self.explainer = explainer
+        self.decoder = decoder
 
 
 class KerasCamModelHandler(ModelHandler[DecodedImage, Explained, Any]):
@@ -51,6 +63,7 @@ class KerasCamModelHandler(ModelHandler[DecodedImage, Explained, Any]):
         batch_size: int = 32,
         jit_compile: bool = False,
         large_model: bool = False,
+        mixed_precision: str = "off",
     ):
         super().__init__()
         self._model_uri = model_uri
@@ -63,13 +76,16 @@ class KerasCamModelHandler(ModelHandler[DecodedImage, Explained, Any]):
         self._batch_size = batch_size
         self._jit_compile = jit_compile
         self._large_model = large_model
+        self._mixed_precision = mixed_precision
 
-    def load_model(self):
+    def load_model(self) -> CamWorker:
         from transforms.cam.explainer import CamExplainer
         from transforms.model_loading import configure_devices, load_keras_model
+        from transforms.precision import apply_mixed_precision
 
         gpus = configure_devices()
         model = load_keras_model(self._model_uri, weights=self._weights, safe_mode=self._safe_mode)
+        apply_mixed_precision(model, self._mixed_precision)
         explainer = CamExplainer(
             model,
             target_layer=self._target_layer,
@@ -79,36 +95,33 @@ class KerasCamModelHandler(ModelHandler[DecodedImage, Explained, Any]):
             jit_compile=self._jit_compile,
         )
         _LOG.info(
-            "Loaded %s on %s; target layer %s %s; method %s",
+            "Loaded %s on %s; target layer %s %s; method %s; mixed precision %s",
             self._model_uri,
             f"{len(gpus)} GPU(s)" if gpus else "CPU",
             explainer.target_layer,
             explainer.cam_shape,
             self._method,
+            self._mixed_precision,
         )
-        return explainer
+        return CamWorker(explainer, BatchImageDecoder(explainer.input_shape))
 
     def run_inference(
         self,
         batch: Sequence[DecodedImage],
-        model,
+        model: CamWorker,
         inference_args: Optional[dict[str, Any]] = None,
     ) -> Iterable[Explained]:
-        import tensorflow as tf
-
-        images = np.stack([item.pixels for item in batch])
-        labels = np.array([-1 if item.label is None else item.label for item in batch], np.int32)
-        try:
-            out = model(images, labels)
-        except (tf.errors.OpError, ValueError) as exc:
-            if len(batch) == 1:
-                return [_failed(batch[0], "InferenceFailed", str(exc).splitlines()[0][:500])]
-            _LOG.warning("Batch of %d failed (%s); retrying image by image", len(batch), exc)
-            return [result for item in batch for result in self.run_inference([item], model)]
-        return [_explained(item, out, i) for i, item in enumerate(batch)]
+        pixels, images, failed = decode_batch(model.decoder, batch)
+        results = [_failed(item, exc.error, exc.message, stage="decode") for item, exc in failed]
+        if images:
+            results += explain_decoded(model.explainer, pixels, images)
+        if failed:  # back to the batch's order
+            order = {(item.source, item.record_index): i for i, item in enumerate(batch)}
+            results.sort(key=lambda r: order[(r.image.source, r.image.record_index)])
+        return results
 
     def get_num_bytes(self, batch: Sequence[DecodedImage]) -> int:
-        return sum(item.pixels.nbytes for item in batch)
+        return sum(len(item.encoded or b"") for item in batch)
 
     def batch_elements_kwargs(self):
         return {"min_batch_size": self._batch_size, "max_batch_size": self._batch_size}
@@ -120,9 +133,25 @@ class KerasCamModelHandler(ModelHandler[DecodedImage, Explained, Any]):
         return "gradcam_audit"
 
 
-def _failed(item: DecodedImage, error: str, message: str) -> Explained:
+def explain_decoded(explainer, pixels: np.ndarray, images: Sequence[DecodedImage]) -> list[Explained]:
+    """One call of the compiled explainer on a decoded batch; a failing batch is retried image by image."""
+    import tensorflow as tf
+
+    labels = np.array([-1 if item.label is None else item.label for item in images], np.int32)
+    try:
+        out = explainer(pixels, labels)
+    except (tf.errors.OpError, ValueError) as exc:
+        if len(images) == 1:
+            return [_failed(images[0], "InferenceFailed", str(exc).splitlines()[0][:500])]
+        _LOG.warning("Batch of %d failed (%s); retrying image by image", len(images), exc)
+        return [result for i in range(len(images))
+                for result in explain_decoded(explainer, pixels[i : i + 1], images[i : i + 1])]
+    return [_explained(item, out, i) for i, item in enumerate(images)]
+
+
+def _failed(item: DecodedImage, error: str, message: str, stage: str = "compute") -> Explained:
     empty = np.zeros([0])
-    return Explained(item, -1, float("nan"), empty, empty, empty, np.zeros([0, 0, 0]), (error, message))
+    return Explained(item, -1, float("nan"), empty, empty, empty, np.zeros([0, 0, 0]), (error, message), stage)
 
 
 def _explained(item: DecodedImage, out: dict, i: int) -> Explained:

@@ -56,18 +56,21 @@ def heatmap_rows(
 
 
 class FormatHeatmapRows(beam.DoFn):
-    """Explained -> heatmap row dicts; compute failures -> the "errors" output."""
+    """Explained -> heatmap row dicts; images that failed (decode or compute) -> the "errors" output."""
 
     def __init__(self, *, method: str, target_layer: str, thresholds: FlagThresholds = DEFAULT_THRESHOLDS):
         self._method = method
         self._target_layer = target_layer
         self._thresholds = thresholds
         self._explained = beam.metrics.Metrics.counter("gradcam_audit", "images_explained")
-        self._failed = beam.metrics.Metrics.counter("gradcam_audit", "compute_errors")
+        self._failed = {
+            "compute": beam.metrics.Metrics.counter("gradcam_audit", "compute_errors"),
+            "decode": beam.metrics.Metrics.counter("gradcam_audit", "decode_errors"),
+        }
 
     def process(self, result: Explained):
         if result.error is not None:
-            self._failed.inc()
+            self._failed[result.error_stage].inc()
             error, message = result.error
             image = result.image
             yield beam.pvalue.TaggedOutput(
@@ -76,7 +79,7 @@ class FormatHeatmapRows(beam.DoFn):
                     source=image.source,
                     record_index=image.record_index,
                     image_id=image.image_id,
-                    stage="compute",
+                    stage=result.error_stage,
                     error=error,
                     message=message,
                     raw_record=image.raw_record,
