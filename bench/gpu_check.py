@@ -1,4 +1,4 @@
-"""The F/K table on a GPU machine: forward-only vs the CAM step, mixed precision on/off.
+"""The F/K table on a GPU machine, and whether the input path or the model bounds the job.
 
     python -m bench.gpu_check [--models resnet50,mobilenet_v2] [--batch 32]
         [--repeats 3] [--jit] [--quick] [--json PATH]
@@ -8,6 +8,13 @@ model and for the Keras policies float32 and mixed_float16
 (`keras.mixed_precision.set_global_policy`): F = `CamExplainer.forward`,
 K = `CamExplainer.__call__` (-> `.explain`) for every method, images/s and
 K/F. Whole run < 5 minutes on one T4-class GPU with the defaults.
+
+Before the models: the feed rate per core (`bench.feed.feed_rate_per_core`:
+the pipeline's per-record checks + batched decode of photo-like 500x375
+JPEGs to 224x224, images per CPU-second) and the worker's capacity (x its
+cores). For every model row: the model rate (K, Grad-CAM) and which one
+bounds the job (feed when the cores cannot decode as fast as the model
+explains).
 
 Without a GPU it says so and runs a small CPU table (MobileNetV2, float32,
 Grad-CAM and HiResCAM, 1 repeat) so the script is exercised everywhere.
@@ -51,6 +58,7 @@ def main(argv=None) -> dict:
     import tensorflow as tf
 
     from bench.common import METHOD_NAMES, measure_forward_and_cams, set_quick, write_results
+    from bench.feed import bound, feed_rate_per_core
 
     if gpus:
         print(f"GPU(s): {[g.name for g in gpus]}; memory growth on", flush=True)
@@ -72,6 +80,9 @@ def main(argv=None) -> dict:
         set_quick()
     jit_options = (False, True) if args.jit else (False,)
     started = time.time()
+    feed = feed_rate_per_core(64 if args.quick else 128, repeats=1 if args.quick else 3)
+    print(f"Feed (input path): {feed['per_core']:.0f} images/s per core, {feed['cores']} cores -> "
+          f"{feed['capacity']:.0f} images/s ({feed['what']})", flush=True)
     rows = []
     for name in models:
         for policy in policies:
@@ -94,7 +105,10 @@ def main(argv=None) -> dict:
                     row["error"] = error
                 else:
                     f = m["forward"]["median"]
+                    model_rate = m["cam"][methods[0]]["median"]
                     row.update(
+                        model_ips=model_rate,
+                        bound=bound(feed, model_rate),
                         forward_ips=f,
                         cam_ips={k: v["median"] for k, v in m["cam"].items()},
                         k_over_f={k: v["median"] / f for k, v in m["cam"].items()},
@@ -115,6 +129,7 @@ def main(argv=None) -> dict:
             "repeats": repeats,
             "total_seconds": time.time() - started,
         },
+        "feed": feed,
         "rows": rows,
     }
     return write_results(result, args.json, table, default=str)
@@ -123,7 +138,8 @@ def main(argv=None) -> dict:
 def table(result: dict) -> str:
     rows = result["rows"]
     methods = next((list(r["cam_ips"]) for r in rows if "cam_ips" in r), [])
-    head = ["model", "policy", "jit", "F img/s", *[f"K:{m}" for m in methods], *[f"K/F {m}" for m in methods]]
+    head = ["model", "policy", "jit", "F img/s", *[f"K:{m}" for m in methods], *[f"K/F {m}" for m in methods],
+            "bound by"]
     grid = [head]
     for r in rows:
         if "error" in r:
@@ -131,10 +147,15 @@ def table(result: dict) -> str:
                         + [""] * (len(head) - 4))
             continue
         grid.append([r["model"], r["policy"], str(r["jit_compile"]), f"{r['forward_ips']:.1f}",
-                     *[f"{r['cam_ips'][m]:.1f}" for m in methods], *[f"{r['k_over_f'][m]:.2f}" for m in methods]])
+                     *[f"{r['cam_ips'][m]:.1f}" for m in methods], *[f"{r['k_over_f'][m]:.2f}" for m in methods],
+                     r["bound"]])
     widths = [max(len(str(g[i])) for g in grid) for i in range(len(head))]
     title = f"F/K on {result['meta']['device']} ({', '.join(result['meta']['gpus']) or 'no GPU'}), images/s, medians"
-    return "\n".join([title] + ["  ".join(str(c).ljust(w) for c, w in zip(g, widths, strict=True)) for g in grid])
+    feed = result["feed"]
+    feed_line = (f"Feed: {feed['per_core']:.0f} images/s per core x {feed['cores']} cores = {feed['capacity']:.0f} "
+                 f"images/s ({feed['image_size']} JPEG -> 224x224); model rate = K:{methods[0] if methods else '-'}")
+    return "\n".join([title, feed_line]
+                     + ["  ".join(str(c).ljust(w) for c, w in zip(g, widths, strict=True)) for g in grid])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,263 @@
+"""The "feed" measurement: can the pipeline's input path keep a fast model busy?
+
+With a near-free model (one strided 3x3 conv + 16x16 average pooling +
+global pooling + dense at 224x224: the model costs almost nothing, so the
+rate is the input path's; the CAM is taken at the 7x7 pooling output, the
+size of a ResNet50's or MobileNetV2's maps, so the rows are as large as theirs)
+over TFRecord shards of photo-like 500x375 JPEGs (`bench.photos`):
+
+  tf.data   the usual input pipeline feeding the same model's compiled CAM
+            step (`CamExplainer.__call__`): TFRecordDataset interleave,
+            map(parse + decode_jpeg + resize, AUTOTUNE), batch(32), prefetch;
+            images/s over a whole pass of the 2N-image shards (after a warm-up)
+  P 1 thread   the whole job (`pipeline.graph.run`, FnApiRunner default: one
+            worker, in memory), steady state N / (pipeline_seconds(2N) -
+            pipeline_seconds(N)) as for P
+  P 2 threads  the same, one process with two threads
+            (--direct_num_workers=2 --direct_running_mode=multi_threading)
+  feed ratio   P 2 threads / tf.data (both may use every core); scaling =
+            P 2 threads / P 1 thread
+
+and the per-image decode A/B on the same JPEGs, in this process, one caller
+thread: the previous eager per-record decode (parse, header, decode_image,
+cast, resize, one record at a time) against the current path
+(`DecodeImageExamples` checks + `decode_batch` per batch of 32).
+All runs of a repeat are interleaved; medians over repeats.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from bench.common import BATCH_SIZE, median
+
+FEED_MODEL_NAME = "near_free.keras"
+FEED_TARGET_LAYER = "pool"
+TWO_THREADS = ("--direct_num_workers=2", "--direct_running_mode=multi_threading")
+FEED_TARGETS = {"feed ratio": 0.9, "2-thread scaling": 1.6}
+
+
+def near_free_model(path: str, size: int = 224, classes: int = 1000) -> str:
+    """Saves the near-free classifier (fixed seed) to `path`; returns the path."""
+    import keras
+
+    if not os.path.exists(path):
+        keras.utils.set_random_seed(7)
+        inputs = keras.Input((size, size, 3))
+        x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="conv")(inputs)
+        x = keras.layers.AveragePooling2D(16, name=FEED_TARGET_LAYER)(x)  # 112x112 -> 7x7
+        x = keras.layers.GlobalAveragePooling2D()(x)
+        outputs = keras.layers.Dense(classes, activation="softmax", name="head")(x)
+        keras.Model(inputs, outputs).save(path)
+    return path
+
+
+def tf_data_pass(pattern: str, explainer, size: int = 224) -> tuple[int, float, float]:
+    """One pass of the usual tf.data input pipeline into the explainer: (images, wall s, CPU s)."""
+    import tensorflow as tf
+
+    features = {"image/encoded": tf.io.FixedLenFeature([], tf.string)}
+
+    def parse(record):
+        example = tf.io.parse_single_example(record, features)
+        image = tf.io.decode_jpeg(example["image/encoded"], channels=3)
+        return tf.image.resize(tf.cast(image, tf.float32), (size, size), method="bilinear")
+
+    files = tf.data.Dataset.list_files(pattern, shuffle=False)
+    dataset = (files.interleave(tf.data.TFRecordDataset, cycle_length=4, num_parallel_calls=tf.data.AUTOTUNE)
+               .map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+               .batch(BATCH_SIZE)
+               .prefetch(tf.data.AUTOTUNE))
+    images = 0
+    started, cpu_started = time.perf_counter(), time.process_time()
+    for batch in dataset:
+        explainer(batch)  # the pipeline's target: the predicted class
+        images += int(batch.shape[0])
+    return images, time.perf_counter() - started, time.process_time() - cpu_started
+
+
+def eager_decode_record(data: bytes, size: int = 224) -> np.ndarray:
+    """The previous per-record path: parse, header check, eager decode + cast + resize."""
+    import tensorflow as tf
+
+    from transforms.image_header import read_header
+
+    example = tf.train.Example.FromString(data)
+    encoded = example.features.feature["image/encoded"].bytes_list.value[0]
+    read_header(encoded)
+    with tf.device("/CPU:0"):
+        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+        pixels = tf.image.resize(tf.cast(image, tf.float32), (size, size), method="bilinear")
+    return pixels.numpy()
+
+
+def decode_ab(records: list[bytes], *, repeats: int) -> dict:
+    """ms per image (wall and CPU of this process): eager per record vs checks + batched decode."""
+    from transforms.decode import BatchImageDecoder, DecodeImageExamples, decode_batch
+    from transforms.records import ShardRecord
+
+    dofn = DecodeImageExamples(image_key="image/encoded", label_key="image/class/label",
+                               id_key="image/filename", label_offset=0, num_classes=1000,
+                               max_image_pixels=40_000_000, require_label=False)
+    decoder = BatchImageDecoder((224, 224, 3))
+    shard = [ShardRecord("bench.tfrecord", i, data) for i, data in enumerate(records)]
+
+    def eager():
+        for data in records:
+            eager_decode_record(data)
+
+    def batched():
+        for start in range(0, len(shard), BATCH_SIZE):
+            checked = [out for record in shard[start : start + BATCH_SIZE] for out in dofn.process(record)]
+            decode_batch(decoder, checked)
+
+    steps = {"eager_per_record": eager, "batched": batched}
+    for step in steps.values():
+        step()  # warm-up (first trace)
+    wall = {key: [] for key in steps}
+    cpu = {key: [] for key in steps}
+    for _ in range(repeats):
+        for key, step in steps.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            step()
+            wall[key].append(1000.0 * (time.perf_counter() - t0) / len(records))
+            cpu[key].append(1000.0 * (time.process_time() - c0) / len(records))
+    return {key: {"wall_ms": median(wall[key]), "cpu_ms": median(cpu[key]), "wall_runs": wall[key],
+                  "cpu_runs": cpu[key]} for key in steps} | {"images": len(records)}
+
+
+def measure_feed(workdir: str, n: int, *, repeats: int, log=print) -> dict:
+    """The feed table: tf.data vs the pipeline at 1 and 2 threads, and the decode A/B."""
+    from bench.photos import write_photo_shards
+    from bench.run_bench import run_pipeline_process
+    from transforms.cam.explainer import CamExplainer
+    from transforms.model_loading import load_keras_model
+
+    model_path = near_free_model(os.path.join(workdir, FEED_MODEL_NAME))
+    data = {size: write_photo_shards(os.path.join(workdir, f"photos-{size}"), size, seed=3) for size in (n, 2 * n)}
+    explainer = CamExplainer(load_keras_model(model_path), target_layer=FEED_TARGET_LAYER)
+    tf_data_pass(data[n]["pattern"], explainer)  # warm-up: trace, thread pools, page cache
+    layer = ("--target_layer", FEED_TARGET_LAYER)
+    configs = {"1 thread": layer, "2 threads": (*layer, *TWO_THREADS)}
+    runs: dict = {key: {n: [], 2 * n: []} for key in configs}
+    tf_data: list = []
+    tf_data_cpu: list = []
+    for r in range(repeats):
+        images, wall, cpu = tf_data_pass(data[2 * n]["pattern"], explainer)
+        if images != 2 * n:
+            raise RuntimeError(f"tf.data read {images} images, expected {2 * n}")
+        tf_data.append(images / wall)
+        tf_data_cpu.append(images / cpu)
+        for key, extra in configs.items():
+            for size in (n, 2 * n):
+                result = run_pipeline_process(data[size]["pattern"], model_path,
+                                              os.path.join(workdir, f"feed-{key[0]}-{size}-{r}"), extra_args=extra)
+                if result["images_explained"] != size:
+                    raise RuntimeError(f"expected {size} images explained, got {result['images_explained']}")
+                runs[key][size].append(result)
+        log(f"  feed repeat {r + 1}/{repeats}: tf.data {tf_data[-1]:.0f} img/s; "
+            + ", ".join(f"P {key} {_steady(runs[key], n, -1):.0f}" for key in configs)
+            + f" (load {os.getloadavg()[0]:.1f})")
+    out: dict = {
+        "images_n": n, "images_pair": 2 * n, "bytes_per_image": data[n]["bytes_per_image"],
+        "image_size": data[n]["size"], "model": "Conv2D(8, 3x3, stride 2) + AveragePooling2D(16) (CAM here, 7x7) + GAP + Dense(1000), 224x224",
+        "tf_data": {"runs": tf_data, "median": median(tf_data), "cpu_runs": tf_data_cpu,
+                    "cpu_median": median(tf_data_cpu)},
+    }
+    for key in configs:
+        steady = [_steady(runs[key], n, r) for r in range(repeats)]
+        out[key] = {"steady_runs": steady, "steady_median": median(steady),
+                    "runs_n": runs[key][n], "runs_pair": runs[key][2 * n]}
+    tf_rate = out["tf_data"]["median"]
+    one, two = out["1 thread"]["steady_median"], out["2 threads"]["steady_median"]
+    out["ratios"] = {"feed ratio": two / tf_rate, "feed ratio 1 thread": one / tf_rate, "2-thread scaling": two / one}
+    out["targets"] = {key: {"value": out["ratios"][key], "target": f">= {minimum}",
+                            "met": out["ratios"][key] >= minimum} for key, minimum in FEED_TARGETS.items()}
+    from transforms.records import iter_records
+
+    shard = data[n]["pattern"].replace("*", "photos-00000-of-00004")
+    with open(shard, "rb") as handle:
+        records = list(iter_records(handle))
+    records = (records * (4 * BATCH_SIZE // max(len(records), 1) + 1))[: 4 * BATCH_SIZE]
+    out["decode_ab"] = decode_ab(records, repeats=repeats)
+    ab = out["decode_ab"]
+    log(f"  decode A/B: eager per record {ab['eager_per_record']['wall_ms']:.2f} ms/img "
+        f"({ab['eager_per_record']['cpu_ms']:.2f} CPU-ms), batched {ab['batched']['wall_ms']:.2f} ms/img "
+        f"({ab['batched']['cpu_ms']:.2f} CPU-ms)")
+    return out
+
+
+def _steady(pair: dict, n: int, r: int):
+    small, large = pair[n][r], pair[2 * n][r]
+    delta = large["pipeline_seconds"] - small["pipeline_seconds"]
+    return n / delta if delta > 0 else None
+
+
+def feed_table(feed: dict) -> list[str]:
+    """Lines of the feed section of the bench table."""
+    from bench.run_bench import _grid, fmt
+
+    ab = feed["decode_ab"]
+    title = (f"Feed: near-free model, {feed['image_size']} photo-like JPEG shards "
+             f"(~{feed['bytes_per_image'] / 1000:.0f} kB), images/s, steady state {feed['images_n']} -> "
+             f"{feed['images_pair']} images")
+    lines = [title]
+    rows = [["tf.data", "P 1 thread", "P 2 threads", "feed ratio (2 threads)", "feed ratio (1 thread)",
+             "2-thread scaling"],
+            [fmt(feed["tf_data"]["median"]), fmt(feed["1 thread"]["steady_median"]),
+             fmt(feed["2 threads"]["steady_median"]), fmt(feed["ratios"]["feed ratio"], ".2f"),
+             fmt(feed["ratios"]["feed ratio 1 thread"], ".2f"), fmt(feed["ratios"]["2-thread scaling"], ".2f")]]
+    lines += _grid(rows)
+    lines.append(f"Decode per image ({ab['images']} JPEGs, one caller thread): eager per record "
+                 f"{ab['eager_per_record']['wall_ms']:.2f} ms ({ab['eager_per_record']['cpu_ms']:.2f} CPU-ms), "
+                 f"checks + batched tf.function {ab['batched']['wall_ms']:.2f} ms "
+                 f"({ab['batched']['cpu_ms']:.2f} CPU-ms)")
+    return lines
+
+
+def feed_rate_per_core(images: int = 4 * BATCH_SIZE, *, repeats: int = 3, size: int = 224) -> dict:
+    """The input path's own rate on this machine: checks + batched decode of photo-like JPEGs.
+
+    Images per CPU-second of this process (all of TensorFlow's threads
+    counted) is the rate one core sustains; times the cores is what the
+    worker's CPUs can feed a model, when nothing else runs on them.
+    """
+    from bench.photos import encode_jpeg, photo_images
+    from pipeline.demo import make_example
+    from transforms.decode import BatchImageDecoder, DecodeImageExamples, decode_batch
+    from transforms.records import ShardRecord
+
+    pool = [encode_jpeg(image) for image in photo_images(min(images, 32), seed=9)]
+    records = [ShardRecord("feed.tfrecord", i, make_example(pool[i % len(pool)], label=i % 1000))
+               for i in range(images)]
+    dofn = DecodeImageExamples(image_key="image/encoded", label_key="image/class/label",
+                               id_key="image/filename", label_offset=0, num_classes=1000,
+                               max_image_pixels=40_000_000, require_label=False)
+    decoder = BatchImageDecoder((size, size, 3))
+
+    def step():
+        for start in range(0, images, BATCH_SIZE):
+            decode_batch(decoder, [out for r in records[start : start + BATCH_SIZE] for out in dofn.process(r)])
+
+    step()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        step()
+        wall.append(images / (time.perf_counter() - t0))
+        cpu.append(images / max(time.process_time() - c0, 1e-9))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    per_core = median(cpu)
+    return {"per_core": per_core, "wall": median(wall), "cores": cores, "capacity": per_core * cores,
+            "bytes_per_image": float(np.mean([len(p) for p in pool])), "image_size": "500x375",
+            "what": "DecodeImageExamples checks + decode_batch (batches of 32) to 224x224x3"}
+
+
+def bound(feed: dict, model_rate: float) -> str:
+    """Which side limits the job: "feed" (input path) or "model", and the cores needed."""
+    cores_needed = model_rate / feed["per_core"] if feed["per_core"] > 0 else float("inf")
+    side = "feed" if feed["capacity"] < model_rate else "model"
+    return f"{side} (the model needs {cores_needed:.1f} cores of input path; {feed['cores']} here)"
