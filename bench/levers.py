@@ -5,10 +5,10 @@
 Per-image costs measured in this process, each against the model's own
 per-image time (1 / F):
   decode_dofn      `DecodeImageExamples.process` on serialized Examples (the
-                   pipeline's way: one eager decode + cast (+ resize) per image)
+                   per-record checks: Example, features, header; no pixels)
   decode_batched   the same bytes decoded inside one tf.function per batch of 32
-                   (tf.map_fn(decode_image), parallel iterations) - the
-                   "decode in the tf.function" lever
+                   (tf.map_fn(decode_image), parallel iterations), the way
+                   `transforms.decode.BatchImageDecoder` does in the handler
   format_rows      `FormatHeatmapRows` (attention statistics + list conversion)
   stack_batch      np.stack of 32 float32 224x224x3 images (`run_inference`)
   parquet_<codec>  pyarrow rows -> Parquet with snappy / zstd / none
@@ -92,13 +92,12 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import tensorflow as tf
 
     from bench.common import BATCH_SIZE, images_per_second, load_model, natural_images
     from pipeline.demo import encode, make_example
     from transforms.cam.explainer import CamExplainer
-    from transforms.decode import DecodeImageExamples
-    from transforms.model_handler import KerasCamModelHandler
+    from transforms.decode import BatchImageDecoder, DecodeImageExamples, decode_batch
+    from transforms.model_handler import CamWorker, KerasCamModelHandler
     from transforms.records import ShardRecord
     from transforms.rows import FormatHeatmapRows
     from transforms.schemas import HEATMAP_SCHEMA
@@ -120,7 +119,7 @@ def main(argv=None) -> dict:
 
     dofn = DecodeImageExamples(image_key="image/encoded", label_key="image/class/label",
                                id_key="image/filename", label_offset=0, num_classes=1000,
-                               input_size=(224, 224), max_image_pixels=40_000_000, require_label=False)
+                               max_image_pixels=40_000_000, require_label=False)
     for fmt in ("jpeg", "png"):
         encoded = [encode(image, fmt) for image in pool]
         records = [ShardRecord("bench.tfrecord", i, make_example(encoded[i % len(encoded)], label=i % 1000,
@@ -134,29 +133,21 @@ def main(argv=None) -> dict:
 
         out[f"decode_dofn_{fmt}_ms"] = _per_item_ms(per_element, n, key=f"decode_dofn_{fmt}")
 
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
-        def decode_batch(data):
-            def one(x):
-                image = tf.io.decode_image(x, channels=3, expand_animations=False)
-                image.set_shape([None, None, 3])
-                return tf.image.resize(tf.cast(image, tf.float32), (224, 224))
-
-            return tf.map_fn(one, data, fn_output_signature=tf.TensorSpec([224, 224, 3], tf.float32),
-                             parallel_iterations=BATCH_SIZE)
-
-        chunks = [tf.constant([encoded[(i + j) % len(encoded)] for j in range(BATCH_SIZE)])
-                  for i in range(0, n, BATCH_SIZE)]
-        out[f"decode_batched_{fmt}_ms"] = _per_item_ms(lambda chunks=chunks: [decode_batch(c).numpy() for c in chunks],
-                                                       len(chunks) * BATCH_SIZE, key=f"decode_batched_{fmt}")
+        batch_decoder = BatchImageDecoder((224, 224, 3))
+        chunks = [[encoded[(i + j) % len(encoded)] for j in range(BATCH_SIZE)] for i in range(0, n, BATCH_SIZE)]
+        out[f"decode_batched_{fmt}_ms"] = _per_item_ms(
+            lambda chunks=chunks, d=batch_decoder: [d(c) for c in chunks],
+            len(chunks) * BATCH_SIZE, key=f"decode_batched_{fmt}")
         out[f"decode_bytes_{fmt}"] = float(np.mean([len(e) for e in encoded]))
         print(f"{fmt}: DoFn {out[f'decode_dofn_{fmt}_ms']:.2f} ms/img, batched tf.function "
               f"{out[f'decode_batched_{fmt}_ms']:.2f} ms/img", flush=True)
 
-    items = decoded[:BATCH_SIZE]
+    worker = CamWorker(explainer, BatchImageDecoder(explainer.input_shape))
+    _, items, _ = decode_batch(worker.decoder, decoded[:BATCH_SIZE])
     handler = KerasCamModelHandler(args.model)
     out["stack_batch_ms"] = _per_item_ms(lambda: np.stack([d.pixels for d in items]), BATCH_SIZE,
                                         key="stack_batch")
-    explained = list(handler.run_inference(items, explainer))
+    explained = list(handler.run_inference(decoded[:BATCH_SIZE], worker))
     explained = (explained * (n // len(explained) + 1))[:n]
     fmt_rows = FormatHeatmapRows(method="gradcam", target_layer=explainer.target_layer)
     rows: list = []

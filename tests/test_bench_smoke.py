@@ -31,7 +31,7 @@ def _positive(value) -> bool:
 
 def test_run_bench_quick_writes_every_figure(tmp_path):
     out = tmp_path / "bench.json"
-    _run("bench.run_bench", "--quick", "--methods", "gradcam", "--formats", "jpeg",
+    _run("bench.run_bench", "--quick", "--methods", "gradcam", "--formats", "jpeg", "--skip", "feed",
          "--json", str(out), timeout=170)
     results = json.loads(out.read_text())
     assert results["meta"]["quick"] is True
@@ -58,13 +58,31 @@ def test_run_bench_quick_writes_every_figure(tmp_path):
     assert "K/F gradcam" in results["table"]
 
 
+def test_run_bench_feed_part_writes_every_figure(tmp_path):
+    out = tmp_path / "feed.json"
+    _run("bench.run_bench", "--quick", "--skip", "models", "--feed_images", "32", "--json", str(out), timeout=240)
+    feed = json.loads(out.read_text())["feed"]
+    assert feed["images_n"] == 32 and feed["image_size"] == "500x375"
+    assert 20_000 < feed["bytes_per_image"] < 80_000
+    assert _positive(feed["tf_data"]["median"])
+    for key in ("1 thread", "2 threads"):
+        runs = feed[key]["runs_n"] + feed[key]["runs_pair"]
+        assert all(r["records_rejected"] == {"decode": 0, "compute": 0} for r in runs)
+        assert isinstance(feed[key]["steady_median"], float)
+    for step in ("eager_per_record", "batched"):
+        assert _positive(feed["decode_ab"][step]["cpu_ms"])
+    assert set(feed["targets"]) == {"feed ratio", "2-thread scaling"}
+
+
 def test_gpu_check_runs_its_cpu_table_without_a_gpu(tmp_path):
     out = tmp_path / "gpu.json"
     _run("bench.gpu_check", "--quick", "--json", str(out), timeout=120)
     result = json.loads(out.read_text())
     assert result["meta"]["device"] in ("CPU", "GPU")
     assert result["rows"]
+    assert _positive(result["feed"]["per_core"]) and result["feed"]["cores"] >= 1
     for row in result["rows"]:
         assert "error" not in row, row
+        assert row["bound"].split()[0] in ("feed", "model")
         assert _positive(row["forward_ips"])
         assert all(_positive(v) for v in row["cam_ips"].values())
