@@ -60,7 +60,7 @@ def test_run_bench_quick_writes_every_figure(tmp_path):
 
 def test_run_bench_feed_part_writes_every_figure(tmp_path):
     out = tmp_path / "feed.json"
-    _run("bench.run_bench", "--quick", "--skip", "models", "--feed_images", "32", "--json", str(out), timeout=240)
+    _run("bench.run_bench", "--quick", "--skip", "models", "--feed_images", "32", "--json", str(out), timeout=600)
     feed = json.loads(out.read_text())["feed"]
     assert feed["images_n"] == 32 and feed["image_size"] == "500x375"
     assert 20_000 < feed["bytes_per_image"] < 80_000

@@ -59,3 +59,16 @@ def test_handler_loads_the_model_under_the_policy(model_path):
     full = KerasCamModelHandler(model_path).load_model()
     images = random_images(4, seed=8)
     assert_within_tolerance(loaded.explainer(images), full.explainer(images))
+
+
+def test_option_parses_and_a_bad_value_exits_2_with_one_line(capsys):
+    from pipeline.options import parse_args
+
+    config, _ = parse_args(["--input", "x", "--model", "m.keras", "--mixed_precision", "bfloat16"])
+    assert config.mixed_precision == "bfloat16"
+    assert parse_args(["--input", "x", "--model", "m.keras"])[0].mixed_precision == "off"
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--input", "x", "--model", "m.keras", "--mixed_precision", "float8"])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--mixed_precision" in lines[0]
