@@ -159,7 +159,7 @@ def measure_feed(workdir: str, n: int, *, repeats: int, log=print) -> dict:
                     raise RuntimeError(f"expected {size} images explained, got {result['images_explained']}")
                 runs[key][size].append(result)
         log(f"  feed repeat {r + 1}/{repeats}: tf.data {tf_data[-1]:.0f} img/s; "
-            + ", ".join(f"P {key} {_steady(runs[key], n, -1):.0f}" for key in configs)
+            + ", ".join(f"P {key} {_fmt(_steady(runs[key], n, -1))}" for key in configs)
             + f" (load {os.getloadavg()[0]:.1f})")
     out: dict = {
         "images_n": n, "images_pair": 2 * n, "bytes_per_image": data[n]["bytes_per_image"],
@@ -188,6 +188,10 @@ def measure_feed(workdir: str, n: int, *, repeats: int, log=print) -> dict:
         f"({ab['eager_per_record']['cpu_ms']:.2f} CPU-ms), batched {ab['batched']['wall_ms']:.2f} ms/img "
         f"({ab['batched']['cpu_ms']:.2f} CPU-ms)")
     return out
+
+
+def _fmt(value) -> str:
+    return "-" if value is None or value != value else f"{value:.0f}"
 
 
 def _steady(pair: dict, n: int, r: int):
