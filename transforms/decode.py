@@ -3,7 +3,9 @@
 Each record either becomes a `DecodedImage` or an error row (tag "errors")
 saying what was wrong: not an Example, a missing feature, an image that is
 not an image, too large, truncated, or a label outside the model's classes.
-Grey and RGBA images are converted to RGB (alpha is dropped).
+Images are converted to the model's channels: RGB (grey replicated, alpha
+dropped) or grey (RGB and RGBA converted with the standard luma weights of
+`tf.image.rgb_to_grayscale`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ class DecodedImage(NamedTuple):
     """A record ready for the model.
 
     Attributes:
-      pixels: float32 [H, W, 3] in 0-255, resized to the model's input size.
+      pixels: float32 [H, W, C] in 0-255, resized to the model's input size, C = 1 or 3.
       boxes: ((ymin, xmin, ymax, xmax), ...) as fractions of the image, or ().
     """
 
@@ -77,6 +79,7 @@ class DecodeImageExamples(beam.DoFn):
         input_size: tuple[int, int],
         max_image_pixels: int,
         require_label: bool,
+        channels: int = 3,
     ):
         self._image_key = image_key
         self._label_key = label_key
@@ -84,6 +87,7 @@ class DecodeImageExamples(beam.DoFn):
         self._label_offset = label_offset
         self._num_classes = num_classes
         self._input_size = tuple(input_size)
+        self._channels = channels
         self._max_pixels = max_image_pixels
         self._require_label = require_label
         self._rejected = beam.metrics.Metrics.counter("gradcam_audit", "decode_errors")
@@ -176,6 +180,8 @@ class DecodeImageExamples(beam.DoFn):
                     f"{header.format}: header says {header.width}x{header.height}, decoded {width}x{height}",
                 )
             pixels = tf.cast(image, tf.float32)
+            if self._channels == 1:
+                pixels = tf.image.rgb_to_grayscale(pixels)
             if (height, width) != self._input_size:
                 pixels = tf.image.resize(pixels, self._input_size, method="bilinear")
         return DecodedImage(
