@@ -74,6 +74,12 @@ def match_shards(pattern: str) -> list[str]:
     return files
 
 
+def _one_line(exc: BaseException) -> str:
+    """"Type: first line of the message" (at most 300 characters of it)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+
+
 def inspect_model(config: AuditConfig) -> ModelInfo:
     """Loads the model and traces its CAM function once in the launcher.
 
@@ -84,7 +90,12 @@ def inspect_model(config: AuditConfig) -> ModelInfo:
     from transforms.cam.explainer import CamExplainer
     from transforms.model_loading import load_keras_model, model_fingerprint
 
-    model = load_keras_model(config.model, weights=config.weights, safe_mode=not config.unsafe_model)
+    try:
+        model = load_keras_model(config.model, weights=config.weights, safe_mode=not config.unsafe_model)
+    except AuditError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a loader raises, the launch stops with one line
+        raise AuditError(f"--model {config.model}: could not be loaded ({_one_line(exc)})") from exc
     try:
         explainer = CamExplainer(
             model,
@@ -97,10 +108,7 @@ def inspect_model(config: AuditConfig) -> ModelInfo:
     except AuditError:
         raise
     except Exception as exc:  # noqa: BLE001 - any other failure to build/trace the CAM function is the model's
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        raise AuditError(
-            f"--model {config.model}: the CAM function cannot be built for it ({type(exc).__name__}: {first})"
-        ) from exc
+        raise AuditError(f"--model {config.model}: the CAM function cannot be built for it ({_one_line(exc)})") from exc
     return ModelInfo(explainer, model_fingerprint(config.model, config.weights))
 
 

@@ -369,6 +369,18 @@ def test_a_failure_to_build_the_cam_function_is_refused_at_launch(tmp_path):
     assert "\n" not in str(info.value)
 
 
+def test_a_file_that_is_not_a_model_is_refused_at_launch(tmp_path):
+    from pipeline.graph import inspect_model
+    from pipeline.options import parse_args
+
+    path = tmp_path / "broken.h5"
+    path.write_bytes(b"not an HDF5 file at all")
+    config, _ = parse_args(["--input", "x", "--model", str(path)])
+    with pytest.raises(AuditError, match="expected a .keras \\(zip\\) or HDF5 file") as info:
+        inspect_model(config)
+    assert "\n" not in str(info.value)
+
+
 def signatures_only_saved_model(folder: str) -> str:
     class Scores(tf.Module):
         @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.float32)])
