@@ -2,10 +2,10 @@
 
 Works for functional models, Sequential models and nested models (a
 keras.applications base inside a Sequential or functional model), built with
-Keras 3 or with tf_keras (Keras 2): the target layer may sit at any depth. Its output is captured by wrapping that layer's
-`call` on the explainer's own copy of the model, so the activations are the
-very tensors the forward pass used and `GradientTape` differentiates through
-the head only.
+Keras 3 or with tf_keras (Keras 2): the target layer may sit at any depth.
+Its output is captured by wrapping that layer's `call` on the explainer's own
+copy of the model, so the activations are the very tensors the forward pass
+used and `GradientTape` differentiates through the head only.
 """
 
 from __future__ import annotations
