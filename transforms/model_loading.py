@@ -269,10 +269,14 @@ def load_keras_model(model_uri: str, *, weights: str | None = None, safe_mode: b
                 "with model.save('model.keras') (Keras 3) or model.save('folder') / model.save('model.h5') "
                 "in tf.keras 2, not tf.saved_model.save or model.export"
             )
-        if kind == "keras2":
-            if os.path.isdir(path) or _has_tf_keras():
-                return _load_tf_keras(path, model_uri, safe_mode)
-        return _load_keras3(path, model_uri, safe_mode)
+        if kind == "keras2" and (os.path.isdir(path) or _has_tf_keras()):
+            return _load_tf_keras(path, model_uri, safe_mode)
+        try:
+            return _load_keras3(path, model_uri, safe_mode)
+        except AuditError as exc:
+            if kind == "keras2":  # tf_keras is not installed: say how to get it
+                raise AuditError(f"{exc}; the file was saved by Keras 2: {KERAS2_EXTRA}") from exc
+            raise
 
 
 def _has_tf_keras() -> bool:
