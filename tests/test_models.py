@@ -434,3 +434,16 @@ def test_help_lists_models_image_size_and_exit_codes():
                      "Exit status: 0", "1 something flagged", "2 bad option, input or model",
                      "3 the job failed"):
         assert expected in text
+
+
+def test_keras2_file_without_tf_keras_says_how_to_install_it(tmp_path, monkeypatch):
+    import transforms.model_loading as loading
+
+    model, _ = tf_keras_small_nested()
+    path = str(tmp_path / "tfkeras2_small.h5")
+    model.save(path)
+    assert loading.saved_by_keras(path) == "keras2"
+    monkeypatch.setattr(loading, "_has_tf_keras", lambda: False)
+    with pytest.raises(AuditError, match=r"saved by Keras 2: pip install 'gradcam-audit\[keras2\]'") as info:
+        loading.load_keras_model(path)
+    assert "\n" not in str(info.value)
