@@ -143,7 +143,6 @@ class CamExplainer:
 
     def _forward(self, images):
         """Plain inference (the speed limit to compare with): probabilities [B, N]."""
-
         return self._probabilities(self._logits(images))
 
     def _explain(self, images, labels):
@@ -153,6 +152,11 @@ class CamExplainer:
         k = self.target.k
         with tf.GradientTape(persistent=k > 1) as tape:
             logits = self._logits(images)
+            if not self._captured:  # seen while tracing, i.e. when the explainer is built
+                raise AuditError(
+                    f"--target_layer {self.target_layer!r}: the model's forward pass never calls it; "
+                    "pick a layer the model uses"
+                )
             activations = self._captured[-1]
             targets = select_targets(self.target, logits, labels)
             target_logits = tf.gather(logits, targets, batch_dims=1)  # [B, K]
