@@ -25,7 +25,7 @@ from pipeline.runners import only_builds_job
 from transforms.class_stats import ComputeClassStats
 from transforms.dead_letters import ERRORS_TAG
 from transforms.decode import DecodeImageExamples
-from transforms.errors import AuditError
+from transforms.errors import AuditError, one_line
 from transforms.model_handler import KerasCamModelHandler
 from transforms.records import ReadShardRecords
 from transforms.rows import FormatHeatmapRows
@@ -74,12 +74,6 @@ def match_shards(pattern: str) -> list[str]:
     return files
 
 
-def _one_line(exc: BaseException) -> str:
-    """"Type: first line of the message" (at most 300 characters of it)."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
-
-
 def inspect_model(config: AuditConfig) -> ModelInfo:
     """Loads the model and traces its CAM function once in the launcher.
 
@@ -95,7 +89,7 @@ def inspect_model(config: AuditConfig) -> ModelInfo:
     except AuditError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever a loader raises, the launch stops with one line
-        raise AuditError(f"--model {config.model}: could not be loaded ({_one_line(exc)})") from exc
+        raise AuditError(f"--model {config.model}: could not be loaded ({one_line(exc)})") from exc
     try:
         explainer = CamExplainer(
             model,
@@ -108,7 +102,7 @@ def inspect_model(config: AuditConfig) -> ModelInfo:
     except AuditError:
         raise
     except Exception as exc:  # noqa: BLE001 - any other failure to build/trace the CAM function is the model's
-        raise AuditError(f"--model {config.model}: the CAM function cannot be built for it ({_one_line(exc)})") from exc
+        raise AuditError(f"--model {config.model}: the CAM function cannot be built for it ({one_line(exc)})") from exc
     return ModelInfo(explainer, model_fingerprint(config.model, config.weights))
 
 

@@ -32,7 +32,7 @@ import zipfile
 
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.errors import AuditError
+from transforms.errors import AuditError, one_line
 
 _MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
 _SAVED_MODEL_FILE = "saved_model.pb"
@@ -177,11 +177,6 @@ def saved_by_keras(path: str) -> str:
     return "keras2" if version.startswith(("1.", "2.")) else "keras3"
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
-
-
 def _refuse_unsafe(model_uri: str, exc: BaseException) -> None:
     text = str(exc)
     if "safe_mode" in text or "unsafe" in text.lower():
@@ -204,7 +199,7 @@ def _load_tf_keras(path: str, model_uri: str, safe_mode: bool):
             return tf_keras.models.load_model(path, compile=False, safe_mode=safe_mode)
     except (ValueError, TypeError, KeyError, OSError, AttributeError, NotImplementedError) as exc:
         _refuse_unsafe(model_uri, exc)
-        raise AuditError(f"--model {model_uri}: tf_keras could not load it ({_first_line(exc)})") from exc
+        raise AuditError(f"--model {model_uri}: tf_keras could not load it ({one_line(exc)})") from exc
 
 
 def _load_keras3(path: str, model_uri: str, safe_mode: bool):
@@ -214,7 +209,7 @@ def _load_keras3(path: str, model_uri: str, safe_mode: bool):
         return keras.models.load_model(path, compile=False, safe_mode=safe_mode)
     except (ValueError, TypeError, KeyError, OSError, AttributeError, NotImplementedError) as exc:
         _refuse_unsafe(model_uri, exc)
-        raise AuditError(f"--model {model_uri}: Keras could not load it ({_first_line(exc)})") from exc
+        raise AuditError(f"--model {model_uri}: Keras could not load it ({one_line(exc)})") from exc
 
 
 def _load_application(name: str, weights: str | None):
