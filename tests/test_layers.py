@@ -90,3 +90,30 @@ def test_bad_target_layer_lists_spatial_layers():
 def test_nested_layer_by_bare_name():
     model, _ = nested_sequential()
     assert CamExplainer(model, target_layer="base_out").target_layer == "base/base_out"
+
+
+def test_target_layer_found_by_rank_in_a_dynamic_input_model():
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu", name="c1")(inputs)
+    x = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu", name="c2")(x)
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(x)))
+    assert find_target_layer(model) == "c2"
+    explainer = CamExplainer(model, image_size=(24, 40))
+    assert explainer.input_shape == (24, 40, 3) and explainer.cam_shape == (6, 10) and explainer.head == "none"
+    images = np.random.default_rng(0).uniform(0, 255, (2, 24, 40, 3)).astype(np.float32)
+    assert explainer(images)["cam"].shape == (2, 1, 6, 10)
+
+
+def test_tf_keras_nested_model_target_layer_and_head():
+    import tf_keras
+
+    from tests.test_models import tf_keras_small_nested
+    from transforms.cam.layers import keras_module
+
+    model, _ = tf_keras_small_nested()
+    assert keras_module(model) is tf_keras and keras_module(model.layers[0]) is tf_keras
+    assert find_target_layer(model) == "base/base_out"
+    explainer = CamExplainer(model)
+    assert explainer.head == "softmax" and explainer.cam_shape == (8, 8) and explainer.input_shape == (32, 32, 3)
+    logits = model(random_images(2)).numpy()  # the explainer's copy is linearised in place
+    assert not np.allclose(logits.sum(-1), 1.0)

@@ -60,6 +60,7 @@ class KerasCamModelHandler(ModelHandler[DecodedImage, Explained, Any]):
         method: str = "gradcam",
         target: Optional[TargetSpec] = None,
         preprocess: str = "none",
+        image_size: Optional[tuple[int, int]] = None,
         batch_size: int = 32,
         jit_compile: bool = False,
         large_model: bool = False,
@@ -73,6 +74,7 @@ class KerasCamModelHandler(ModelHandler[DecodedImage, Explained, Any]):
         self._method = method
         self._target = target or TargetSpec()
         self._preprocess = preprocess
+        self._image_size = tuple(image_size) if image_size else None
         self._batch_size = batch_size
         self._jit_compile = jit_compile
         self._large_model = large_model
@@ -93,6 +95,7 @@ class KerasCamModelHandler(ModelHandler[DecodedImage, Explained, Any]):
             target=self._target,
             preprocess=self._preprocess,
             jit_compile=self._jit_compile,
+            image_size=self._image_size,
         )
         _LOG.info(
             "Loaded %s on %s; target layer %s %s; method %s; mixed precision %s",

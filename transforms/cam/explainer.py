@@ -1,13 +1,18 @@
 """The shared CAM driver: one compiled `tf.function` per model.
 
-    images float32 [B, H, W, 3] (0-255), labels int32 [B]
-      -> preprocess -> forward pass (target layer output A captured)
+    images float32 [B, H, W, C] (0-255, C = the model's 1 or 3), labels int32 [B]
+      -> preprocess -> cast to the model's input dtype
+      -> forward pass (target layer output A captured)
       -> logits -> target classes [B, K] -> d(sum_b logit[b, t_bk]) / dA
       -> method(A, dA) -> CAM [B, K, h, w]
 
 Images in a batch are independent (inference mode), so the gradient of the
 sum of the batch's target logits with respect to A gives every image's own
 gradient at once: no Python loop over images, one trace for any batch size.
+The function is traced once when the explainer is built, so a model it
+cannot run fails there (at launch) and the map size is known: for a model
+with a dynamic input, H and W are the `image_size` chosen for the job.
+Keras 3 and tf_keras (Keras 2) models go through the same code.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from transforms.cam.layers import (
     resolve_layer_path,
 )
 from transforms.cam.methods import METHODS
-from transforms.cam.preprocess import get_preprocess_fn
+from transforms.cam.preprocess import cast_to_input, get_preprocess_fn, model_input_dtype, model_input_shape
 from transforms.cam.targets import TargetSpec, select_targets
 from transforms.errors import AuditError
 
@@ -33,9 +38,10 @@ class CamExplainer:
     target layer's call is wrapped), so pass the explainer its own copy.
 
     Attributes:
-      input_shape: (H, W, C) the model expects.
+      input_shape: (H, W, C) the images are given at (C = 1 grey or 3 RGB).
+      input_dtype: the model's input dtype ("float32", "float16", "uint8", ...).
       target_layer: path of the target layer (nested models joined by "/").
-      cam_shape: (h, w) of the maps.
+      cam_shape: (h, w) of the maps (for `input_shape`).
       head: "softmax", "sigmoid" or "none" (see `linearize_head`).
       num_classes: width of the model's output.
     """
@@ -49,7 +55,23 @@ class CamExplainer:
         target: TargetSpec | None = None,
         preprocess: str = "none",
         jit_compile: bool = False,
+        image_size: tuple[int, int] | None = None,
     ):
+        """Checks the model, wraps its target layer, and traces the CAM function once.
+
+        Args:
+          model: a Keras 3 or tf_keras classifier with one image input and one
+            output [B, num_classes] (a one-element list of it is accepted).
+          target_layer: layer path or bare name; default: `find_target_layer`.
+          method: a key of `METHODS`.
+          target: which class each map explains.
+          preprocess: a `--preprocess` preset.
+          jit_compile: compile with XLA.
+          image_size: (H, W) for a model with a dynamic input size.
+
+        Raises:
+          AuditError: a model (or option) this explainer cannot explain.
+        """
         import tensorflow as tf
 
         if method not in METHODS:
@@ -58,15 +80,10 @@ class CamExplainer:
         self.method = method
         self.target = target or TargetSpec()
         self.target_layer = resolve_layer_path(model, target_layer) if target_layer else find_target_layer(model)
-        h, w, _ = check_target_layer(model, self.target_layer)
-        self.cam_shape = (h, w)
-        shape = tuple(model.inputs[0].shape[1:])
-        if len(shape) != 3 or None in shape:
-            raise AuditError(
-                f"model input: expected a fixed (height, width, channels) shape, found {shape}"
-            )
-        self.input_shape = tuple(int(d) for d in shape)
-        self.num_classes = int(model.outputs[0].shape[-1])
+        check_target_layer(model, self.target_layer)
+        self.input_shape = model_input_shape(model, image_size)
+        self.input_dtype = model_input_dtype(model, preprocess)
+        self.num_classes = _num_classes(model)
         if self.target.mode == "class" and self.target.class_index >= self.num_classes:
             raise AuditError(
                 f"--target class:{self.target.class_index}: expected a class below "
@@ -92,6 +109,30 @@ class CamExplainer:
             input_signature=[tf.TensorSpec([None, *self.input_shape], tf.float32, name="images")],
             jit_compile=jit_compile,
         )
+        self.cam_shape = self._trace()
+
+    def _trace(self) -> tuple[int, int]:
+        """Traces `explain` for the input signature; returns the maps' (h, w)."""
+        shape = self.explain.get_concrete_function().structured_outputs["cam"].shape
+        if shape.rank != 4 or None in shape.as_list()[2:]:
+            raise AuditError(
+                f"--target_layer {self.target_layer!r}: its output size is unknown for input "
+                f"{self.input_shape} (found maps of shape {shape})"
+            )
+        return int(shape[2]), int(shape[3])
+
+    def _model_inputs(self, images):
+        """float32 pixels [B, H, W, C] 0-255 -> what the model takes (preset, then dtype)."""
+        return cast_to_input(self._preprocess(images), self.input_dtype)
+
+    def _logits(self, images):
+        """The (linearised) model's scores float32 [B, N]; a one-element output list is unwrapped."""
+        import tensorflow as tf
+
+        out = self.model(self._model_inputs(images), training=False)
+        if isinstance(out, (list, tuple)):
+            out = out[0]
+        return tf.cast(out, tf.float32)
 
     def _probabilities(self, logits):
         import tensorflow as tf
@@ -102,10 +143,7 @@ class CamExplainer:
 
     def _forward(self, images):
         """Plain inference (the speed limit to compare with): probabilities [B, N]."""
-        import tensorflow as tf
-
-        logits = tf.cast(self.model(self._preprocess(images), training=False), tf.float32)
-        return self._probabilities(logits)
+        return self._probabilities(self._logits(images))
 
     def _explain(self, images, labels):
         import tensorflow as tf
@@ -113,7 +151,12 @@ class CamExplainer:
         self._captured.clear()
         k = self.target.k
         with tf.GradientTape(persistent=k > 1) as tape:
-            logits = tf.cast(self.model(self._preprocess(images), training=False), tf.float32)
+            logits = self._logits(images)
+            if not self._captured:  # seen while tracing, i.e. when the explainer is built
+                raise AuditError(
+                    f"--target_layer {self.target_layer!r}: the model's forward pass never calls it; "
+                    "pick a layer the model uses"
+                )
             activations = self._captured[-1]
             targets = select_targets(self.target, logits, labels)
             target_logits = tf.gather(logits, targets, batch_dims=1)  # [B, K]
@@ -149,3 +192,17 @@ class CamExplainer:
             labels = np.full([images.shape[0]], -1, np.int32)
         out = self.explain(images, np.asarray(labels, dtype=np.int32))
         return {key: value.numpy() for key, value in out.items()}
+
+
+def _num_classes(model) -> int:
+    """Width of the model's single output [B, N]; AuditError for other outputs."""
+    outputs = model.outputs
+    if len(outputs) != 1:
+        raise AuditError(
+            f"model output: expected one output (class scores), found {len(outputs)}; "
+            "save a model with only the classification output"
+        )
+    shape = tuple(outputs[0].shape)
+    if len(shape) != 2 or shape[-1] is None:
+        raise AuditError(f"model output: expected class scores (batch, classes), found {shape}")
+    return int(shape[-1])

@@ -1,11 +1,11 @@
 """Finding the target layer, reading its output, and the pre-softmax score.
 
 Works for functional models, Sequential models and nested models (a
-keras.applications base inside a Sequential or functional model): the target
-layer may sit at any depth. Its output is captured by wrapping that layer's
-`call` on the explainer's own copy of the model, so the activations are the
-very tensors the forward pass used and `GradientTape` differentiates through
-the head only.
+keras.applications base inside a Sequential or functional model), built with
+Keras 3 or with tf_keras (Keras 2): the target layer may sit at any depth.
+Its output is captured by wrapping that layer's `call` on the explainer's own
+copy of the model, so the activations are the very tensors the forward pass
+used and `GradientTape` differentiates through the head only.
 """
 
 from __future__ import annotations
@@ -25,17 +25,27 @@ _FIXES = (
 )
 
 
-def _is_model(layer) -> bool:
+def keras_module(obj):
+    """The Keras that `obj` (a model or layer) belongs to: `keras` (3) or `tf_keras` (2)."""
+    if any(cls.__module__.startswith("tf_keras") for cls in type(obj).__mro__):
+        import tf_keras
+
+        return tf_keras
     import keras
 
-    return isinstance(layer, keras.Model)
+    return keras
+
+
+def _is_model(layer) -> bool:
+    return isinstance(layer, keras_module(layer).Model)
 
 
 def _is_graph_model(model) -> bool:
     """True for Functional and Sequential models (layers with symbolic outputs)."""
-    import keras
-
-    return isinstance(model, (keras.Sequential, keras.src.models.functional.Functional))
+    km = keras_module(model)
+    if km.__name__ == "tf_keras":
+        return bool(getattr(model, "_is_graph_network", False)) or isinstance(model, km.Sequential)
+    return isinstance(model, (km.Sequential, km.src.models.functional.Functional))
 
 
 def walk_layers(model, prefix: str = "") -> Iterator[tuple[str, object]]:
@@ -59,12 +69,16 @@ def _output_shape(layer):
 
 
 def is_spatial(layer) -> bool:
-    """A layer with a single 4-D output (batch, h, w, c) with h * w > 1."""
+    """A layer with a single 4-D output (batch, h, w, c) with h * w > 1.
+
+    Found by rank: a model with a dynamic input (None, None, C) has layers
+    whose h and w are unknown until an image size is chosen; those count.
+    """
     shape = _output_shape(layer)
     if shape is None or len(shape) != 4:
         return False
     _, h, w, _ = shape
-    return h is not None and w is not None and h * w > 1
+    return h is None or w is None or h * w > 1
 
 
 def find_target_layer(model) -> str:
@@ -116,15 +130,15 @@ def get_layer(model, path: str):
     return dict(walk_layers(model))[resolve_layer_path(model, path)]
 
 
-def check_target_layer(model, path: str) -> tuple[int, int, int]:
-    """Returns the (h, w, c) output of the target layer, or raises AuditError."""
+def check_target_layer(model, path: str) -> tuple:
+    """Returns the (h, w, c) output of the target layer (None where dynamic), or raises AuditError."""
     layer = get_layer(model, path)
     if not is_spatial(layer):
         raise AuditError(
             f"--target_layer {path!r}: expected a 4-D (batch, height, width, "
             f"channels) output, found {_output_shape(layer)}. {_FIXES}"
         )
-    return tuple(int(d) for d in _output_shape(layer)[1:])
+    return tuple(None if d is None else int(d) for d in _output_shape(layer)[1:])
 
 
 def capture_output(layer) -> list:
@@ -145,8 +159,9 @@ def capture_output(layer) -> list:
 def _output_layer(model):
     """The innermost layer that produces the model's (first) output."""
     try:
-        layer = model.outputs[0]._keras_history.operation
-    except (AttributeError, IndexError, ValueError):
+        history = model.outputs[0]._keras_history
+        layer = getattr(history, "operation", None) or history.layer  # Keras 3 / tf_keras
+    except (AttributeError, IndexError, ValueError, TypeError):
         layer = model.layers[-1]
     if _is_model(layer) and layer is not model and _is_graph_model(layer):
         return _output_layer(layer)
@@ -165,16 +180,15 @@ def linearize_head(model) -> str:
       "softmax", "sigmoid", or "none" when the model already outputs scores
       (probabilities are then the softmax of those scores).
     """
-    import keras
-
+    km = keras_module(model)
     layer = _output_layer(model)
-    if isinstance(layer, keras.layers.Softmax):
+    if isinstance(layer, km.layers.Softmax):
         layer.call = lambda inputs, *args, **kwargs: inputs
         return "softmax"
     activation = getattr(layer, "activation", None)
     name = getattr(activation, "__name__", str(activation))
     for kind in ("softmax", "sigmoid"):
         if name == kind:
-            layer.activation = keras.activations.linear
+            layer.activation = km.activations.linear
             return kind
     return "none"
