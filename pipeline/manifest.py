@@ -69,12 +69,13 @@ def read_table(output: str, table: str, columns: Optional[list[str]] = None) -> 
     return pa.concat_tables(tables) if tables else _empty_table(table, columns)
 
 
-def iter_batches(output: str, table: str, columns: list[str], batch_size: int = BATCH_ROWS
+def iter_batches(output: str, table: str, columns: list[str], batch_size: Optional[int] = None
                  ) -> Iterator[pa.RecordBatch]:
-    """The `columns` of a table in record batches: memory of one batch, whatever the table's size."""
+    """The `columns` of a table in record batches (default `BATCH_ROWS` rows): memory of one row
+    group's projected columns, whatever the table's size."""
     for path in table_files(output, table):
         with open_parquet(path) as parquet:
-            yield from parquet.iter_batches(batch_size=batch_size, columns=columns)
+            yield from parquet.iter_batches(batch_size=batch_size or BATCH_ROWS, columns=columns)
 
 
 def count_rows(output: str, table: str) -> int:
