@@ -408,7 +408,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", help="A run folder (<output>/run=<id>, local or gs://)")
     parser.add_argument("--out", default=None, help="Where to write the HTML (default: <run_dir>/report.html)")
-    parser.add_argument("--per_flag", type=int, default=PER_FLAG, help="Images shown per flag")
+    parser.add_argument("--per_flag", type=int, default=PER_FLAG,
+                        help=f"Images shown per flag (at most the {PER_KIND} per kind the job keeps)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

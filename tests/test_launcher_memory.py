@@ -81,3 +81,22 @@ def test_old_run_folders_count_flags_in_batches(big_run, no_whole_heatmaps, monk
     page = report_module.render_report(run_dir, manifest_module.load_manifest(run_dir))
     assert "no exemplars table" in page and "data:image/jpeg" not in page
     assert f"Attention on the border: {truth['flag_totals']['attention_on_border']} images" in page
+
+
+def test_scale_bench_steps_and_verdicts(big_run, tmp_path):
+    """bench.scale's steps on a small folder (in-process), and its acceptance checks."""
+    from bench.scale import measure_step, verdicts
+
+    run_dir, truth = big_run
+    baseline = str(tmp_path / "run=base")
+    synthesize_run(baseline, 1_000, seed=1)
+    got = measure_step("manifest", run_dir, baseline)
+    assert got["counts"] == truth["counts"] and got["peak_rss_mb"] > 0
+    assert measure_step("compare", run_dir, baseline)["exit_status"] in (0, 1)
+    step = {"wall_seconds": 10.0, "peak_rss_mb": 300.0}
+    runs = {"1000000": {"counts_match": True, "manifest": step, "compare": step, "report": step},
+            "10000000": {"counts_match": True, "manifest": step, "compare": step,
+                         "report": {"wall_seconds": 10.0, "peak_rss_mb": 400.0}}}
+    assert verdicts(runs) == {"report_1M_seconds<=60": True, "report_1M_rss<=1.5GB": True,
+                              "manifest_rss_10M/1M<=1.2": True, "compare_rss_10M/1M<=1.2": True,
+                              "report_rss_10M/1M<=1.2": False, "counts_match": True}
