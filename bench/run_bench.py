@@ -473,6 +473,8 @@ def parse_args(argv):
                         help="N for the feed measurement (N and 2N images; default 400; --quick 64)")
     parser.add_argument("--pipeline_args", default="", help="Extra pipeline/Beam flags for P, e.g. "
                         "'--direct_num_workers=2 --direct_running_mode=multi_threading'")
+    parser.add_argument("--scale", default="", help="Also run the launcher scale rehearsal (bench.scale) at these "
+                        "heatmap row counts, e.g. 1000000,10000000 (off by default; ~2 GB of disk per 10M rows)")
     parser.add_argument("--levers", default="", help="Comma-separated bench.levers monkeypatches for P runs")
     return parser.parse_args(argv)
 
@@ -549,6 +551,13 @@ def main(argv=None) -> dict:
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+    if args.scale:
+        from bench.scale import measure_scale, verdicts
+
+        log(f"launcher scale rehearsal (bench.scale) at {args.scale} rows")
+        with tempfile.TemporaryDirectory(prefix="gradcam-scale-", dir=args.workdir) as scale_dir:
+            runs = measure_scale([int(r) for r in args.scale.split(",")], scale_dir)
+        results["scale"] = {"runs": runs, "verdicts": verdicts(runs)}
     results["meta"]["total_seconds"] = time.time() - started
     results["meta"]["load_average_end"] = os.getloadavg()[0]
     return write_results(results, args.json, table, default=float)

@@ -4,6 +4,7 @@
       batch decode + CAM)
       -> FormatHeatmapRows -> WriteHeatmaps
                            -> ComputeClassStats -> WriteClassStats
+      -> SelectExemplars (Top.PerKey per flag / shortcut class, + class stats) -> WriteExemplars
     errors of every step -> CollectErrors -> WriteErrors
     after the run: counts read back from the tables -> run_manifest.json
 """
@@ -27,10 +28,11 @@ from transforms.class_stats import ComputeClassStats
 from transforms.dead_letters import ERRORS_TAG
 from transforms.decode import DecodeImageExamples
 from transforms.errors import AuditError, one_line
+from transforms.exemplars import SelectAuditExemplars
 from transforms.model_handler import KerasCamModelHandler
 from transforms.records import ReadShardRecords
 from transforms.rows import FormatHeatmapRows
-from transforms.schemas import CLASS_STATS_SCHEMA, ERROR_SCHEMA, HEATMAP_SCHEMA
+from transforms.schemas import CLASS_STATS_SCHEMA, ERROR_SCHEMA, EXEMPLAR_SCHEMA, HEATMAP_SCHEMA
 from transforms.sinks import TABLES, WriteParquetTable
 
 _LOG = logging.getLogger(__name__)
@@ -115,7 +117,7 @@ def read_class_names(path: Optional[str]) -> list[str]:
 
 
 class ExplainDataset(beam.PTransform):
-    """PCollection[shard path] -> {"heatmaps": rows, "class_stats": rows, "errors": rows}."""
+    """PCollection[shard path] -> {"heatmaps", "class_stats", "errors", "exemplars": rows}."""
 
     def __init__(self, config: AuditConfig, info: ModelInfo, class_names: list[str]):
         super().__init__()
@@ -158,9 +160,9 @@ class ExplainDataset(beam.PTransform):
                 require_label=c.target.needs_label,
             )
         ).with_outputs(ERRORS_TAG, main="images")
+        explained = decoded.images | "ExplainImages" >> RunInference(self.handler())
         rows = (
-            decoded.images
-            | "ExplainImages" >> RunInference(self.handler())
+            explained
             | "FormatHeatmapRows"
             >> beam.ParDo(
                 FormatHeatmapRows(method=c.method, target_layer=self._info.target_layer)
@@ -168,7 +170,10 @@ class ExplainDataset(beam.PTransform):
         )
         errors = (read[ERRORS_TAG], decoded[ERRORS_TAG], rows[ERRORS_TAG]) | "CollectErrors" >> beam.Flatten()
         stats = rows.rows | "ComputeClassStats" >> ComputeClassStats(self._class_names)
-        return {"heatmaps": rows.rows, "class_stats": stats, "errors": errors}
+        exemplars = (explained, stats) | "SelectExemplars" >> SelectAuditExemplars(
+            method=c.method, target_layer=self._info.target_layer, image_key=c.image_key
+        )
+        return {"heatmaps": rows.rows, "class_stats": stats, "errors": errors, "exemplars": exemplars}
 
 
 def clear_outputs(output: str, run_id: Optional[str] = None) -> None:
@@ -204,6 +209,7 @@ def build(pipeline: beam.Pipeline, config: AuditConfig, info: ModelInfo, files: 
     outputs["heatmaps"] | "WriteHeatmaps" >> WriteParquetTable(config.output, "heatmaps", HEATMAP_SCHEMA)
     outputs["class_stats"] | "WriteClassStats" >> WriteParquetTable(config.output, "class_stats", CLASS_STATS_SCHEMA)
     outputs["errors"] | "WriteErrors" >> WriteParquetTable(config.output, "errors", ERROR_SCHEMA)
+    outputs["exemplars"] | "WriteExemplars" >> WriteParquetTable(config.output, "exemplars", EXEMPLAR_SCHEMA)
     return outputs
 
 

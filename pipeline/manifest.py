@@ -3,15 +3,20 @@
 Counts come from the Parquet files themselves (not from runner metrics, which
 some runners do not report), so they describe exactly what was written:
 records_read == images_explained + sum(records_rejected).
+
+Memory does not grow with the run: row counts come from the Parquet footers,
+the rest from a few projected columns scanned in record batches
+(`iter_batches`), never from whole tables turned into Python objects.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
 import json
 import platform
-from typing import Optional
+from typing import Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,30 +28,85 @@ from transforms.sinks import TABLES
 MANIFEST_NAME = "run_manifest.json"
 
 
-def read_table(output: str, table: str, columns: Optional[list[str]] = None) -> pa.Table:
-    """Reads `<output>/<table>/*.parquet` (local or gs://) into one Arrow table."""
-    paths = sorted(m.path for m in FileSystems.match([f"{output}/{table}/*.parquet"])[0].metadata_list)
-    tables = []
-    for path in paths:
-        with FileSystems.open(path) as handle:
-            tables.append(pq.read_table(pa.BufferReader(handle.read()), columns=columns))
-    if not tables:
-        from transforms import schemas
+BATCH_ROWS = 65_536  # rows per record batch when a launcher-side step scans a big table
 
-        schema = {"heatmaps": schemas.HEATMAP_SCHEMA, "class_stats": schemas.CLASS_STATS_SCHEMA,
-                  "errors": schemas.ERROR_SCHEMA}[table]
-        empty = schema.empty_table()
-        return empty.select(columns) if columns else empty
-    return pa.concat_tables(tables)
+
+def table_files(output: str, table: str) -> list[str]:
+    """The Parquet files of `<output>/<table>/` (local or gs://), sorted."""
+    return sorted(m.path for m in FileSystems.match([f"{output}/{table}/*.parquet"])[0].metadata_list)
+
+
+def _empty_table(table: str, columns: Optional[list[str]] = None) -> pa.Table:
+    from transforms import schemas
+
+    schema = {"heatmaps": schemas.HEATMAP_SCHEMA, "class_stats": schemas.CLASS_STATS_SCHEMA,
+              "errors": schemas.ERROR_SCHEMA, "exemplars": schemas.EXEMPLAR_SCHEMA}[table]
+    empty = schema.empty_table()
+    return empty.select(columns) if columns else empty
+
+
+@contextlib.contextmanager
+def open_parquet(path: str) -> Iterator[pq.ParquetFile]:
+    """A ParquetFile on a local path or any Beam filesystem (read lazily, never whole)."""
+    if "://" not in path:
+        with pq.ParquetFile(path) as parquet:
+            yield parquet
+        return
+    with FileSystems.open(path) as handle, pq.ParquetFile(handle) as parquet:
+        yield parquet
+
+
+def read_table(output: str, table: str, columns: Optional[list[str]] = None) -> pa.Table:
+    """Reads `<output>/<table>/*.parquet` (local or gs://) into one Arrow table.
+
+    For the small tables (class_stats, exemplars, errors of a healthy run) and tests;
+    launcher code scans heatmaps with `iter_batches` instead.
+    """
+    tables = []
+    for path in table_files(output, table):
+        with open_parquet(path) as parquet:
+            tables.append(parquet.read(columns=columns))
+    return pa.concat_tables(tables) if tables else _empty_table(table, columns)
+
+
+def iter_batches(output: str, table: str, columns: list[str], batch_size: Optional[int] = None
+                 ) -> Iterator[pa.RecordBatch]:
+    """The `columns` of a table in record batches (default `BATCH_ROWS` rows): memory of one row
+    group's projected columns, whatever the table's size."""
+    for path in table_files(output, table):
+        with open_parquet(path) as parquet:
+            yield from parquet.iter_batches(batch_size=batch_size or BATCH_ROWS, columns=columns)
+
+
+def count_rows(output: str, table: str) -> int:
+    """Rows of a table, from the Parquet footers alone."""
+    total = 0
+    for path in table_files(output, table):
+        with open_parquet(path) as parquet:
+            total += parquet.metadata.num_rows
+    return total
+
+
+def count_values(output: str, table: str, columns: list[str]) -> collections.Counter:
+    """How often each combination of `columns` occurs (tuples as keys), scanned in batches."""
+    counts = collections.Counter()
+    for batch in iter_batches(output, table, columns):
+        if batch.num_rows:
+            grouped = pa.Table.from_batches([batch]).group_by(columns).aggregate([([], "count_all")])
+            for row in grouped.to_pylist():  # one row per distinct combination
+                counts[tuple(row[c] for c in columns)] += row["count_all"]
+    return counts
 
 
 def count_outputs(output: str) -> dict:
-    """Counts per table and the record accounting."""
-    heat = read_table(output, "heatmaps", ["target_rank"]).column("target_rank").to_pylist()
-    errors = read_table(output, "errors", ["stage", "error"]).to_pylist()
-    by_stage = collections.Counter(e["stage"] for e in errors)
-    by_error = collections.Counter(f"{e['stage']}/{e['error']}" for e in errors)
-    explained = sum(1 for rank in heat if rank == 0)
+    """Counts per table and the record accounting (footers and batched column scans only)."""
+    explained = sum(count for (rank,), count in count_values(output, "heatmaps", ["target_rank"]).items()
+                    if rank == 0)
+    errors = count_values(output, "errors", ["stage", "error"])
+    by_stage = collections.Counter()
+    for (stage, _), count in errors.items():
+        by_stage[stage] += count
+    by_error = {f"{stage}/{error}": count for (stage, error), count in errors.items()}
     rejected = {stage: by_stage.get(stage, 0) for stage in STAGES if stage != "read"}
     return {
         "records_read": explained + sum(rejected.values()),
@@ -55,9 +115,9 @@ def count_outputs(output: str) -> dict:
         "shard_errors": by_stage.get("read", 0),
         "errors_by_kind": dict(sorted(by_error.items())),
         "rows": {
-            "heatmaps": len(heat),
-            "class_stats": read_table(output, "class_stats", ["class_id"]).num_rows,
-            "errors": len(errors),
+            "heatmaps": count_rows(output, "heatmaps"),
+            "class_stats": count_rows(output, "class_stats"),
+            "errors": count_rows(output, "errors"),
         },
     }
 
@@ -92,14 +152,20 @@ def library_versions() -> dict:
 
 
 def attention_summary(output: str) -> dict:
-    """Dataset-wide pointing game and the classes flagged as possible shortcuts."""
-    hits = read_table(output, "heatmaps", ["target_rank", "peak_in_box"]).to_pylist()
-    played = [r["peak_in_box"] for r in hits if r["target_rank"] == 0 and r["peak_in_box"] is not None]
-    stats = read_table(output, "class_stats", ["class_id", "shortcut"]).to_pylist()
+    """Dataset-wide pointing game (rank-0 rows with boxes) and the classes flagged as possible shortcuts."""
+    import pyarrow.compute as pc
+
+    played = hits = 0
+    for batch in iter_batches(output, "heatmaps", ["target_rank", "peak_in_box"]):
+        first = pc.equal(batch.column("target_rank"), 0)
+        boxed = pc.and_(first, pc.is_valid(batch.column("peak_in_box")))
+        played += pc.sum(boxed).as_py() or 0
+        hits += pc.sum(pc.and_(boxed, batch.column("peak_in_box"))).as_py() or 0
+    stats = read_table(output, "class_stats", ["class_id", "shortcut"])
     return {
-        "pointing_accuracy": sum(played) / len(played) if played else None,
-        "pointing_images": len(played),
-        "shortcut_classes": sorted(r["class_id"] for r in stats if r["shortcut"]),
+        "pointing_accuracy": hits / played if played else None,
+        "pointing_images": played,
+        "shortcut_classes": sorted(r["class_id"] for r in stats.to_pylist() if r["shortcut"]),
     }
 
 

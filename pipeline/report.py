@@ -4,9 +4,9 @@
 
 Writes `<RUN_DIR>/report.html` (local or gs://): the run's counts, a
 per-class table and plots, the mean CAM of each class, and for each audit
-flag a grid of its worst images with the CAM overlaid, read back from the
-source shards by `source` and `record_index`; and, when the run folder holds
-a comparison.json, what changed since the baseline run.
+flag a grid of its worst images with the CAM overlaid (the thumbnails of the
+run's `exemplars/` table, chosen and drawn in the job); and, when the run
+folder holds a comparison.json, what changed since the baseline run.
 
 Everything is embedded (images as data: URIs, CSS and a few lines of
 script inline) and a Content-Security-Policy forbids any fetch, so the file
@@ -14,9 +14,12 @@ opens offline and from a bucket. An inline script sets
 `<body data-images-ok="true">` once every <img> has decoded, which the
 headless-browser test reads.
 
-Cost: the tables are read whole (the heatmaps with their CAMs); the images
-come from at most `per_flag` rows per flag, each shard read once up to the
-last record needed.
+Cost: independent of the number of images. It reads the manifest, the
+class_stats table (one row per class) and the exemplars table (at most
+`transforms.exemplars.PER_KIND` rows per flag and per shortcut class); it
+never reads the heatmaps or the source shards. Only a run folder written
+before the exemplars table existed has its flag totals counted from two
+projected heatmap columns, in record batches (and shows no image grids).
 """
 
 from __future__ import annotations
@@ -32,29 +35,23 @@ from typing import Optional
 
 import numpy as np
 
+from transforms.exemplars import FLAG_RANKING, PER_KIND, flag_kind, shortcut_kind
+from transforms.thumbnails import ALPHA, COLORMAP
+
 _LOG = logging.getLogger(__name__)
 
 REPORT_NAME = "report.html"
-PER_FLAG = 8
+PER_FLAG = PER_KIND  # the most the exemplars table holds per kind
 MAX_CLASS_MAPS = 24
-TILE = 144  # px, longest side of an image tile
-ALPHA = 0.6  # opacity of the CAM's hottest point; it falls with sqrt(CAM / max), so cold areas show the image
-COLORMAP = "jet"
 
-# flag column -> (title, sort column, worst first is descending?, what it means)
+# flag column -> (title, what it means); worst first as ranked by transforms.exemplars.FLAG_RANKING
 FLAG_GRIDS = {
-    "confident_wrong": ("Confidently wrong", "predicted_score", True,
-                        "wrong prediction with a score of at least 0.8"),
-    "low_confidence": ("Low confidence", "predicted_score", False, "no class gets half of the probability"),
-    "attention_outside_box": ("Attention outside the box", "box_mass", False,
+    "confident_wrong": ("Confidently wrong", "wrong prediction with a score of at least 0.8"),
+    "low_confidence": ("Low confidence", "no class gets half of the probability"),
+    "attention_outside_box": ("Attention outside the box",
                               "the CAM peak misses every box and less than half of its mass is inside them"),
-    "attention_on_border": ("Attention on the border", "border_mass", True,
-                            "at least 60% of the CAM's mass in the outer 12.5% band"),
+    "attention_on_border": ("Attention on the border", "at least 60% of the CAM's mass in the outer 12.5% band"),
 }
-
-_ROW_COLUMNS = ["image_id", "source", "record_index", "label", "predicted_class", "predicted_score",
-                "target_rank", "target_class", "cam", "cam_height", "cam_width", "border_mass",
-                "box_mass", "peak_in_box", "peak_cell", *FLAG_GRIDS]
 
 
 def _data_uri(data: bytes, mime: str) -> str:
@@ -87,72 +84,35 @@ def _class_name(names: dict, class_id) -> str:
     return f"{class_id} {name}" if name else str(class_id)
 
 
-# -- images read back from the shards -------------------------------------------------------------
+# -- image grids from the exemplars table -------------------------------------------------------
 
 
-def read_records(wanted: dict[str, set[int]]) -> dict[tuple[str, int], bytes]:
-    """The serialized records at (source, record_index), each shard read once."""
-    from apache_beam.io.filesystems import FileSystems
+def exemplars_by_kind(run_dir: str) -> Optional[dict[str, list[dict]]]:
+    """{kind: exemplar rows, worst first} of the run, or None when it has no exemplars table."""
+    from pipeline.manifest import read_table, table_files
 
-    from transforms.records import CorruptRecord, iter_records
-
-    found = {}
-    for source, indices in wanted.items():
-        last = max(indices)
-        try:
-            with FileSystems.open(source) as handle:
-                for index, data in enumerate(iter_records(handle)):
-                    if index in indices:
-                        found[(source, index)] = data
-                    if index >= last:
-                        break
-        except (OSError, CorruptRecord) as exc:
-            _LOG.warning("Report: could not read %s: %s", source, exc)
-    return found
+    if not table_files(run_dir, "exemplars"):
+        return None
+    by_kind: dict[str, list[dict]] = {}
+    for row in read_table(run_dir, "exemplars").to_pylist():  # a few rows per kind
+        by_kind.setdefault(row["kind"], []).append(row)
+    for rows in by_kind.values():
+        rows.sort(key=lambda r: r["rank"])
+    return by_kind
 
 
-def parse_example(data: bytes, image_key: str) -> tuple[Optional[bytes], list]:
-    """(encoded image bytes, boxes) of a serialized tf.train.Example."""
-    import tensorflow as tf
+def flag_totals(run_dir: str) -> dict[str, int]:
+    """Images (rank-0 rows) with each flag set, counted over projected columns in record batches."""
+    import pyarrow.compute as pc
 
-    feature = tf.train.Example.FromString(data).features.feature
-    image = feature[image_key].bytes_list.value[0] if image_key in feature and feature[image_key].bytes_list.value \
-        else None
-    cols = [list(feature[f"image/object/bbox/{k}"].float_list.value) if f"image/object/bbox/{k}" in feature else []
-            for k in ("ymin", "xmin", "ymax", "xmax")]
-    boxes = list(zip(*cols, strict=True)) if len({len(c) for c in cols}) == 1 else []
-    return image, boxes
+    from pipeline.manifest import iter_batches
 
-
-def overlay_tile(encoded: Optional[bytes], cam: np.ndarray, boxes=(), size: int = TILE) -> bytes:
-    """A JPEG of the image with the CAM (normalised to its max) overlaid and boxes drawn.
-
-    Without image bytes (a record that could not be read back) the CAM alone is shown.
-    """
-    import matplotlib
-    from PIL import Image, ImageDraw
-
-    if encoded is not None:
-        image = Image.open(io.BytesIO(encoded)).convert("RGB")
-    else:
-        image = Image.new("RGB", (size, size), (128, 128, 128))
-    scale = size / max(image.size)
-    width, height = max(1, round(image.width * scale)), max(1, round(image.height * scale))
-    image = image.resize((width, height), Image.BILINEAR)
-    peak = float(cam.max())
-    norm = (cam / peak) if peak > 0 else np.zeros_like(cam)
-    heat = Image.fromarray(norm.astype(np.float32)).resize((width, height), Image.BILINEAR)
-    rgba = matplotlib.colormaps[COLORMAP](np.clip(np.asarray(heat), 0, 1))
-    alpha = ALPHA * np.sqrt(np.clip(np.asarray(heat), 0, 1))[..., None]
-    blended = (1 - alpha) * np.asarray(image, np.float32) / 255 + alpha * rgba[..., :3]
-    out = Image.fromarray((np.clip(blended, 0, 1) * 255).astype(np.uint8))
-    draw = ImageDraw.Draw(out)
-    for ymin, xmin, ymax, xmax in boxes:
-        draw.rectangle([xmin * width, ymin * height, xmax * width - 1, ymax * height - 1], outline=(255, 255, 255),
-                       width=2)
-    buf = io.BytesIO()
-    out.save(buf, format="JPEG", quality=85)
-    return buf.getvalue()
+    totals = dict.fromkeys(FLAG_GRIDS, 0)
+    for batch in iter_batches(run_dir, "heatmaps", ["target_rank", *FLAG_GRIDS]):
+        first = pc.equal(batch.column("target_rank"), 0)
+        for flag in FLAG_GRIDS:
+            totals[flag] += pc.sum(pc.and_(first, pc.fill_null(batch.column(flag), False))).as_py() or 0
+    return totals
 
 
 # -- plots ----------------------------------------------------------------------------------------
@@ -269,22 +229,10 @@ def _class_table(stats: list[dict], names: dict) -> str:
     return f"<table>{head}{''.join(body)}</table>"
 
 
-def _tile_grid(rows: list[dict], records: dict, names: dict, image_key: str, extra: str) -> str:
+def _tile_grid(rows: list[dict], names: dict, extra: str) -> str:
     figures = []
     for r in rows:
-        data = records.get((r["source"], r["record_index"]))
-        encoded, boxes = (None, [])
-        if data is not None:
-            try:
-                encoded, boxes = parse_example(data, image_key)
-            except Exception as exc:  # noqa: BLE001 - a record the decoder accepted; show the CAM alone
-                _LOG.warning("Report: could not parse %s[%d]: %s", r["source"], r["record_index"], exc)
-        cam = np.asarray(r["cam"], np.float32).reshape(r["cam_height"], r["cam_width"])
-        try:
-            tile = overlay_tile(encoded, cam, boxes)
-        except Exception as exc:  # noqa: BLE001
-            _LOG.warning("Report: could not draw %s: %s", r["image_id"], exc)
-            tile = overlay_tile(None, cam, ())
+        tile = r["thumbnail"]
         wrong = r["label"] is not None and r["label"] != r["predicted_class"]
         figures.append(
             f"<figure><img alt='{_esc(r['image_id'])}' src='{_data_uri(tile, 'image/jpeg')}'>"
@@ -295,15 +243,9 @@ def _tile_grid(rows: list[dict], records: dict, names: dict, image_key: str, ext
     return f"<div class=grid>{''.join(figures)}</div>"
 
 
-def _extra_caption(sort_key: str) -> str:
+def _extra_caption(flag: str) -> str:
+    sort_key = FLAG_RANKING[flag][0]
     return {"box_mass": "in-box {box_mass:.2f}", "border_mass": "border {border_mass:.2f}"}.get(sort_key, "")
-
-
-def select_worst(rows: list[dict], flag: str, sort_key: str, descending: bool, n: int) -> list[dict]:
-    """Up to n rows with `flag` set, worst first (ties by image id)."""
-    hits = [r for r in rows if r.get(flag) and r.get(sort_key) is not None]
-    hits.sort(key=lambda r: ((-r[sort_key]) if descending else r[sort_key], r["image_id"]))
-    return hits[:n]
 
 
 def _comparison_section(comparison: dict, names: dict, current_stats: list[dict]) -> str:
@@ -359,31 +301,19 @@ def render_report(run_dir: str, manifest: dict, comparison: Optional[dict] = Non
     from pipeline.manifest import read_table
     from transforms.flags import CELL_NAMES
 
-    stats = sorted(read_table(run_dir, "class_stats").to_pylist(), key=lambda s: s["class_id"])
+    stats = sorted(read_table(run_dir, "class_stats").to_pylist(), key=lambda s: s["class_id"])  # one row/class
     names = {s["class_id"]: s["class_name"] for s in stats if s["class_name"]}
-    heat = read_table(run_dir, "heatmaps")
-    heat = heat.select([c for c in _ROW_COLUMNS if c in heat.column_names])
-    rows = [r for r in heat.to_pylist() if r["target_rank"] == 0]
-    image_key = (manifest.get("options") or {}).get("image_key", "image/encoded")
-
-    grids = []
-    for flag, (title, key, desc, meaning) in FLAG_GRIDS.items():
-        total = sum(1 for r in rows if r.get(flag))
-        grids.append((flag, title, meaning, total, select_worst(rows, flag, key, desc, per_flag), key))
-    shortcut_grids = []
-    for s in stats:
-        if s.get("shortcut") and s.get("peak_cell") is not None:
-            chosen = [r for r in rows if r["predicted_class"] == s["class_id"] and r.get("peak_cell") == s["peak_cell"]]
-            chosen.sort(key=lambda r: (-r["predicted_score"], r["image_id"]))
-            shortcut_grids.append((s, chosen[:per_flag]))
-    wanted: dict[str, set[int]] = {}
-    for *_, chosen, _key in grids:
-        for r in chosen:
-            wanted.setdefault(r["source"], set()).add(r["record_index"])
-    for _, chosen in shortcut_grids:
-        for r in chosen:
-            wanted.setdefault(r["source"], set()).add(r["record_index"])
-    records = read_records(wanted)
+    exemplars = exemplars_by_kind(run_dir)
+    if exemplars is None:  # a run written before the exemplars table: totals only
+        totals = flag_totals(run_dir)
+    else:
+        totals = {flag: (exemplars.get(flag_kind(flag)) or [{"kind_total": 0}])[0]["kind_total"]
+                  for flag in FLAG_GRIDS}
+    has_exemplars, exemplars = exemplars is not None, exemplars or {}
+    grids = [(flag, title, meaning, totals[flag], exemplars.get(flag_kind(flag), [])[:per_flag])
+             for flag, (title, meaning) in FLAG_GRIDS.items()]
+    shortcut_grids = [(s, exemplars.get(shortcut_kind(s["class_id"]), [])[:per_flag])
+                      for s in stats if s.get("shortcut") and s.get("peak_cell") is not None]
 
     counts = manifest.get("counts", {})
     attention = manifest.get("attention", {})
@@ -436,14 +366,17 @@ def render_report(run_dir: str, manifest: dict, comparison: Optional[dict] = Non
             f"<h3 class=bad>Possible shortcut, class {_esc(_class_name(names, s['class_id']))}: images peaking in "
             f"the {CELL_NAMES[s['peak_cell']]} ninth</h3>"
         )
-        parts.append(_tile_grid(chosen, records, names, image_key, ""))
+        parts.append(_tile_grid(chosen, names, ""))
     parts.append("<h2>Flagged images</h2><p class=muted>Worst first; white rectangles are the boxes; "
                  f"CAM in the '{COLORMAP}' colour map, opacity up to {ALPHA} where it is hottest.</p>")
-    for _flag, title_, meaning, total, chosen, key in grids:
+    if not has_exemplars:
+        parts.append("<p class=muted>This run folder has no exemplars table (runs written before it existed "
+                     "have none): no image grids.</p>")
+    for flag, title_, meaning, total, chosen in grids:
         parts.append(f"<h3>{_esc(title_)}: {total} image{'s' if total != 1 else ''}</h3>"
                      f"<p class=muted>{_esc(meaning)}</p>")
         if chosen:
-            parts.append(_tile_grid(chosen, records, names, image_key, _extra_caption(key)))
+            parts.append(_tile_grid(chosen, names, _extra_caption(flag)))
     if comparison:
         parts.append(_comparison_section(comparison, names, stats))
     parts.append(f"<p class=muted>Generated {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC "
@@ -475,7 +408,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", help="A run folder (<output>/run=<id>, local or gs://)")
     parser.add_argument("--out", default=None, help="Where to write the HTML (default: <run_dir>/report.html)")
-    parser.add_argument("--per_flag", type=int, default=PER_FLAG, help="Images shown per flag")
+    parser.add_argument("--per_flag", type=int, default=PER_FLAG,
+                        help=f"Images shown per flag (at most the {PER_KIND} per kind the job keeps)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

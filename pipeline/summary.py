@@ -52,7 +52,7 @@ def summary_text(manifest: dict) -> str:
             f"method {manifest['options']['method']}, target {manifest['options']['target']}."
         ),
         (
-            f"Tables under {manifest['output']}/ (heatmaps, class_stats, errors), run_manifest.json"
+            f"Tables under {manifest['output']}/ (heatmaps, class_stats, errors, exemplars), run_manifest.json"
             + (" and report.html." if isinstance(manifest.get("report"), str) else ".")
         ),
     ]

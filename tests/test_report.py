@@ -1,4 +1,4 @@
-"""The visual report: self-contained HTML, images read back from the shards, loads in a real browser."""
+"""The visual report: self-contained HTML, tiles from the exemplars table, loads in a real browser."""
 
 import os
 import re
@@ -8,7 +8,6 @@ import pytest
 from pipeline.demo import SHORTCUT_CLASS
 from pipeline.manifest import read_table
 from pipeline.report import main as report_main
-from pipeline.report import parse_example, read_records
 from tests.audit_fixtures import RUN_IDS
 from tests.browser import dump_dom, find_browser, screenshot
 
@@ -39,21 +38,19 @@ def test_report_shows_the_shortcut_and_the_comparison(demo_runs):
     assert "pointing game" in second
 
 
-def test_images_are_read_back_by_source_and_index(demo_runs):
-    rows = read_table(demo_runs.run_dir(RUN_IDS[0]), "heatmaps", ["image_id", "source", "record_index"]).to_pylist()
-    chosen = rows[::97]
-    wanted = {}
-    for r in chosen:
-        wanted.setdefault(r["source"], set()).add(r["record_index"])
-    records = read_records(wanted)
-    for r in chosen:
-        import tensorflow as tf
+def test_tiles_are_the_exemplars_thumbnails(demo_runs):
+    """The grids come from the run's exemplars table (drawn in the job), not from the shards."""
+    import base64
 
-        data = records[(r["source"], r["record_index"])]
-        feature = tf.train.Example.FromString(data).features.feature
-        assert feature["image/filename"].bytes_list.value[0].decode() == r["image_id"]
-        image, boxes = parse_example(data, "image/encoded")
-        assert image[:4] == b"\x89PNG" and len(boxes) == 1
+    run_dir = demo_runs.run_dir(RUN_IDS[0])
+    page = _html(demo_runs, RUN_IDS[0])
+    exemplars = read_table(run_dir, "exemplars").to_pylist()
+    kinds = {r["kind"] for r in exemplars}
+    assert f"shortcut:{SHORTCUT_CLASS}" in kinds and any(k.startswith("flag:") for k in kinds)
+    assert not any(k.startswith("cell:") for k in kinds)  # per-ninth candidates never reach the table
+    for r in exemplars:
+        assert base64.b64encode(r["thumbnail"]).decode("ascii") in page, (r["kind"], r["rank"])
+    assert page.count("src='data:image/jpeg;base64,") == len(exemplars)
 
 
 def test_report_command_rewrites_a_report(demo_runs, tmp_path, capsys):

@@ -3,6 +3,7 @@
 heatmaps     one row per (image, target): prediction, target, raw CAM, attention
 class_stats  one row per class: counts, accuracy, mean CAM, attention, confusions
 errors       one row per rejected record (or corrupt/empty shard), raw bytes kept
+exemplars    the few worst images of each kind (flag, shortcut class, ...) with a thumbnail
 comparison   one row per class: what changed since a baseline run (pipeline/compare.py)
 """
 
@@ -92,6 +93,33 @@ ERROR_SCHEMA = pa.schema(
         pa.field("error", pa.string(), nullable=False),
         pa.field("message", pa.string(), nullable=False),
         pa.field("raw_record", pa.binary()),
+    ]
+)
+
+EXEMPLAR_SCHEMA = pa.schema(
+    [
+        # What the images are exemplars of: "flag:<heatmap flag column>", "shortcut:<class_id>", or
+        # any other "<family>:<...>" another step selects with transforms.exemplars.SelectExemplars.
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("rank", pa.int32(), nullable=False),  # 0 = the worst of its kind
+        pa.field("score", pa.float64(), nullable=False),  # the ranking value, higher = worse
+        pa.field("kind_total", pa.int64(), nullable=False),  # images of this kind in the whole run
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("record_index", pa.int64(), nullable=False),
+        pa.field("label", pa.int64()),
+        pa.field("predicted_class", pa.int64(), nullable=False),
+        pa.field("predicted_score", pa.float32(), nullable=False),
+        pa.field("target_class", pa.int64(), nullable=False),
+        pa.field("box_mass", pa.float32()),
+        pa.field("border_mass", pa.float32()),
+        pa.field("peak_cell", pa.int32()),
+        pa.field("cam", pa.list_(pa.float32()), nullable=False),
+        pa.field("cam_height", pa.int32(), nullable=False),
+        pa.field("cam_width", pa.int32(), nullable=False),
+        # JPEG, longest side transforms.thumbnails.TILE px: the image with the CAM overlaid and its boxes
+        # drawn (the CAM alone on grey when the image could not be decoded).
+        pa.field("thumbnail", pa.binary(), nullable=False),
     ]
 )
 

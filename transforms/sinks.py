@@ -1,11 +1,11 @@
-"""Parquet sinks for the three tables (local or any Beam filesystem)."""
+"""Parquet sinks for the four tables (local or any Beam filesystem)."""
 
 from __future__ import annotations
 
 import apache_beam as beam
 import pyarrow as pa
 
-TABLES = ("heatmaps", "class_stats", "errors")
+TABLES = ("heatmaps", "class_stats", "errors", "exemplars")
 
 
 def table_prefix(output: str, table: str) -> str:

@@ -1,0 +1,185 @@
+"""Exemplars: Top.PerKey picks the worst of each kind, the table's schema, tiles, a report without shards."""
+
+import io
+import os
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that
+
+from pipeline.demo import make_example
+from tests.helpers import parquet_schema, png_bytes, read_parquet_dir, write_shard
+from transforms.decode import DecodedImage
+from transforms.exemplars import (
+    FLAG_RANKING,
+    SelectAuditExemplars,
+    SelectExemplars,
+    audit_candidates,
+    candidate,
+    cell_kind,
+    flag_kind,
+    shortcut_kind,
+)
+from transforms.model_handler import Explained
+from transforms.rows import heatmap_rows
+from transforms.schemas import EXEMPLAR_SCHEMA
+from transforms.sinks import WriteParquetTable
+from transforms.thumbnails import TILE, draw_boxes, jet, overlay
+
+N_IMAGES = 48
+PER_KIND = 3
+SHORTCUT_CELL = 0  # the ninth class 1's peaks crowd into, as its class_stats say
+
+
+def fake_explained(i: int) -> Explained:
+    """An explained image with a 4x4 CAM; scores repeat so that ties occur (broken by image id)."""
+    rng = np.random.default_rng(i)
+    cam = rng.random((1, 4, 4)).astype(np.float32)
+    if i % 4 == 0:
+        cam[0, 0, 0] = 10.0  # peak in the top-left ninth, mass on the border
+    boxes = ((0.0, 0.0, 0.5, 0.5),) if i % 2 else ()
+    label = i % 3
+    predicted = (i // 5) % 3
+    score = [0.95, 0.3, 0.85, 0.45, 0.6][i % 5]
+    image = DecodedImage(
+        source="/gone/shard-0.tfrecord", record_index=i, image_id=f"im-{i:03d}", label=label, boxes=boxes,
+        image_height=20, image_width=30, pixels=None,
+        raw_record=make_example(png_bytes(20, 30, seed=i), label=label, image_id=f"im-{i:03d}", boxes=boxes),
+    )
+    return Explained(image, predicted, score, np.array([predicted]), np.array([score], np.float32),
+                     np.array([1.0], np.float32), cam)
+
+
+def rank0_rows():
+    return [heatmap_rows(fake_explained(i), method="gradcam", target_layer="conv")[0] for i in range(N_IMAGES)]
+
+
+def expected_kinds(rows, shortcut_class: int) -> dict:
+    """kind -> (image ids worst first, total): an independent sort of every row (the old report's rule)."""
+    out = {}
+    for flag, (column, largest) in FLAG_RANKING.items():
+        hits = [r for r in rows if r[flag] and r[column] is not None]
+        hits.sort(key=lambda r: (-r[column] if largest else r[column], r["image_id"]))
+        if hits:
+            out[flag_kind(flag)] = ([r["image_id"] for r in hits[:PER_KIND]], len(hits))
+    hits = [r for r in rows if r["predicted_class"] == shortcut_class and r["peak_cell"] == SHORTCUT_CELL]
+    hits.sort(key=lambda r: (-r["predicted_score"], r["image_id"]))
+    out[shortcut_kind(shortcut_class)] = ([r["image_id"] for r in hits[:PER_KIND]], len(hits))
+    return out
+
+
+def test_candidates_of_one_row():
+    row = dict(rank0_rows()[0])
+    row.update(confident_wrong=True, low_confidence=False, attention_outside_box=None, attention_on_border=True,
+               predicted_score=0.9, border_mass=0.7, predicted_class=2, peak_cell=5)
+    kinds = {kind: c.score for kind, c in audit_candidates(row, b"raw")}
+    assert kinds == {flag_kind("confident_wrong"): pytest.approx(0.9), flag_kind("attention_on_border"):
+                     pytest.approx(0.7), cell_kind(2, 5): pytest.approx(0.9)}
+    row.update(low_confidence=True, predicted_score=0.3)
+    assert {k: c.score for k, c in audit_candidates(row, b"raw")}[flag_kind("low_confidence")] == pytest.approx(-0.3)
+
+
+def test_top_per_kind_picks_the_worst_of_each_kind(tmp_path):
+    rows = rank0_rows()
+    assert len({r["predicted_score"] for r in rows}) < len(rows)  # ties exist
+    shortcut_class = 1
+    want = expected_kinds(rows, shortcut_class)
+    assert len(want) >= 4 and len(want[shortcut_kind(shortcut_class)][0]) > 0
+
+    def check(got):
+        by_kind = {}
+        for r in got:
+            by_kind.setdefault(r["kind"], []).append(r)
+        assert set(by_kind) == set(want), sorted(by_kind)
+        for kind, (ids, total) in want.items():
+            chosen = sorted(by_kind[kind], key=lambda r: r["rank"])
+            assert [r["image_id"] for r in chosen] == ids, kind
+            assert [r["rank"] for r in chosen] == list(range(len(ids)))
+            assert all(r["kind_total"] == total for r in chosen), kind
+            assert all(r["thumbnail"][:2] == b"\xff\xd8" for r in chosen)  # JPEG
+        pa.Table.from_pylist(got, schema=EXEMPLAR_SCHEMA)  # every row fits the schema
+
+    stats = [{"class_id": 0, "shortcut": False, "peak_cell": 4},
+             {"class_id": shortcut_class, "shortcut": True, "peak_cell": SHORTCUT_CELL},
+             {"class_id": 2, "shortcut": False, "peak_cell": None}]
+    with TestPipeline() as p:
+        explained = p | "Images" >> beam.Create([fake_explained(i) for i in range(N_IMAGES)])
+        class_stats = p | "Stats" >> beam.Create(stats)
+        exemplars = (explained, class_stats) | SelectAuditExemplars(method="gradcam", target_layer="conv",
+                                                                   per_kind=PER_KIND)
+        assert_that(exemplars, check)
+        exemplars | WriteParquetTable(str(tmp_path), "exemplars", EXEMPLAR_SCHEMA)
+    assert parquet_schema(str(tmp_path / "exemplars")).equals(EXEMPLAR_SCHEMA)
+    assert read_parquet_dir(str(tmp_path / "exemplars")).num_rows == sum(len(ids) for ids, _ in want.values())
+
+
+def test_select_exemplars_takes_any_kind():
+    """Another step's own kinds ("strategy:<class>:<cluster>") go through unchanged, no relabelling."""
+    rows = rank0_rows()[:10]
+    pairs = [(f"strategy:0:{i % 2}", candidate(r, float(i), b"not an example")) for i, r in enumerate(rows)]
+
+    def check(got):
+        ids = {(r["kind"], r["rank"]): r["image_id"] for r in got}
+        assert ids == {("strategy:0:0", 0): "im-008", ("strategy:0:0", 1): "im-006",
+                       ("strategy:0:1", 0): "im-009", ("strategy:0:1", 1): "im-007"}
+        assert {r["kind_total"] for r in got} == {5}
+
+    with TestPipeline() as p:
+        assert_that(p | beam.Create(pairs) | SelectExemplars(per_kind=2), check)
+
+
+def test_jet_matches_matplotlib():
+    import matplotlib
+
+    x = np.arange(256) / 255  # matplotlib tabulates 256 entries at i / 255 (and looks up int(x * 256))
+    np.testing.assert_allclose(jet(x), matplotlib.colormaps["jet"](x)[:, :3], atol=1e-6)
+
+
+def test_overlay_tile():
+    image = np.zeros((60, 120, 3), np.uint8)
+    image[..., 2] = 200  # blue
+    cam = np.zeros((4, 4), np.float32)
+    cam[0, 0] = 1.0  # hot top-left corner only
+    tile = overlay(image, cam, [(0.5, 0.5, 1.0, 1.0)])
+    assert tile.shape == (TILE // 2, TILE, 3)
+    hot, cold = tile[2, 2].astype(int), tile[30, 40].astype(int)
+    # Hottest point: (1 - 0.6) * image + 0.6 * jet(1) = 0.4 * (0, 0, 200) + 0.6 * (127.5, 0, 0).
+    np.testing.assert_allclose(hot, [0.6 * 127.5, 0, 0.4 * 200], atol=12)
+    np.testing.assert_array_equal(cold, [0, 0, 200])
+    assert (tile[TILE // 4, TILE // 2 + 5] == 255).all() and (tile[-1, TILE - 1] == 255).all()  # box outline
+    drawn = draw_boxes(np.zeros((10, 10, 3), np.uint8), [(0.0, 0.0, 1.0, 1.0)], width=1)
+    assert drawn[:, 0].min() == 255 and drawn[5, 5].max() == 0
+
+
+def test_the_report_draws_tiles_from_exemplars_without_the_shards(model_path, tmp_path):
+    """A real run; the shard is deleted before the report renders every tile from exemplars/."""
+    from PIL import Image
+
+    from pipeline.graph import run
+    from pipeline.manifest import read_table
+    from pipeline.report import render_report
+    from tests.helpers import SIZE
+
+    records = [make_example(png_bytes(SIZE, SIZE, seed=i), label=i % 3, image_id=f"x-{i}",
+                            boxes=[(0.1, 0.1, 0.6, 0.7)]) for i in range(12)]
+    shard = write_shard(str(tmp_path), "only.tfrecord", records)
+    _, manifest = run(["--input", shard, "--model", model_path, "--output", str(tmp_path / "out"),
+                       "--batch_size", "4", "--run_id", "t"])
+    run_dir = manifest["output"]
+    exemplars = read_table(run_dir, "exemplars")
+    assert exemplars.schema.equals(EXEMPLAR_SCHEMA)
+    assert exemplars.num_rows > 0 and set(exemplars.column("source").to_pylist()) == {shard}
+    heat = read_table(run_dir, "heatmaps").to_pylist()
+    for r in exemplars.to_pylist():  # each exemplar is the image's own row, and its tile is an image
+        same = next(h for h in heat if h["image_id"] == r["image_id"])
+        assert r["cam"] == same["cam"] and r["predicted_score"] == same["predicted_score"]
+        assert max(Image.open(io.BytesIO(r["thumbnail"])).size) == TILE
+    os.remove(shard)
+    page = render_report(run_dir, manifest)
+    shown = sum(min(n, 8) for n in exemplars.group_by("kind").aggregate([([], "count_all")])["count_all"].to_pylist())
+    assert page.count("src='data:image/jpeg;base64,") == shown
+    for r in exemplars.to_pylist():
+        assert r["image_id"] in page

@@ -1,0 +1,249 @@
+"""Exemplars: the few worst images of each kind, chosen in the job with Beam's `Top.PerKey`.
+
+A *kind* is a string "<family>:<...>": "flag:confident_wrong" (one per image
+flag of `transforms.flags`), "shortcut:<class_id>" (images predicted as a
+shortcut class whose CAM peaks in the ninth the class's peaks crowd into),
+or anything another step proposes ("strategy:<class>:<cluster>").
+
+    explained images -> ProposeExemplars -> (kind, Candidate)      one per kind an image belongs to
+      -> SelectExemplars: Top.PerKey(n) by (score, then image id) -+-> relabel / drop kinds (side input)
+                          Count.PerKey = kind_total  ------------ +-> DrawThumbnails -> exemplar rows
+
+Memory stays bounded whatever the dataset size: Beam lifts both combiners
+(each worker keeps at most n candidates per kind per bundle, then merges
+those), a `Candidate` carries its serialized record (already held by the
+explained image, so nothing is copied before the combiner), and thumbnails
+are drawn only for the winners. The "cell:<class>:<ninth>" kinds behind the
+shortcut exemplars number up to 9 per class (n records each per bundle);
+the class statistics decide afterwards which of them become
+"shortcut:<class>" and the rest are dropped before any thumbnail is drawn.
+
+The table (`transforms.schemas.EXEMPLAR_SCHEMA`) holds a thumbnail per
+exemplar, so the report never reads the source shards.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Iterable, NamedTuple, Optional
+
+import apache_beam as beam
+import numpy as np
+
+from transforms.flags import DEFAULT_THRESHOLDS, FlagThresholds
+
+PER_KIND = 8
+
+# flag column -> (ranking column, worst first means the largest value?)
+FLAG_RANKING = {
+    "confident_wrong": ("predicted_score", True),
+    "low_confidence": ("predicted_score", False),
+    "attention_outside_box": ("box_mass", False),
+    "attention_on_border": ("border_mass", True),
+}
+
+# The heatmap columns an exemplar row keeps (besides kind, rank, score, kind_total, thumbnail).
+ROW_FIELDS = ("image_id", "source", "record_index", "label", "predicted_class", "predicted_score",
+              "target_class", "box_mass", "border_mass", "peak_cell", "cam", "cam_height", "cam_width")
+
+
+def flag_kind(flag: str) -> str:
+    return f"flag:{flag}"
+
+
+def shortcut_kind(class_id: int) -> str:
+    return f"shortcut:{class_id}"
+
+
+def cell_kind(predicted_class: int, cell: int) -> str:
+    return f"cell:{predicted_class}:{cell}"
+
+
+class Candidate(NamedTuple):
+    """One image proposed as an exemplar of one kind.
+
+    Attributes:
+      score: the ranking value; the highest scores win (negate to prefer the smallest).
+      image_id: ties on score go to the smallest image id.
+      fields: the `ROW_FIELDS` of the image's heatmap row (rank 0).
+      raw_record: the serialized tf.train.Example, for the thumbnail.
+      boxes: ((ymin, xmin, ymax, xmax), ...) as fractions, drawn on the thumbnail.
+    """
+
+    score: float
+    image_id: str
+    fields: dict
+    raw_record: bytes
+    boxes: tuple = ()
+
+
+@functools.total_ordering
+class _Descending:
+    """Wraps a string so that smaller strings rank higher (ties to the smallest image id)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str):
+        self.value = value
+
+    def __eq__(self, other) -> bool:
+        return self.value == other.value
+
+    def __lt__(self, other) -> bool:
+        return self.value > other.value
+
+
+def rank_key(candidate: Candidate) -> tuple:
+    """What `Top` compares: the score, then the image id (the smallest first)."""
+    return candidate.score, _Descending(candidate.image_id)
+
+
+def candidate(row: dict, score: float, raw_record: bytes, boxes: Iterable = ()) -> Candidate:
+    """A Candidate from a heatmap row dict."""
+    return Candidate(float(score), row["image_id"], {k: row.get(k) for k in ROW_FIELDS}, raw_record,
+                     tuple(tuple(b) for b in boxes))
+
+
+def audit_candidates(row: dict, raw_record: bytes, boxes: Iterable = ()) -> Iterable[tuple[str, Candidate]]:
+    """The (kind, Candidate) pairs of one image's rank-0 heatmap row.
+
+    One per flag set (ranked by `FLAG_RANKING`), and one "cell:<predicted class>:<peak ninth>"
+    ranked by predicted_score (the shortcut exemplars are chosen among these).
+    """
+    boxes = tuple(boxes)
+    for flag, (column, worst_is_largest) in FLAG_RANKING.items():
+        value = row.get(column)
+        if row.get(flag) and value is not None:
+            yield flag_kind(flag), candidate(row, value if worst_is_largest else -value, raw_record, boxes)
+    if row.get("peak_cell") is not None:
+        yield (cell_kind(row["predicted_class"], row["peak_cell"]),
+               candidate(row, row["predicted_score"], raw_record, boxes))
+
+
+class ProposeExemplars(beam.DoFn):
+    """Explained image -> (kind, Candidate) for each audit kind it belongs to (failed images: none).
+
+    Formats the image's rank-0 heatmap row again with `transforms.rows.heatmap_rows`
+    (the same function FormatHeatmapRows uses; a few microseconds for a 7x7 map).
+    """
+
+    def __init__(self, *, method: str, target_layer: str, thresholds: FlagThresholds = DEFAULT_THRESHOLDS):
+        self._method = method
+        self._target_layer = target_layer
+        self._thresholds = thresholds
+
+    def process(self, result):
+        from transforms.rows import heatmap_rows
+
+        if result.error is not None:
+            return
+        rows = heatmap_rows(result, method=self._method, target_layer=self._target_layer,
+                            thresholds=self._thresholds)
+        first = next(r for r in rows if r["target_rank"] == 0)
+        yield from audit_candidates(first, result.image.raw_record, result.image.boxes)
+
+
+def exemplar_row(kind: str, rank: int, total: int, winner: Candidate, thumbnail: bytes) -> dict:
+    """One row of `transforms.schemas.EXEMPLAR_SCHEMA`."""
+    return {"kind": kind, "rank": rank, "score": winner.score, "kind_total": total, **winner.fields,
+            "thumbnail": thumbnail}
+
+
+class DrawThumbnails(beam.DoFn):
+    """(kind, [winners, best first]) -> exemplar rows with a JPEG tile each.
+
+    Side inputs: `totals` {kind: number of candidates}; `relabel_input`, passed
+    to `relabel(kind, relabel_input)` which names the kind to write (None drops it).
+    """
+
+    def __init__(self, image_key: str, relabel: Optional[Callable[[str, Any], Optional[str]]] = None):
+        self._image_key = image_key
+        self._relabel = relabel
+        self._drawn = beam.metrics.Metrics.counter("gradcam_audit", "exemplar_thumbnails")
+
+    def process(self, keyed, totals, relabel_input=None):
+        from transforms.thumbnails import example_image, overlay_tile
+
+        kind, winners = keyed
+        name = self._relabel(kind, relabel_input) if self._relabel else kind
+        if name is None:
+            return
+        for rank, winner in enumerate(winners):
+            f = winner.fields
+            cam = np.asarray(f["cam"], np.float32).reshape(f["cam_height"], f["cam_width"])
+            tile = overlay_tile(example_image(winner.raw_record, self._image_key), cam, winner.boxes)
+            self._drawn.inc()
+            yield exemplar_row(name, rank, totals.get(kind, len(winners)), winner, tile)
+
+
+class SelectExemplars(beam.PTransform):
+    """PCollection[(kind, Candidate)] -> PCollection[exemplar row]: the `per_kind` best of each kind.
+
+    Args:
+      per_kind: exemplars kept per kind.
+      image_key: the Example feature holding the encoded image.
+      relabel: optional `fn(kind, side) -> Optional[str]` renaming or dropping kinds after the
+        selection (before thumbnails are drawn), with `relabel_input` (a side input view such
+        as `beam.pvalue.AsDict(pcoll)`) as `side`. Must be picklable (a module-level function).
+    """
+
+    def __init__(self, per_kind: int = PER_KIND, image_key: str = "image/encoded",
+                 relabel: Optional[Callable[[str, Any], Optional[str]]] = None, relabel_input=None):
+        super().__init__()
+        self._per_kind = per_kind
+        self._image_key = image_key
+        self._relabel = relabel
+        self._relabel_input = relabel_input
+
+    def expand(self, candidates):
+        totals = candidates | "CountPerKind" >> beam.combiners.Count.PerKey()
+        best = candidates | "TopPerKind" >> beam.combiners.Top.PerKey(self._per_kind, key=rank_key)
+        side = [] if self._relabel_input is None else [self._relabel_input]
+        return best | "DrawThumbnails" >> beam.ParDo(
+            DrawThumbnails(self._image_key, self._relabel), beam.pvalue.AsDict(totals), *side
+        )
+
+
+def shortcut_relabel(kind: str, shortcut_cells: dict) -> Optional[str]:
+    """Keeps "flag:*"; "cell:<class>:<ninth>" becomes "shortcut:<class>" when that class is a
+    shortcut whose peaks crowd into that ninth (`shortcut_cells` {class_id: ninth}), else dropped;
+    other kinds pass unchanged."""
+    if not kind.startswith("cell:"):
+        return kind
+    _, class_id, cell = kind.split(":")
+    class_id, cell = int(class_id), int(cell)
+    return shortcut_kind(class_id) if shortcut_cells.get(class_id) == cell else None
+
+
+def _shortcut_cell(stats_row: dict) -> Iterable[tuple[int, int]]:
+    if stats_row.get("shortcut") and stats_row.get("peak_cell") is not None:
+        yield stats_row["class_id"], stats_row["peak_cell"]
+
+
+class SelectAuditExemplars(beam.PTransform):
+    """(PCollection[Explained], PCollection[class_stats row]) -> PCollection[exemplar row].
+
+    The worst `per_kind` images of each image flag, and the most confident
+    images of each shortcut class among those whose CAM peaks where the
+    class's peaks crowd (the report's image grids).
+    """
+
+    def __init__(self, *, method: str, target_layer: str, image_key: str = "image/encoded",
+                 per_kind: int = PER_KIND, thresholds: FlagThresholds = DEFAULT_THRESHOLDS):
+        super().__init__()
+        self._method = method
+        self._target_layer = target_layer
+        self._image_key = image_key
+        self._per_kind = per_kind
+        self._thresholds = thresholds
+
+    def expand(self, inputs):
+        explained, class_stats = inputs
+        cells = class_stats | "FindShortcutCells" >> beam.FlatMap(_shortcut_cell)
+        return (
+            explained
+            | "ProposeExemplars" >> beam.ParDo(ProposeExemplars(
+                method=self._method, target_layer=self._target_layer, thresholds=self._thresholds))
+            | "SelectExemplars" >> SelectExemplars(self._per_kind, self._image_key, relabel=shortcut_relabel,
+                                                   relabel_input=beam.pvalue.AsDict(cells))
+        )
