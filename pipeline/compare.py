@@ -32,6 +32,13 @@ Per class (class_stats of both runs), with the default thresholds:
                 circles instead of the bottom: correlation 0.18, shift 0.21,
                 in-box mass 0.99 -> 0.98). Both are always reported.
   shortcut      the class became a possible shortcut (transforms/flags.py).
+  strategies    (the `clusters` tables of both runs; `compare_strategies`)
+                a suspicious strategy that the baseline did not have, or a
+                strategy whose share of the class moved by at least
+                --max_strategy_share_change (0.1). A current cluster is the
+                same strategy as the baseline cluster of its class whose mean
+                map correlates best with its own, if that correlation is at
+                least STRATEGY_MATCH (0.5); otherwise it is new (share 0 before).
 
 Run-wide: the share of rejected records rising by at least
 --max_rejected_increase (0.02).
@@ -72,6 +79,7 @@ class CompareThresholds:
     max_rejected_increase: float = 0.02
     min_images: int = 10
     check_moves_inside_boxes: bool = False
+    max_strategy_share_change: float = 0.1
 
 
 _THRESHOLD_HELP = {
@@ -84,6 +92,8 @@ _THRESHOLD_HELP = {
     "max_box_mass_change": "Flag a class whose mean in-box mass moved by at least this much",
     "max_rejected_increase": "Flag the run when the share of rejected records rose by at least this much",
     "min_images": "Compare attention only for classes with at least this many images in both runs",
+    "max_strategy_share_change": "Flag a class one of whose strategies (SpRAy clusters) changed its share of the "
+    "class by at least this much",
     "check_moves_inside_boxes": "Also apply --min_cam_correlation and --max_peak_shift to classes with boxes "
     "(by default their box and border masses decide whether attention moved)",
 }
@@ -120,6 +130,7 @@ class RunData:
     run_dir: str
     manifest: dict
     classes: dict  # class_id -> class_stats row
+    clusters: dict = dataclasses.field(default_factory=dict)  # class_id -> [clusters row]
 
 
 def load_run(run_dir: str, role: str) -> RunData:
@@ -139,7 +150,43 @@ def load_run(run_dir: str, role: str) -> RunData:
         stats = read_table(run_dir, "class_stats").to_pylist()
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise CompareError(f"--{role}: could not read {run_dir}/class_stats: {exc}") from None
-    return RunData(run_dir, manifest, {int(r["class_id"]): r for r in stats})
+    clusters: dict = {}
+    try:  # runs made before strategies existed have no clusters table
+        for r in read_table(run_dir, "clusters").to_pylist():  # a few rows per class
+            clusters.setdefault(int(r["class_id"]), []).append(r)
+    except (OSError, ValueError, pa.ArrowException):
+        clusters = {}
+    return RunData(run_dir, manifest, {int(r["class_id"]): r for r in stats}, clusters)
+
+
+STRATEGY_MATCH = 0.5
+
+
+def _cluster_map(row: dict) -> np.ndarray:
+    return np.asarray(row["mean_cam"], np.float64).reshape(row["cam_height"], row["cam_width"])
+
+
+def compare_strategies(base: list[dict], cur: list[dict], t: CompareThresholds) -> list[str]:
+    """Reasons to flag a class whose strategies changed (see the module docstring)."""
+    if not cur or not base:  # nothing to compare with (e.g. a baseline made before strategies existed)
+        return []
+    reasons = []
+    for row in sorted(cur, key=lambda r: r["cluster_id"]):
+        matches = [(cam_correlation(_cluster_map(row), _cluster_map(b)), b) for b in base]
+        matches = [(c, b) for c, b in matches if c is not None]
+        corr, match = max(matches, key=lambda cb: cb[0]) if matches else (None, None)
+        if corr is None or corr < STRATEGY_MATCH:
+            match = None
+        label = f"strategy {row['cluster_id']}"
+        if row["suspicious"] and (match is None or not match["suspicious"]):
+            reasons.append(f"new suspicious {label} ({row['share']:.0%} of the class): {row['reason']}")
+            continue
+        before = 0.0 if match is None else match["share"]
+        if abs(row["share"] - before) >= t.max_strategy_share_change:
+            reasons.append(
+                f"{label} share {before:.0%} -> {row['share']:.0%} (limit {t.max_strategy_share_change:.0%})"
+            )
+    return reasons
 
 
 def _resize(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -278,6 +325,11 @@ def compare_runs(baseline: RunData, current: RunData, thresholds: Optional[Compa
         compare_class(c, baseline.classes.get(c), current.classes.get(c), t)
         for c in sorted(set(baseline.classes) | set(current.classes))
     ]
+    for row in classes:
+        strategy_reasons = compare_strategies(baseline.clusters.get(row["class_id"], []),
+                                              current.clusters.get(row["class_id"], []), t)
+        row["reasons"] = row["reasons"] + strategy_reasons
+        row["flagged"] = bool(row["reasons"])
     run_reasons = []
     before, after = _rejected_share(baseline.manifest), _rejected_share(current.manifest)
     if before is not None and after is not None and after - before >= t.max_rejected_increase:

@@ -1,8 +1,9 @@
 """The pipeline graph and `run(argv)`: the one file that wires every step.
 
     shard paths -> ReadRecords -> DecodeImages -> ExplainImages (RunInference)
-      -> FormatHeatmapRows -> WriteHeatmaps
-                           -> ComputeClassStats -> WriteClassStats
+      -> FormatHeatmapRows -> FindStrategies (SpRAy: cluster_id) -> WriteHeatmaps
+                                              -> clusters -> WriteClusters
+                           -> ComputeClassStats -> AddStrategyColumns -> WriteClassStats
     errors of every step -> CollectErrors -> WriteErrors
     after the run: counts read back from the tables -> run_manifest.json
 """
@@ -29,8 +30,9 @@ from transforms.errors import AuditError
 from transforms.model_handler import KerasCamModelHandler
 from transforms.records import ReadShardRecords
 from transforms.rows import FormatHeatmapRows
-from transforms.schemas import CLASS_STATS_SCHEMA, ERROR_SCHEMA, HEATMAP_SCHEMA
+from transforms.schemas import CLASS_STATS_SCHEMA, CLUSTER_SCHEMA, ERROR_SCHEMA, HEATMAP_SCHEMA
 from transforms.sinks import TABLES, WriteParquetTable
+from transforms.strategies import AddStrategyColumns, FindStrategies
 
 _LOG = logging.getLogger(__name__)
 
@@ -86,7 +88,7 @@ def read_class_names(path: Optional[str]) -> list[str]:
 
 
 class ExplainDataset(beam.PTransform):
-    """PCollection[shard path] -> {"heatmaps": rows, "class_stats": rows, "errors": rows}."""
+    """PCollection[shard path] -> {"heatmaps", "class_stats", "clusters", "errors": rows}."""
 
     def __init__(self, config: AuditConfig, info: ModelInfo, class_names: list[str]):
         super().__init__()
@@ -133,12 +135,19 @@ class ExplainDataset(beam.PTransform):
             | "ExplainImages" >> RunInference(self.handler())
             | "FormatHeatmapRows"
             >> beam.ParDo(
-                FormatHeatmapRows(method=c.method, target_layer=self._info.target_layer)
+                FormatHeatmapRows(method=c.method, target_layer=self._info.target_layer,
+                                  thresholds=c.flag_thresholds())
             ).with_outputs(ERRORS_TAG, main="rows")
         )
         errors = (read[ERRORS_TAG], decoded[ERRORS_TAG], rows[ERRORS_TAG]) | "CollectErrors" >> beam.Flatten()
-        stats = rows.rows | "ComputeClassStats" >> ComputeClassStats(self._class_names)
-        return {"heatmaps": rows.rows, "class_stats": stats, "errors": errors}
+        strategies = rows.rows | "FindStrategies" >> FindStrategies(c.strategy_settings())
+        stats = (
+            rows.rows
+            | "ComputeClassStats" >> ComputeClassStats(self._class_names, c.flag_thresholds())
+            | "AddStrategyColumns" >> AddStrategyColumns(strategies["clusters"])
+        )
+        return {"heatmaps": strategies["heatmaps"], "class_stats": stats, "clusters": strategies["clusters"],
+                "errors": errors}
 
 
 def clear_outputs(output: str, run_id: Optional[str] = None) -> None:
@@ -173,6 +182,7 @@ def build(pipeline: beam.Pipeline, config: AuditConfig, info: ModelInfo, files: 
     )
     outputs["heatmaps"] | "WriteHeatmaps" >> WriteParquetTable(config.output, "heatmaps", HEATMAP_SCHEMA)
     outputs["class_stats"] | "WriteClassStats" >> WriteParquetTable(config.output, "class_stats", CLASS_STATS_SCHEMA)
+    outputs["clusters"] | "WriteClusters" >> WriteParquetTable(config.output, "clusters", CLUSTER_SCHEMA)
     outputs["errors"] | "WriteErrors" >> WriteParquetTable(config.output, "errors", ERROR_SCHEMA)
     return outputs
 

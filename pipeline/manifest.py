@@ -34,7 +34,7 @@ def read_table(output: str, table: str, columns: Optional[list[str]] = None) -> 
         from transforms import schemas
 
         schema = {"heatmaps": schemas.HEATMAP_SCHEMA, "class_stats": schemas.CLASS_STATS_SCHEMA,
-                  "errors": schemas.ERROR_SCHEMA}[table]
+                  "clusters": schemas.CLUSTER_SCHEMA, "errors": schemas.ERROR_SCHEMA}[table]
         empty = schema.empty_table()
         return empty.select(columns) if columns else empty
     return pa.concat_tables(tables)
