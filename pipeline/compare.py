@@ -167,25 +167,35 @@ def _cluster_map(row: dict) -> np.ndarray:
 
 
 def compare_strategies(base: list[dict], cur: list[dict], t: CompareThresholds) -> list[str]:
-    """Reasons to flag a class whose strategies changed (see the module docstring)."""
+    """Reasons to flag a class whose strategies changed (see the module docstring).
+
+    Each current cluster is matched to the baseline cluster of the class whose
+    mean map correlates best with its own (at least STRATEGY_MATCH), else it is
+    new. Shares are compared per baseline strategy: the current clusters
+    matched to it together (a strategy split in two is not a change), and a
+    baseline strategy nothing matches counts as share 0 now.
+    """
     if not cur or not base:  # nothing to compare with (e.g. a baseline made before strategies existed)
         return []
     reasons = []
+    matched: dict = {}  # baseline cluster_id or ("new", cluster_id) -> [current rows]
     for row in sorted(cur, key=lambda r: r["cluster_id"]):
-        matches = [(cam_correlation(_cluster_map(row), _cluster_map(b)), b) for b in base]
-        matches = [(c, b) for c, b in matches if c is not None]
-        corr, match = max(matches, key=lambda cb: cb[0]) if matches else (None, None)
-        if corr is None or corr < STRATEGY_MATCH:
-            match = None
-        label = f"strategy {row['cluster_id']}"
+        scored = [(cam_correlation(_cluster_map(row), _cluster_map(b)), b) for b in base]
+        scored = [(c, b) for c, b in scored if c is not None and c >= STRATEGY_MATCH]
+        match = max(scored, key=lambda cb: cb[0])[1] if scored else None
         if row["suspicious"] and (match is None or not match["suspicious"]):
-            reasons.append(f"new suspicious {label} ({row['share']:.0%} of the class): {row['reason']}")
-            continue
-        before = 0.0 if match is None else match["share"]
-        if abs(row["share"] - before) >= t.max_strategy_share_change:
-            reasons.append(
-                f"{label} share {before:.0%} -> {row['share']:.0%} (limit {t.max_strategy_share_change:.0%})"
-            )
+            reasons.append(f"new suspicious strategy {row['cluster_id']} ({row['share']:.0%} of the class): "
+                           f"{row['reason']}")
+        matched.setdefault(("new", row["cluster_id"]) if match is None else match["cluster_id"], []).append(row)
+    by_id = {b["cluster_id"]: b for b in base}
+    for key in sorted(set(matched) | set(by_id), key=lambda k: (isinstance(k, tuple), str(k))):
+        now = sum(r["share"] for r in matched.get(key, []))
+        before = by_id[key]["share"] if key in by_id else 0.0
+        if abs(now - before) >= t.max_strategy_share_change:
+            ids = ", ".join(str(r["cluster_id"]) for r in matched.get(key, [])) or "none"
+            what = f"baseline strategy {key}" if key in by_id else f"new strategy {key[1]}"
+            reasons.append(f"{what} share {before:.0%} -> {now:.0%} (now strategies {ids}; "
+                           f"limit {t.max_strategy_share_change:.0%})")
     return reasons
 
 

@@ -14,6 +14,8 @@ opens offline and from a bucket. An inline script sets
 `<body data-images-ok="true">` once every <img> has decoded, which the
 headless-browser test reads.
 
+Strategies (SpRAy clusters, one strip per class): `pipeline.report_strategies`.
+
 Cost: the tables are read whole (the heatmaps with their CAMs); the images
 come from at most `per_flag` rows per flag, each shard read once up to the
 last record needed.
@@ -31,6 +33,8 @@ import sys
 from typing import Optional
 
 import numpy as np
+
+from pipeline.report_strategies import CSS as STRATEGY_CSS
 
 _LOG = logging.getLogger(__name__)
 
@@ -394,7 +398,7 @@ def render_report(run_dir: str, manifest: dict, comparison: Optional[dict] = Non
     parts = [
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
         f"<meta http-equiv='Content-Security-Policy' content=\"{_CSP}\">",
-        f"<title>{_esc(title)}</title><style>{_CSS}</style><script>{_SCRIPT}</script></head><body>",
+        f"<title>{_esc(title)}</title><style>{_CSS}{STRATEGY_CSS}</style><script>{_SCRIPT}</script></head><body>",
         f"<h1>{_esc(title)}</h1>",
         (
             f"<p class=muted>Finished {_esc(manifest.get('finished_at'))} &middot; model {_esc(model.get('uri'))} "
@@ -431,6 +435,9 @@ def render_report(run_dir: str, manifest: dict, comparison: Optional[dict] = Non
             parts.append(f"<h2>Mean heatmap per class{more}</h2>"
                          "<p class=muted>Mean of each image's CAM divided by its maximum; lines cut the image in "
                          f"ninths.</p><p><img alt='mean heatmaps' src='{maps}'></p>")
+    from pipeline.report_strategies import strategies_section
+
+    parts.append(strategies_section(run_dir, names, image_key))
     for s, chosen in shortcut_grids:
         parts.append(
             f"<h3 class=bad>Possible shortcut, class {_esc(_class_name(names, s['class_id']))}: images peaking in "

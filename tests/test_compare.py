@@ -129,3 +129,46 @@ def test_bad_threshold_exits_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         compare.main(["--baseline", "a", "--current", "b", "--max_peak_shift", "far"])
     assert exit_info.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def _cluster(cluster_id, share, peak, suspicious=False):
+    cam = np.zeros((4, 4), np.float32)
+    cam[peak] = 1.0
+    return {"class_id": 0, "cluster_id": cluster_id, "share": share, "size": int(share * 100),
+            "mean_cam": cam.ravel().tolist(), "cam_height": 4, "cam_width": 4, "suspicious": suspicious,
+            "reason": "looks off the objects" if suspicious else None}
+
+
+def test_changed_strategies_are_flagged():
+    t = compare.CompareThresholds()
+    base = [_cluster(0, 0.9, (1, 1)), _cluster(1, 0.1, (3, 3))]
+    assert compare.compare_strategies(base, base, t) == []
+    # A new suspicious cluster (looks where no baseline strategy looked).
+    new = [_cluster(0, 0.85, (1, 1)), _cluster(1, 0.1, (3, 3)), _cluster(2, 0.05, (0, 3), suspicious=True)]
+    reasons = compare.compare_strategies(base, new, t)
+    assert len(reasons) == 1 and reasons[0].startswith("new suspicious strategy 2 (5% of the class)")
+    # A strategy whose share moved past the threshold (its map matches the baseline's strategy 1).
+    grown = [_cluster(0, 0.75, (1, 1)), _cluster(1, 0.25, (3, 3))]
+    reasons = compare.compare_strategies(base, grown, t)
+    assert reasons == ["baseline strategy 0 share 90% -> 75% (now strategies 0; limit 10%)",
+                       "baseline strategy 1 share 10% -> 25% (now strategies 1; limit 10%)"]
+    # A strategy split in two is not a change.
+    split = [_cluster(0, 0.5, (1, 1)), _cluster(1, 0.4, (1, 1)), _cluster(2, 0.1, (3, 3))]
+    assert compare.compare_strategies(base, split, t) == []
+    # A strategy gone.
+    gone = [_cluster(0, 0.9, (1, 1)), _cluster(1, 0.1, (0, 0))]
+    assert compare.compare_strategies(base, gone, t) == [
+        "baseline strategy 1 share 10% -> 0% (now strategies none; limit 10%)",
+        "new strategy 1 share 0% -> 10% (now strategies 1; limit 10%)"]
+    assert compare.compare_strategies(base, grown, compare.CompareThresholds(max_strategy_share_change=0.2)) == []
+    # A baseline made before strategies existed: nothing to compare with.
+    assert compare.compare_strategies([], new, t) == []
+
+
+def test_strategy_changes_flag_the_class_in_a_comparison():
+    base = compare.RunData("b", {}, {0: _stats()}, {0: [_cluster(0, 1.0, (1, 1))]})
+    cur = compare.RunData("c", {}, {0: _stats()}, {0: [_cluster(0, 0.8, (1, 1)),
+                                                       _cluster(1, 0.2, (0, 3), suspicious=True)]})
+    result = compare.compare_runs(base, cur)
+    assert result["flagged_classes"] == [0] and compare.exit_code(result) == 1
+    assert any(r.startswith("new suspicious strategy 1") for r in result["classes"][0]["reasons"])

@@ -150,3 +150,70 @@ def test_find_strategies_in_a_pipeline():
         assert_that(summary, equal_to([(0, 60, False), (0, 60, True), (1, 60, False)]), label="Clusters")
         fits = out["clusters"] | beam.Map(lambda r: pa.Table.from_pylist([r], schema=CLUSTER_SCHEMA).num_rows)
         assert_that(fits, equal_to([1, 1, 1]), label="FitSchema")
+
+
+# -- on the demo (tests/audit_fixtures.py: run 1 the shortcut model, run 2 a model trained without markers) ----
+
+
+def _demo_clusters(demo_runs, run_id):
+    from pipeline.manifest import read_table
+
+    return read_table(demo_runs.run_dir(run_id), "clusters").to_pylist()
+
+
+def assert_moving_shortcut_caught(clusters: list[dict], stats: dict) -> None:
+    """The moving-marker class: suspicious corner strategies holding most of it; the clean classes: none."""
+    from pipeline.demo import MOVING_SHORTCUT_CLASS
+
+    corners = {0, 2, 6, 8}
+    moving = [c for c in clusters if c["class_id"] == MOVING_SHORTCUT_CLASS]
+    bad = [c for c in moving if c["suspicious"]]
+    assert len(bad) >= 2, moving  # split over the corners, not one place
+    assert {c["peak_cell"] for c in bad} <= corners and len({c["peak_cell"] for c in bad}) >= 2
+    assert sum(c["share"] for c in bad) >= 0.5
+    assert all("off the objects" in c["reason"] for c in bad)
+    for clean in (0, 1):  # circle, square
+        assert not any(c["suspicious"] for c in clusters if c["class_id"] == clean), clean
+        assert stats[clean]["suspicious_strategy"] is False
+    assert stats[MOVING_SHORTCUT_CLASS]["suspicious_strategy"] is True
+    assert stats[MOVING_SHORTCUT_CLASS]["num_strategies"] == len(moving)
+
+
+def test_demo_strategies_catch_the_moving_shortcut(demo_runs):
+    from pipeline.manifest import read_table
+    from tests.audit_fixtures import RUN_IDS
+    from tests.helpers import parquet_schema
+
+    run = demo_runs.run_dir(RUN_IDS[0])
+    assert parquet_schema(f"{run}/clusters").equals(CLUSTER_SCHEMA)
+    clusters = _demo_clusters(demo_runs, RUN_IDS[0])
+    stats = {r["class_id"]: r for r in read_table(run, "class_stats").to_pylist()}
+    assert_moving_shortcut_caught(clusters, stats)
+    # Shares add up per class; cluster_id in heatmaps agrees with the clusters' sizes.
+    heat = read_table(run, "heatmaps", ["target_class", "cluster_id", "cam_max"]).to_pylist()
+    for class_id in {c["class_id"] for c in clusters}:
+        mine = [c for c in clusters if c["class_id"] == class_id]
+        assert sum(c["share"] for c in mine) == pytest.approx(1.0)
+        for c in mine:
+            assert c["size"] == sum(1 for r in heat if r["target_class"] == class_id
+                                    and r["cluster_id"] == c["cluster_id"])
+            assert 1 <= len(c["exemplar_ids"]) <= 6
+    assert all(r["cluster_id"] is not None for r in heat if r["cam_max"] > 0)
+    # The model trained without markers has no suspicious strategy in any class.
+    plain = _demo_clusters(demo_runs, RUN_IDS[1])
+    assert plain and not any(c["suspicious"] for c in plain)
+
+
+def test_demo_strategies_on_data_the_demo_never_saw(demo_runs, tmp_path):
+    """Fresh shards (another seed) audited with the demo model: the same verdicts."""
+    from pipeline.demo import write_dataset
+    from pipeline.manifest import read_table
+    from tests.audit_fixtures import audit_cli
+
+    write_dataset(str(tmp_path / "data"), n=200, shards=2, seed=123, broken=False)
+    code, manifest = audit_cli(["--input", str(tmp_path / "data" / "*.tfrecord"), "--model", demo_runs.demo.model_path,
+                                "--output", str(tmp_path / "out"), "--quiet", "--no_report", "--run_id", "unseen"])
+    assert code == 0
+    run = manifest["output"]
+    stats = {r["class_id"]: r for r in read_table(run, "class_stats").to_pylist()}
+    assert_moving_shortcut_caught(read_table(run, "clusters").to_pylist(), stats)
