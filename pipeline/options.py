@@ -110,6 +110,9 @@ def add_audit_arguments(parser) -> None:
         help="Strategies (SpRAy): maps sampled per class for the spectral clustering")
     add("--strategy_max_clusters", type=_positive_int, default=8,
         help="Strategies: at most this many clusters per class (the eigengap picks the number)")
+    add("--strategy_max_concentration", type=_non_negative_float, default=0.9,
+        help="Strategies: a cluster whose mean box_concentration is at most this looks off the objects "
+        "(1 = a flat map)")
     add("--strategy_min_share", type=_non_negative_float, default=0.05,
         help="Strategies: a cluster with at least this share of its class can be suspicious")
     add_threshold_arguments(parser)
@@ -167,6 +170,7 @@ class AuditConfig:
     strategy_sample_size: int
     strategy_max_clusters: int
     strategy_min_share: float
+    strategy_max_concentration: float
     max_images_change: float
     max_accuracy_drop: float
     max_score_change: float
@@ -195,7 +199,8 @@ class AuditConfig:
         from transforms.strategies import StrategySettings
 
         return StrategySettings(sample_size=self.strategy_sample_size, max_clusters=self.strategy_max_clusters,
-                                min_share=self.strategy_min_share)
+                                min_share=self.strategy_min_share,
+                                max_concentration=self.strategy_max_concentration)
 
     def as_json(self) -> dict:
         out = dataclasses.asdict(self)

@@ -99,6 +99,8 @@ def test_the_suspicious_rule():
     flagged, reason = suspicion(_cluster(mean_box_concentration=0.4), None, s)
     assert flagged and "off the objects" in reason and "top-left" in reason
     assert suspicion(_cluster(mean_box_concentration=2.5), None, s) == (False, None)
+    assert suspicion(_cluster(mean_box_concentration=0.9), None, s)[0]  # at the limit (0.9)
+    assert not suspicion(_cluster(mean_box_concentration=0.95), None, s)[0]  # diffuse, about flat: not called off
     # Too small a share, or too few maps: never.
     assert not suspicion(_cluster(mean_box_concentration=0.4, share=0.04), None, s)[0]
     assert not suspicion(_cluster(mean_box_concentration=0.4, size=4), None, s)[0]
