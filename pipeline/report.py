@@ -50,15 +50,16 @@ FLAG_GRIDS = {
     "confident_wrong": ("Confidently wrong", "predicted_score", True,
                         "wrong prediction with a score of at least 0.8"),
     "low_confidence": ("Low confidence", "predicted_score", False, "no class gets half of the probability"),
-    "attention_outside_box": ("Attention outside the box", "box_mass", False,
-                              "the CAM peak misses every box and less than half of its mass is inside them"),
+    "attention_outside_box": ("Attention outside the box", "box_concentration", False,
+                              ("the CAM peak misses every box (by more than 15 px) and the boxes get no more of its "
+                               "mass than a flat map would (box_mass / box_area <= 1)")),
     "attention_on_border": ("Attention on the border", "border_mass", True,
                             "at least 60% of the CAM's mass in the outer 12.5% band"),
 }
 
 _ROW_COLUMNS = ["image_id", "source", "record_index", "label", "predicted_class", "predicted_score",
                 "target_rank", "target_class", "cam", "cam_height", "cam_width", "border_mass",
-                "box_mass", "peak_in_box", "peak_cell", *FLAG_GRIDS]
+                "box_mass", "box_concentration", "peak_in_box", "peak_cell", *FLAG_GRIDS]
 
 
 def _data_uri(data: bytes, mime: str) -> str:
@@ -300,7 +301,8 @@ def _tile_grid(rows: list[dict], records: dict, names: dict, image_key: str, ext
 
 
 def _extra_caption(sort_key: str) -> str:
-    return {"box_mass": "in-box {box_mass:.2f}", "border_mass": "border {border_mass:.2f}"}.get(sort_key, "")
+    return {"box_mass": "in-box {box_mass:.2f}", "box_concentration": "in-box {box_mass:.2f}, {box_concentration:.1f}x flat",
+            "border_mass": "border {border_mass:.2f}"}.get(sort_key, "")
 
 
 def select_worst(rows: list[dict], flag: str, sort_key: str, descending: bool, n: int) -> list[dict]:
