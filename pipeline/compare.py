@@ -38,7 +38,10 @@ Per class (class_stats of both runs), with the default thresholds:
                 --max_strategy_share_change (0.1). A current cluster is the
                 same strategy as the baseline cluster of its class whose mean
                 map correlates best with its own, if that correlation is at
-                least STRATEGY_MATCH (0.5); otherwise it is new (share 0 before).
+                least STRATEGY_MATCH (0.5); otherwise it is new (share 0 before),
+                unless the baseline had one strategy only (then every current
+                cluster descends from it: one strategy whose mean map moved
+                is what the correlation and mass checks above are for).
 
 Run-wide: the share of rejected records rising by at least
 --max_rejected_increase (0.02).
@@ -183,6 +186,8 @@ def compare_strategies(base: list[dict], cur: list[dict], t: CompareThresholds) 
         scored = [(cam_correlation(_cluster_map(row), _cluster_map(b)), b) for b in base]
         scored = [(c, b) for c, b in scored if c is not None and c >= STRATEGY_MATCH]
         match = max(scored, key=lambda cb: cb[0])[1] if scored else None
+        if match is None and len(base) == 1:  # the class had one strategy: whatever it does now descends from it
+            match = base[0]
         if row["suspicious"] and (match is None or not match["suspicious"]):
             reasons.append(f"new suspicious strategy {row['cluster_id']} ({row['share']:.0%} of the class): "
                            f"{row['reason']}")

@@ -145,26 +145,28 @@ def test_heatmap_flag_columns(demo_runs):
 
 
 def test_pointing_game_of_the_demo_model(demo_runs):
-    """Pointing game (peak of the CAM inside the object's box), rank-0 rows.
+    """Pointing game (CAM peak within 15 px of the object's box, Zhang et al.), rank-0 rows.
 
-    Bound: three classes look at their object, so each should point inside
-    its box on >= 80% of images (measured: 1.00, 0.87, 0.90); class 2 looks at
-    its marker (top-left, never inside a box) on most images, so <= 50%
-    (measured 0.26). Overall that is (3 x ~0.9 + ~0.3) / 4 ~ 0.75 (measured
-    0.765 on 396 images with a peak): the bound [0.6, 0.9] holds it with a
-    margin of ~8 images per class either way. A random peak would land in a
-    box of 8-19% of the image area (radius 0.14-0.22 of the side), i.e. ~13%.
-    Without the shortcut (same shards, model trained without the marker) the
-    pointing game must rise above 0.8 (measured 0.88).
+    Bound: the two clean classes look at their object, so each should point
+    at its box on >= 70% of images (measured 0.99 circle, 0.75 square: the
+    shortcut model predicts "square" when it sees neither marker nor another
+    shape, so its square maps are diffuse); the two shortcut classes look at
+    their markers (a corner, never within 15 px of a box), so <= 50%
+    (measured 0.24 and 0.24). Overall that is (0.99 + 0.75 + 2 x 0.24) / 4 ~
+    0.55 (measured 0.575 on 395 images with a peak): the bound [0.45, 0.7]
+    holds it with a margin of ~10 images per class either way. A random peak
+    would land in a box of 8-19% of the image area, i.e. ~13% (more with the
+    tolerance, which is 23% of the side of a 64 px image). Without the
+    shortcuts (same shards, model trained without markers) the pointing game
+    must rise by at least 0.15 (measured 0.83).
     """
     manifest = demo_runs.manifests[RUN_IDS[0]]
     overall = manifest["attention"]["pointing_accuracy"]
-    assert 0.6 <= overall <= 0.9, overall
+    assert 0.45 <= overall <= 0.7, overall
     stats = _stats(demo_runs, RUN_IDS[0])
     for cls, s in stats.items():
-        if cls == SHORTCUT_CLASS:
-            assert s["pointing_accuracy"] <= 0.5
+        if cls in (SHORTCUT_CLASS, MOVING_SHORTCUT_CLASS):
+            assert s["pointing_accuracy"] <= 0.5, (cls, s["pointing_accuracy"])
         else:
-            assert s["pointing_accuracy"] >= 0.8, (cls, s["pointing_accuracy"])
-    assert demo_runs.manifests[RUN_IDS[1]]["attention"]["pointing_accuracy"] > 0.8
-    assert overall < demo_runs.manifests[RUN_IDS[1]]["attention"]["pointing_accuracy"]
+            assert s["pointing_accuracy"] >= 0.7, (cls, s["pointing_accuracy"])
+    assert demo_runs.manifests[RUN_IDS[1]]["attention"]["pointing_accuracy"] >= overall + 0.15
