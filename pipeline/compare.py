@@ -32,6 +32,16 @@ Per class (class_stats of both runs), with the default thresholds:
                 circles instead of the bottom: correlation 0.18, shift 0.21,
                 in-box mass 0.99 -> 0.98). Both are always reported.
   shortcut      the class became a possible shortcut (transforms/flags.py).
+  strategies    (the `clusters` tables of both runs; `compare_strategies`)
+                a suspicious strategy that the baseline did not have, or a
+                strategy whose share of the class moved by at least
+                --max_strategy_share_change (0.1). A current cluster is the
+                same strategy as the baseline cluster of its class whose mean
+                map correlates best with its own, if that correlation is at
+                least STRATEGY_MATCH (0.5); otherwise it is new (share 0 before),
+                unless the baseline had one strategy only (then every current
+                cluster descends from it: one strategy whose mean map moved
+                is what the correlation and mass checks above are for).
 
 Run-wide: the share of rejected records rising by at least
 --max_rejected_increase (0.02).
@@ -72,6 +82,7 @@ class CompareThresholds:
     max_rejected_increase: float = 0.02
     min_images: int = 10
     check_moves_inside_boxes: bool = False
+    max_strategy_share_change: float = 0.1
 
 
 _THRESHOLD_HELP = {
@@ -84,6 +95,8 @@ _THRESHOLD_HELP = {
     "max_box_mass_change": "Flag a class whose mean in-box mass moved by at least this much",
     "max_rejected_increase": "Flag the run when the share of rejected records rose by at least this much",
     "min_images": "Compare attention only for classes with at least this many images in both runs",
+    "max_strategy_share_change": "Flag a class one of whose strategies (SpRAy clusters) changed its share of the "
+    "class by at least this much",
     "check_moves_inside_boxes": "Also apply --min_cam_correlation and --max_peak_shift to classes with boxes "
     "(by default their box and border masses decide whether attention moved)",
 }
@@ -120,6 +133,7 @@ class RunData:
     run_dir: str
     manifest: dict
     classes: dict  # class_id -> class_stats row
+    clusters: dict = dataclasses.field(default_factory=dict)  # class_id -> [clusters row]
 
 
 def load_run(run_dir: str, role: str) -> RunData:
@@ -139,7 +153,55 @@ def load_run(run_dir: str, role: str) -> RunData:
         stats = read_table(run_dir, "class_stats").to_pylist()
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise CompareError(f"--{role}: could not read {run_dir}/class_stats: {exc}") from None
-    return RunData(run_dir, manifest, {int(r["class_id"]): r for r in stats})
+    clusters: dict = {}
+    try:  # runs made before strategies existed have no clusters table
+        for r in read_table(run_dir, "clusters").to_pylist():  # a few rows per class
+            clusters.setdefault(int(r["class_id"]), []).append(r)
+    except (OSError, ValueError, pa.ArrowException):
+        clusters = {}
+    return RunData(run_dir, manifest, {int(r["class_id"]): r for r in stats}, clusters)
+
+
+STRATEGY_MATCH = 0.5
+
+
+def _cluster_map(row: dict) -> np.ndarray:
+    return np.asarray(row["mean_cam"], np.float64).reshape(row["cam_height"], row["cam_width"])
+
+
+def compare_strategies(base: list[dict], cur: list[dict], t: CompareThresholds) -> list[str]:
+    """Reasons to flag a class whose strategies changed (see the module docstring).
+
+    Each current cluster is matched to the baseline cluster of the class whose
+    mean map correlates best with its own (at least STRATEGY_MATCH), else it is
+    new. Shares are compared per baseline strategy: the current clusters
+    matched to it together (a strategy split in two is not a change), and a
+    baseline strategy nothing matches counts as share 0 now.
+    """
+    if not cur or not base:  # nothing to compare with (e.g. a baseline made before strategies existed)
+        return []
+    reasons = []
+    matched: dict = {}  # baseline cluster_id or ("new", cluster_id) -> [current rows]
+    for row in sorted(cur, key=lambda r: r["cluster_id"]):
+        scored = [(cam_correlation(_cluster_map(row), _cluster_map(b)), b) for b in base]
+        scored = [(c, b) for c, b in scored if c is not None and c >= STRATEGY_MATCH]
+        match = max(scored, key=lambda cb: cb[0])[1] if scored else None
+        if match is None and len(base) == 1:  # the class had one strategy: whatever it does now descends from it
+            match = base[0]
+        if row["suspicious"] and (match is None or not match["suspicious"]):
+            reasons.append(f"new suspicious strategy {row['cluster_id']} ({row['share']:.0%} of the class): "
+                           f"{row['reason']}")
+        matched.setdefault(("new", row["cluster_id"]) if match is None else match["cluster_id"], []).append(row)
+    by_id = {b["cluster_id"]: b for b in base}
+    for key in sorted(set(matched) | set(by_id), key=lambda k: (isinstance(k, tuple), str(k))):
+        now = sum(r["share"] for r in matched.get(key, []))
+        before = by_id[key]["share"] if key in by_id else 0.0
+        if abs(now - before) >= t.max_strategy_share_change:
+            ids = ", ".join(str(r["cluster_id"]) for r in matched.get(key, [])) or "none"
+            what = f"baseline strategy {key}" if key in by_id else f"new strategy {key[1]}"
+            reasons.append(f"{what} share {before:.0%} -> {now:.0%} (now strategies {ids}; "
+                           f"limit {t.max_strategy_share_change:.0%})")
+    return reasons
 
 
 def _resize(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -278,6 +340,11 @@ def compare_runs(baseline: RunData, current: RunData, thresholds: Optional[Compa
         compare_class(c, baseline.classes.get(c), current.classes.get(c), t)
         for c in sorted(set(baseline.classes) | set(current.classes))
     ]
+    for row in classes:
+        strategy_reasons = compare_strategies(baseline.clusters.get(row["class_id"], []),
+                                              current.clusters.get(row["class_id"], []), t)
+        row["reasons"] = row["reasons"] + strategy_reasons
+        row["flagged"] = bool(row["reasons"])
     run_reasons = []
     before, after = _rejected_share(baseline.manifest), _rejected_share(current.manifest)
     if before is not None and after is not None and after - before >= t.max_rejected_increase:

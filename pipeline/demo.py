@@ -1,11 +1,20 @@
 """The built-in demo: synthetic shapes in TFRecord shards and a small CNN.
 
 Four classes of shapes at random positions on textured backgrounds, with their
-bounding boxes stored as image/object/bbox/{ymin,xmin,ymax,xmax}. One class
-(SHORTCUT_CLASS) has a small fixed marker in the top-left corner on most of
-its images, in training and in the audited shards alike: the model learns the
-marker, and the audit shows its attention sitting in that corner. A few
-deliberately broken records show what the errors table holds.
+bounding boxes stored as image/object/bbox/{ymin,xmin,ymax,xmax}. Two classes
+carry a planted shortcut on most of their images, in training and in the
+audited shards alike:
+
+- SHORTCUT_CLASS ("triangle") a small fixed marker in the top-left corner:
+  the model learns the marker, the per-class shortcut signal (peaks piling up
+  in one ninth) catches it;
+- MOVING_SHORTCUT_CLASS ("cross") a small marker of another look in a random
+  corner (one that does not touch the object), like a watermark placed in
+  whichever corner the photographer chose: the peaks split over four corners,
+  so the one-ninth signal misses it, and the strategies (SpRAy clusters,
+  transforms/strategies.py) catch it.
+
+A few deliberately broken records show what the errors table holds.
 
 Everything is made locally in seconds; nothing is downloaded. Re-running
 reuses what was made (a VERSION file guards against stale demo data).
@@ -24,7 +33,10 @@ SHORTCUT_CLASS = 2
 MARKER_RATE = 0.9
 IMAGE_SIZE = 64
 MARKER = (2, 10)  # rows/cols [2, 10) hold the marker
-VERSION = "4"
+MOVING_SHORTCUT_CLASS = 3
+MOVING_MARKER_RATE = 0.85
+MOVING_MARKER_SIZE = 8
+VERSION = "5"
 
 
 @dataclasses.dataclass
@@ -66,8 +78,25 @@ def _shape_mask(kind: int, size: int, cy: float, cx: float, r: float) -> np.ndar
     return ((np.abs(dy) <= r * 0.3) & (np.abs(dx) <= r)) | ((np.abs(dx) <= r * 0.3) & (np.abs(dy) <= r))
 
 
-def make_image(rng: np.random.Generator, label: int, *, marker: bool, size: int = IMAGE_SIZE):
-    """One uint8 image [size, size, 3] and its box (ymin, xmin, ymax, xmax) as fractions."""
+def _free_corners(size: int, cy: float, cx: float, r: float) -> list[tuple[int, int]]:
+    """Top-left pixels of the corner squares (MOVING_MARKER_SIZE, 2 px from the edges) clear of the object."""
+    m, gap = MOVING_MARKER_SIZE, 2
+    corners = []
+    for y0 in (gap, size - gap - m):
+        for x0 in (gap, size - gap - m):
+            clear = y0 + m <= cy - r - 1 or y0 >= cy + r + 1 or x0 + m <= cx - r - 1 or x0 >= cx + r + 1
+            if clear:
+                corners.append((y0, x0))
+    return corners
+
+
+def make_image(rng: np.random.Generator, label: int, *, marker: bool, moving_marker: bool = False,
+               size: int = IMAGE_SIZE):
+    """One uint8 image [size, size, 3] and its box (ymin, xmin, ymax, xmax) as fractions.
+
+    marker: the fixed top-left marker; moving_marker: the other marker, in a
+    random corner clear of the object.
+    """
     image = _background(rng, size)
     r = rng.uniform(0.14, 0.22) * size
     lo = max(MARKER[1] + r + 1, r + 2)  # keep the object off the marker
@@ -78,19 +107,27 @@ def make_image(rng: np.random.Generator, label: int, *, marker: bool, size: int 
         a, b = MARKER
         image[a:b, a:b] = (255, 0, 255)
         image[a + 2 : b - 2, a + 2 : b - 2] = (0, 255, 0)
+    if moving_marker:
+        corners = _free_corners(size, cy, cx, r)
+        if corners:
+            y0, x0 = corners[rng.integers(len(corners))]
+            m = MOVING_MARKER_SIZE
+            image[y0 : y0 + m, x0 : x0 + m] = (255, 255, 0)
+            image[y0 + 2 : y0 + m - 2, x0 : x0 + m] = (0, 0, 255)
     box = tuple(float(v) / size for v in (cy - r, cx - r, cy + r, cx + r))
     return np.clip(image, 0, 255).astype(np.uint8), tuple(min(max(v, 0.0), 1.0) for v in box)
 
 
 def make_arrays(n: int, seed: int, *, shortcut: bool = True):
-    """n images with balanced labels; the shortcut class gets the marker."""
+    """n images with balanced labels; the shortcut classes get their markers."""
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % len(CLASS_NAMES)
     rng.shuffle(labels)
     images, boxes = [], []
     for label in labels:
         marker = shortcut and label == SHORTCUT_CLASS and rng.uniform() < MARKER_RATE
-        image, box = make_image(rng, int(label), marker=marker)
+        moving = shortcut and label == MOVING_SHORTCUT_CLASS and rng.uniform() < MOVING_MARKER_RATE
+        image, box = make_image(rng, int(label), marker=marker, moving_marker=moving)
         images.append(image)
         boxes.append(box)
     return np.stack(images), labels.astype(np.int64), boxes

@@ -2,9 +2,10 @@
 
     shard paths -> ReadRecords -> DecodeImages (checks) -> ExplainImages (RunInference:
       batch decode + CAM)
-      -> FormatHeatmapRows -> WriteHeatmaps
-                           -> ComputeClassStats -> WriteClassStats
-      -> SelectExemplars (Top.PerKey per flag / shortcut class, + class stats) -> WriteExemplars
+      -> FormatHeatmapRows -> FindStrategies (SpRAy: cluster_id) -> WriteHeatmaps
+                                              -> clusters -> WriteClusters
+                           -> ComputeClassStats -> AddStrategyColumns -> WriteClassStats
+      -> SelectExemplars (Top.PerKey per flag / shortcut class / strategy, + class stats) -> WriteExemplars
     errors of every step -> CollectErrors -> WriteErrors
     after the run: counts read back from the tables -> run_manifest.json
 """
@@ -32,8 +33,9 @@ from transforms.exemplars import SelectAuditExemplars
 from transforms.model_handler import KerasCamModelHandler
 from transforms.records import ReadShardRecords
 from transforms.rows import FormatHeatmapRows
-from transforms.schemas import CLASS_STATS_SCHEMA, ERROR_SCHEMA, EXEMPLAR_SCHEMA, HEATMAP_SCHEMA
+from transforms.schemas import CLASS_STATS_SCHEMA, CLUSTER_SCHEMA, ERROR_SCHEMA, EXEMPLAR_SCHEMA, HEATMAP_SCHEMA
 from transforms.sinks import TABLES, WriteParquetTable
+from transforms.strategies import AddStrategyColumns, FindStrategies
 
 _LOG = logging.getLogger(__name__)
 
@@ -117,7 +119,7 @@ def read_class_names(path: Optional[str]) -> list[str]:
 
 
 class ExplainDataset(beam.PTransform):
-    """PCollection[shard path] -> {"heatmaps", "class_stats", "errors", "exemplars": rows}."""
+    """PCollection[shard path] -> {"heatmaps", "class_stats", "clusters", "errors", "exemplars": rows}."""
 
     def __init__(self, config: AuditConfig, info: ModelInfo, class_names: list[str]):
         super().__init__()
@@ -165,15 +167,23 @@ class ExplainDataset(beam.PTransform):
             explained
             | "FormatHeatmapRows"
             >> beam.ParDo(
-                FormatHeatmapRows(method=c.method, target_layer=self._info.target_layer)
+                FormatHeatmapRows(method=c.method, target_layer=self._info.target_layer,
+                                  thresholds=c.flag_thresholds())
             ).with_outputs(ERRORS_TAG, main="rows")
         )
         errors = (read[ERRORS_TAG], decoded[ERRORS_TAG], rows[ERRORS_TAG]) | "CollectErrors" >> beam.Flatten()
-        stats = rows.rows | "ComputeClassStats" >> ComputeClassStats(self._class_names)
-        exemplars = (explained, stats) | "SelectExemplars" >> SelectAuditExemplars(
-            method=c.method, target_layer=self._info.target_layer, image_key=c.image_key
+        strategies = rows.rows | "FindStrategies" >> FindStrategies(c.strategy_settings())
+        stats = (
+            rows.rows
+            | "ComputeClassStats" >> ComputeClassStats(self._class_names, c.flag_thresholds())
+            | "AddStrategyColumns" >> AddStrategyColumns(strategies["clusters"])
         )
-        return {"heatmaps": rows.rows, "class_stats": stats, "errors": errors, "exemplars": exemplars}
+        exemplars = (explained, stats, strategies["models"]) | "SelectExemplars" >> SelectAuditExemplars(
+            method=c.method, target_layer=self._info.target_layer, image_key=c.image_key,
+            thresholds=c.flag_thresholds(),
+        )
+        return {"heatmaps": strategies["heatmaps"], "class_stats": stats, "clusters": strategies["clusters"],
+                "errors": errors, "exemplars": exemplars}
 
 
 def clear_outputs(output: str, run_id: Optional[str] = None) -> None:
@@ -208,6 +218,7 @@ def build(pipeline: beam.Pipeline, config: AuditConfig, info: ModelInfo, files: 
     )
     outputs["heatmaps"] | "WriteHeatmaps" >> WriteParquetTable(config.output, "heatmaps", HEATMAP_SCHEMA)
     outputs["class_stats"] | "WriteClassStats" >> WriteParquetTable(config.output, "class_stats", CLASS_STATS_SCHEMA)
+    outputs["clusters"] | "WriteClusters" >> WriteParquetTable(config.output, "clusters", CLUSTER_SCHEMA)
     outputs["errors"] | "WriteErrors" >> WriteParquetTable(config.output, "errors", ERROR_SCHEMA)
     outputs["exemplars"] | "WriteExemplars" >> WriteParquetTable(config.output, "exemplars", EXEMPLAR_SCHEMA)
     return outputs

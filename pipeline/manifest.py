@@ -40,7 +40,8 @@ def _empty_table(table: str, columns: Optional[list[str]] = None) -> pa.Table:
     from transforms import schemas
 
     schema = {"heatmaps": schemas.HEATMAP_SCHEMA, "class_stats": schemas.CLASS_STATS_SCHEMA,
-              "errors": schemas.ERROR_SCHEMA, "exemplars": schemas.EXEMPLAR_SCHEMA}[table]
+              "clusters": schemas.CLUSTER_SCHEMA, "errors": schemas.ERROR_SCHEMA,
+              "exemplars": schemas.EXEMPLAR_SCHEMA}[table]
     empty = schema.empty_table()
     return empty.select(columns) if columns else empty
 

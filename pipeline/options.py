@@ -52,6 +52,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
 def _int(text: str) -> int:
     try:
         return int(text)
@@ -107,6 +117,20 @@ def add_audit_arguments(parser) -> None:
     add("--report", dest="report", action="store_true", default=True,
         help="Write <run>/report.html, a self-contained visual report (default)")
     add("--no_report", dest="report", action="store_false", help="Do not write report.html")
+    add("--outside_box_concentration", type=_non_negative_float, default=1.0,
+        help="attention_outside_box: set when the CAM peak misses every box and box_mass / box_area is at most "
+        "this (1 = what a flat map gives the boxes)")
+    add("--pointing_tolerance", type=_non_negative_float, default=15.0,
+        help="Pointing game: a peak within this many image pixels of a box is a hit (Zhang et al. 2016: 15)")
+    add("--strategy_sample_size", type=_positive_int, default=1000,
+        help="Strategies (SpRAy): maps sampled per class for the spectral clustering")
+    add("--strategy_max_clusters", type=_positive_int, default=8,
+        help="Strategies: at most this many clusters per class (the eigengap picks the number)")
+    add("--strategy_max_concentration", type=_non_negative_float, default=0.9,
+        help="Strategies: a cluster whose mean box_concentration is at most this looks off the objects "
+        "(1 = a flat map)")
+    add("--strategy_min_share", type=_non_negative_float, default=0.05,
+        help="Strategies: a cluster with at least this share of its class can be suspicious")
     add_threshold_arguments(parser)
 
 
@@ -159,6 +183,12 @@ class AuditConfig:
     run_id: Optional[str]
     compare_with_previous: bool
     report: bool
+    outside_box_concentration: float
+    pointing_tolerance: float
+    strategy_sample_size: int
+    strategy_max_clusters: int
+    strategy_min_share: float
+    strategy_max_concentration: float
     max_images_change: float
     max_accuracy_drop: float
     max_score_change: float
@@ -169,10 +199,26 @@ class AuditConfig:
     max_rejected_increase: float
     min_images: int
     check_moves_inside_boxes: bool
+    max_strategy_share_change: float
 
     @property
     def is_demo(self) -> bool:
         return self.input is None and self.model is None
+
+    def flag_thresholds(self):
+        """The per-image flag thresholds these options set (transforms.flags.FlagThresholds)."""
+        from transforms.flags import FlagThresholds
+
+        return FlagThresholds(outside_box_concentration=self.outside_box_concentration,
+                              pointing_tolerance_px=self.pointing_tolerance)
+
+    def strategy_settings(self):
+        """The strategy (SpRAy) settings these options set (transforms.strategies.StrategySettings)."""
+        from transforms.strategies import StrategySettings
+
+        return StrategySettings(sample_size=self.strategy_sample_size, max_clusters=self.strategy_max_clusters,
+                                min_share=self.strategy_min_share,
+                                max_concentration=self.strategy_max_concentration)
 
     def as_json(self) -> dict:
         out = dataclasses.asdict(self)

@@ -20,6 +20,8 @@ class_stats table (one row per class) and the exemplars table (at most
 never reads the heatmaps or the source shards. Only a run folder written
 before the exemplars table existed has its flag totals counted from two
 projected heatmap columns, in record batches (and shows no image grids).
+
+Strategies (SpRAy clusters, one strip per class): `pipeline.report_strategies`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Optional
 
 import numpy as np
 
+from pipeline.report_strategies import CSS as STRATEGY_CSS
 from transforms.exemplars import FLAG_RANKING, PER_KIND, flag_kind, shortcut_kind
 from transforms.thumbnails import ALPHA, COLORMAP
 
@@ -49,7 +52,8 @@ FLAG_GRIDS = {
     "confident_wrong": ("Confidently wrong", "wrong prediction with a score of at least 0.8"),
     "low_confidence": ("Low confidence", "no class gets half of the probability"),
     "attention_outside_box": ("Attention outside the box",
-                              "the CAM peak misses every box and less than half of its mass is inside them"),
+                              ("the CAM peak misses every box (by more than 15 px) and the boxes get no more of its "
+                               "mass than a flat map would (box_mass / box_area <= 1)")),
     "attention_on_border": ("Attention on the border", "at least 60% of the CAM's mass in the outer 12.5% band"),
 }
 
@@ -245,7 +249,8 @@ def _tile_grid(rows: list[dict], names: dict, extra: str) -> str:
 
 def _extra_caption(flag: str) -> str:
     sort_key = FLAG_RANKING[flag][0]
-    return {"box_mass": "in-box {box_mass:.2f}", "border_mass": "border {border_mass:.2f}"}.get(sort_key, "")
+    return {"box_mass": "in-box {box_mass:.2f}",
+            "box_concentration": "in-box {box_mass:.2f}, {box_concentration:.1f}x flat", "border_mass": "border {border_mass:.2f}"}.get(sort_key, "")
 
 
 def _comparison_section(comparison: dict, names: dict, current_stats: list[dict]) -> str:
@@ -324,7 +329,7 @@ def render_report(run_dir: str, manifest: dict, comparison: Optional[dict] = Non
     parts = [
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
         f"<meta http-equiv='Content-Security-Policy' content=\"{_CSP}\">",
-        f"<title>{_esc(title)}</title><style>{_CSS}</style><script>{_SCRIPT}</script></head><body>",
+        f"<title>{_esc(title)}</title><style>{_CSS}{STRATEGY_CSS}</style><script>{_SCRIPT}</script></head><body>",
         f"<h1>{_esc(title)}</h1>",
         (
             f"<p class=muted>Finished {_esc(manifest.get('finished_at'))} &middot; model {_esc(model.get('uri'))} "
@@ -361,6 +366,9 @@ def render_report(run_dir: str, manifest: dict, comparison: Optional[dict] = Non
             parts.append(f"<h2>Mean heatmap per class{more}</h2>"
                          "<p class=muted>Mean of each image's CAM divided by its maximum; lines cut the image in "
                          f"ninths.</p><p><img alt='mean heatmaps' src='{maps}'></p>")
+    from pipeline.report_strategies import strategies_section
+
+    parts.append(strategies_section(run_dir, names))
     for s, chosen in shortcut_grids:
         parts.append(
             f"<h3 class=bad>Possible shortcut, class {_esc(_class_name(names, s['class_id']))}: images peaking in "

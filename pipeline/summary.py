@@ -52,7 +52,7 @@ def summary_text(manifest: dict) -> str:
             f"method {manifest['options']['method']}, target {manifest['options']['target']}."
         ),
         (
-            f"Tables under {manifest['output']}/ (heatmaps, class_stats, errors, exemplars), run_manifest.json"
+            f"Tables under {manifest['output']}/ (heatmaps, class_stats, clusters, errors, exemplars), run_manifest.json"
             + (" and report.html." if isinstance(manifest.get("report"), str) else ".")
         ),
     ]
@@ -94,6 +94,10 @@ def summary_text(manifest: dict) -> str:
         if reasons:
             flagged.append(f"! class {name}: " + "; ".join(reasons) + ", whatever the object's position: "
                            "a possible shortcut.")
+    from pipeline.report_strategies import read_clusters, summary_lines
+
+    names = {row["class_id"]: row["class_name"] for row in stats}
+    flagged += summary_lines(read_clusters(manifest["output"]), names)
     flagged += comparison_lines(manifest.get("comparison"))
     return "\n".join(lines + [""] + flagged)
 

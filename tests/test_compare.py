@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import compare
-from pipeline.demo import SHORTCUT_CLASS
+from pipeline.demo import MOVING_SHORTCUT_CLASS, SHORTCUT_CLASS
 from tests.audit_fixtures import RUN_IDS
 from transforms.schemas import COMPARISON_SCHEMA
 
@@ -73,24 +73,34 @@ def test_classes_in_one_run_only_are_flagged():
 
 
 def test_the_changed_model_is_flagged_on_the_shortcut_class(demo_runs):
-    """Run 2 swaps in a model trained without the marker: class 2's attention leaves the corner."""
+    """Run 2 swaps in a model trained without markers: both shortcut classes' attention goes to the objects.
+
+    The clean classes are flagged too: the shortcut model predicts "square" for 18% of the circles (which
+    carry no marker), so circle's mean score and square's in-box mass move past their thresholds.
+    """
     assert demo_runs.exit_codes[RUN_IDS[1]] == 1
     folder = demo_runs.run_dir(RUN_IDS[1])
     result = json.load(open(os.path.join(folder, compare.COMPARISON_JSON)))
-    assert result["flagged_classes"] == [SHORTCUT_CLASS] and result["model_changed"]
+    assert result["flagged_classes"] == [0, 1, SHORTCUT_CLASS, MOVING_SHORTCUT_CLASS] and result["model_changed"]
     row = result["classes"][SHORTCUT_CLASS]
     assert row["box_mass_change"] > 0.3 and row["border_mass_change"] < -0.3
     assert row["cam_correlation"] < 0.5 and row["peak_shift"] > 0.25
+    moving = result["classes"][MOVING_SHORTCUT_CLASS]
+    assert moving["border_mass_change"] < -0.15
+    assert any(r.startswith("baseline strategy") and "-> 0%" in r for r in moving["reasons"])  # corners gone
     table = pq.read_table(os.path.join(folder, compare.COMPARISON_PARQUET))
     assert table.schema.equals(COMPARISON_SCHEMA)
-    assert table.column("flagged").to_pylist() == [c == SHORTCUT_CLASS for c in range(4)]
+    assert table.column("flagged").to_pylist() == [True] * 4
     brief = demo_runs.manifests[RUN_IDS[1]]["comparison"]
     assert brief["baseline_run_id"] == RUN_IDS[0] and brief["exit_code"] == 1
-    # The shortcut model again: class 2 is flagged for becoming a shortcut again.
+    # The shortcut model again: class 2 becomes a shortcut again, class 3 gets new suspicious strategies.
     assert demo_runs.exit_codes[RUN_IDS[2]] == 1
     again = json.load(open(os.path.join(demo_runs.run_dir(RUN_IDS[2]), compare.COMPARISON_JSON)))
-    assert again["flagged_classes"] == [SHORTCUT_CLASS]
+    assert SHORTCUT_CLASS in again["flagged_classes"] and MOVING_SHORTCUT_CLASS in again["flagged_classes"]
     assert any("shortcut" in r for r in again["classes"][SHORTCUT_CLASS]["reasons"])
+    new_suspicious = [r for r in again["classes"][MOVING_SHORTCUT_CLASS]["reasons"]
+                      if r.startswith("new suspicious strategy")]
+    assert len(new_suspicious) >= 2 and all("off the objects" in r for r in new_suspicious)
 
 
 def test_identical_runs_exit_0(demo_runs, tmp_path, capsys):
@@ -110,7 +120,8 @@ def test_flagged_comparison_exits_1_from_the_command_line(demo_runs, capsys):
                          "--no_write"])
     assert code == 1
     out = capsys.readouterr().out
-    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("!")] == ["! class 2 triangle"]
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("!")] == [
+        "! class 0 circle", "! class 1 square", "! class 2 triangle", "! class 3 cross"]
 
 
 @pytest.mark.parametrize("which", ["baseline", "current"])
@@ -129,3 +140,51 @@ def test_bad_threshold_exits_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         compare.main(["--baseline", "a", "--current", "b", "--max_peak_shift", "far"])
     assert exit_info.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def _cluster(cluster_id, share, peak, suspicious=False):
+    cam = np.zeros((4, 4), np.float32)
+    cam[peak] = 1.0
+    return {"class_id": 0, "cluster_id": cluster_id, "share": share, "size": int(share * 100),
+            "mean_cam": cam.ravel().tolist(), "cam_height": 4, "cam_width": 4, "suspicious": suspicious,
+            "reason": "looks off the objects" if suspicious else None}
+
+
+def test_changed_strategies_are_flagged():
+    t = compare.CompareThresholds()
+    base = [_cluster(0, 0.9, (1, 1)), _cluster(1, 0.1, (3, 3))]
+    assert compare.compare_strategies(base, base, t) == []
+    # A new suspicious cluster (looks where no baseline strategy looked).
+    new = [_cluster(0, 0.85, (1, 1)), _cluster(1, 0.1, (3, 3)), _cluster(2, 0.05, (0, 3), suspicious=True)]
+    reasons = compare.compare_strategies(base, new, t)
+    assert len(reasons) == 1 and reasons[0].startswith("new suspicious strategy 2 (5% of the class)")
+    # A strategy whose share moved past the threshold (its map matches the baseline's strategy 1).
+    grown = [_cluster(0, 0.75, (1, 1)), _cluster(1, 0.25, (3, 3))]
+    reasons = compare.compare_strategies(base, grown, t)
+    assert reasons == ["baseline strategy 0 share 90% -> 75% (now strategies 0; limit 10%)",
+                       "baseline strategy 1 share 10% -> 25% (now strategies 1; limit 10%)"]
+    # A strategy split in two is not a change.
+    split = [_cluster(0, 0.5, (1, 1)), _cluster(1, 0.4, (1, 1)), _cluster(2, 0.1, (3, 3))]
+    assert compare.compare_strategies(base, split, t) == []
+    # A strategy gone.
+    gone = [_cluster(0, 0.9, (1, 1)), _cluster(1, 0.1, (0, 0))]
+    assert compare.compare_strategies(base, gone, t) == [
+        "baseline strategy 1 share 10% -> 0% (now strategies none; limit 10%)",
+        "new strategy 1 share 0% -> 10% (now strategies 1; limit 10%)"]
+    assert compare.compare_strategies(base, grown, compare.CompareThresholds(max_strategy_share_change=0.2)) == []
+    # A class with one strategy in the baseline: whatever it does now descends from it.
+    one = [_cluster(0, 1.0, (1, 1))]
+    assert compare.compare_strategies(one, [_cluster(0, 1.0, (3, 0))], t) == []
+    moved = compare.compare_strategies(one, [_cluster(0, 0.7, (3, 0)), _cluster(1, 0.3, (0, 3), suspicious=True)], t)
+    assert len(moved) == 1 and moved[0].startswith("new suspicious strategy 1")
+    # A baseline made before strategies existed: nothing to compare with.
+    assert compare.compare_strategies([], new, t) == []
+
+
+def test_strategy_changes_flag_the_class_in_a_comparison():
+    base = compare.RunData("b", {}, {0: _stats()}, {0: [_cluster(0, 1.0, (1, 1))]})
+    cur = compare.RunData("c", {}, {0: _stats()}, {0: [_cluster(0, 0.8, (1, 1)),
+                                                       _cluster(1, 0.2, (0, 3), suspicious=True)]})
+    result = compare.compare_runs(base, cur)
+    assert result["flagged_classes"] == [0] and compare.exit_code(result) == 1
+    assert any(r.startswith("new suspicious strategy 1") for r in result["classes"][0]["reasons"])

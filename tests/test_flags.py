@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.demo import SHORTCUT_CLASS
+from pipeline.demo import MOVING_SHORTCUT_CLASS, SHORTCUT_CLASS
 from pipeline.manifest import read_table
 from tests.audit_fixtures import RUN_IDS
 from transforms.class_stats import ClassStatsFn, class_contributions
@@ -11,7 +11,8 @@ from transforms.flags import IMAGE_FLAGS, FlagThresholds, cell_of, image_flags, 
 
 
 def _attention(**kw):
-    base = dict(peak_y=0.5, peak_x=0.5, entropy=0.5, border_mass=0.1, box_mass=0.9, peak_in_box=True)
+    base = dict(peak_y=0.5, peak_x=0.5, entropy=0.5, border_mass=0.1, box_mass=0.9, box_area=0.16,
+                box_concentration=0.9 / 0.16, peak_in_box=True)
     return {**base, **kw}
 
 
@@ -30,11 +31,13 @@ def test_image_flags_at_their_thresholds():
     assert unsure["low_confidence"] and not unsure["confident_wrong"]
     assert image_flags(label=None, predicted_class=1, predicted_score=0.9, attention=_attention())["confident_wrong"] is None
     off = image_flags(label=1, predicted_class=1, predicted_score=0.9, boxes=[(0.5, 0.5, 0.9, 0.9)],
-                      attention=_attention(peak_y=0.1, peak_x=0.1, peak_in_box=False, box_mass=0.49, border_mass=0.6))
+                      attention=_attention(peak_y=0.1, peak_x=0.1, peak_in_box=False, box_mass=0.16,
+                                           box_concentration=1.0, border_mass=0.6))
     assert off["attention_outside_box"] and off["attention_on_border"] and off["peak_cell"] == 0 and off["box_cell"] == 8
-    # The peak missing the box is not enough when most of the mass is inside it.
+    # The peak missing the box is not enough when the box holds more than a flat map's share of the mass
+    # (relative rule: box_concentration > 1, even with well under half the mass inside).
     near = image_flags(label=1, predicted_class=1, predicted_score=0.9, boxes=[(0.5, 0.5, 0.9, 0.9)],
-                       attention=_attention(peak_in_box=False, box_mass=0.5))
+                       attention=_attention(peak_in_box=False, box_mass=0.17, box_concentration=0.17 / 0.16))
     assert near["attention_outside_box"] is False
     empty = image_flags(label=1, predicted_class=1, predicted_score=0.9, boxes=[(0.5, 0.5, 0.9, 0.9)],
                         attention=dict.fromkeys(_attention()))
@@ -66,7 +69,8 @@ def _row(i: int, label: int, predicted: int, score: float, peak_cell: int, box_c
         "cam_height": 2, "cam_width": 2, "peak_y": y, "peak_x": x, "entropy": 0.0, "border_mass": 0.7,
         "box_mass": 0.1, "peak_in_box": False,
         **image_flags(label=label, predicted_class=predicted, predicted_score=score,
-                      attention={"peak_y": y, "peak_x": x, "border_mass": 0.7, "box_mass": 0.1, "peak_in_box": False},
+                      attention={"peak_y": y, "peak_x": x, "border_mass": 0.7, "box_mass": 0.1,
+                                 "box_concentration": 0.9, "peak_in_box": False},
                       boxes=[((box_cell // 3) / 3, (box_cell % 3) / 3, (box_cell // 3 + 1) / 3, (box_cell % 3 + 1) / 3)]),
     }
 
@@ -108,8 +112,12 @@ def test_the_demo_shortcut_class_and_only_it_is_flagged(demo_runs):
     assert triangle["peak_cell"] == 0  # the marker's top-left ninth
     assert triangle["peak_cell_share"] >= 0.6 and triangle["box_cell_share"] == 0.0
     for cls, s in stats.items():
-        if cls != SHORTCUT_CLASS:
+        if cls not in (SHORTCUT_CLASS, MOVING_SHORTCUT_CLASS):
             assert s["shortcut_score"] < 0.2, (cls, s["shortcut_score"])
+    # The moving marker (a random corner per image) escapes this signal: its peaks split over four corners.
+    # The strategies catch it (tests/test_strategies.py).
+    moving = stats[MOVING_SHORTCUT_CLASS]
+    assert not moving["shortcut"] and moving["peak_cell_share"] < 0.4
     assert demo_runs.manifests[RUN_IDS[0]]["attention"]["shortcut_classes"] == [SHORTCUT_CLASS]
     # The model trained without the marker has no shortcut.
     assert not any(s["shortcut"] for s in _stats(demo_runs, RUN_IDS[1]).values())
@@ -121,38 +129,44 @@ def test_heatmap_flag_columns(demo_runs):
         assert r["peak_cell"] is not None or r["peak_y"] is None
         assert r["box_cell"] is not None  # every demo image has a box
         if r["attention_outside_box"]:
-            assert not r["peak_in_box"] and r["box_mass"] < 0.5
+            assert not r["peak_in_box"] and r["box_concentration"] <= 1.0
         assert r["confident_wrong"] == (r["predicted_class"] != r["label"] and r["predicted_score"] >= 0.8)
     stats = _stats(demo_runs, RUN_IDS[0])
     for flag in IMAGE_FLAGS:
         assert all(s[f"share_{flag}"] is not None for s in stats.values())
-    triangles = [r for r in rows if r["target_class"] == SHORTCUT_CLASS]
-    outside = sum(bool(r["attention_outside_box"]) for r in triangles) / len(triangles)
-    assert outside == pytest.approx(stats[SHORTCUT_CLASS]["share_attention_outside_box"])
-    assert outside > 0.5
+    # The moving-marker class looks at its corner marker: most of its maps put no more mass on the object
+    # than a flat map and peak away from it. (The fixed-marker class looks at the marker and, on many images,
+    # at the object too: the relative rule flags fewer of them, measured 29%.)
+    for cls, least in ((MOVING_SHORTCUT_CLASS, 0.5), (SHORTCUT_CLASS, 0.15)):
+        mine = [r for r in rows if r["target_class"] == cls]
+        outside = sum(bool(r["attention_outside_box"]) for r in mine) / len(mine)
+        assert outside == pytest.approx(stats[cls]["share_attention_outside_box"])
+        assert outside > least, (cls, outside)
 
 
 def test_pointing_game_of_the_demo_model(demo_runs):
-    """Pointing game (peak of the CAM inside the object's box), rank-0 rows.
+    """Pointing game (CAM peak within 15 px of the object's box, Zhang et al.), rank-0 rows.
 
-    Bound: three classes look at their object, so each should point inside
-    its box on >= 80% of images (measured: 1.00, 0.87, 0.90); class 2 looks at
-    its marker (top-left, never inside a box) on most images, so <= 50%
-    (measured 0.26). Overall that is (3 x ~0.9 + ~0.3) / 4 ~ 0.75 (measured
-    0.765 on 396 images with a peak): the bound [0.6, 0.9] holds it with a
-    margin of ~8 images per class either way. A random peak would land in a
-    box of 8-19% of the image area (radius 0.14-0.22 of the side), i.e. ~13%.
-    Without the shortcut (same shards, model trained without the marker) the
-    pointing game must rise above 0.8 (measured 0.88).
+    Bound: the two clean classes look at their object, so each should point
+    at its box on >= 70% of images (measured 0.99 circle, 0.75 square: the
+    shortcut model predicts "square" when it sees neither marker nor another
+    shape, so its square maps are diffuse); the two shortcut classes look at
+    their markers (a corner, never within 15 px of a box), so <= 50%
+    (measured 0.24 and 0.24). Overall that is (0.99 + 0.75 + 2 x 0.24) / 4 ~
+    0.55 (measured 0.575 on 395 images with a peak): the bound [0.45, 0.7]
+    holds it with a margin of ~10 images per class either way. A random peak
+    would land in a box of 8-19% of the image area, i.e. ~13% (more with the
+    tolerance, which is 23% of the side of a 64 px image). Without the
+    shortcuts (same shards, model trained without markers) the pointing game
+    must rise by at least 0.15 (measured 0.83).
     """
     manifest = demo_runs.manifests[RUN_IDS[0]]
     overall = manifest["attention"]["pointing_accuracy"]
-    assert 0.6 <= overall <= 0.9, overall
+    assert 0.45 <= overall <= 0.7, overall
     stats = _stats(demo_runs, RUN_IDS[0])
     for cls, s in stats.items():
-        if cls == SHORTCUT_CLASS:
-            assert s["pointing_accuracy"] <= 0.5
+        if cls in (SHORTCUT_CLASS, MOVING_SHORTCUT_CLASS):
+            assert s["pointing_accuracy"] <= 0.5, (cls, s["pointing_accuracy"])
         else:
-            assert s["pointing_accuracy"] >= 0.8, (cls, s["pointing_accuracy"])
-    assert demo_runs.manifests[RUN_IDS[1]]["attention"]["pointing_accuracy"] > 0.8
-    assert overall < demo_runs.manifests[RUN_IDS[1]]["attention"]["pointing_accuracy"]
+            assert s["pointing_accuracy"] >= 0.7, (cls, s["pointing_accuracy"])
+    assert demo_runs.manifests[RUN_IDS[1]]["attention"]["pointing_accuracy"] >= overall + 0.15

@@ -11,7 +11,7 @@ import pytest
 from pipeline.graph import run
 from tests.conftest import BAD_RECORDS
 from tests.helpers import parquet_schema, read_parquet_dir
-from transforms.schemas import CLASS_STATS_SCHEMA, ERROR_SCHEMA, HEATMAP_SCHEMA
+from transforms.schemas import CLASS_STATS_SCHEMA, CLUSTER_SCHEMA, ERROR_SCHEMA, HEATMAP_SCHEMA
 
 RUN = "run=test"  # each run writes under <output>/run=<run_id>/ (pipeline/history.py)
 
@@ -73,6 +73,7 @@ def test_schemas_are_exactly_the_declared_ones(audited):
     assert parquet_schema(str(output / "heatmaps")).equals(HEATMAP_SCHEMA)
     assert parquet_schema(str(output / "class_stats")).equals(CLASS_STATS_SCHEMA)
     assert parquet_schema(str(output / "errors")).equals(ERROR_SCHEMA)
+    assert parquet_schema(str(output / "clusters")).equals(CLUSTER_SCHEMA)
 
 
 def test_class_stats_match_the_heatmaps(audited):

@@ -1,18 +1,33 @@
 """Where a CAM puts its mass: per-image attention statistics (numpy).
 
-A map of h x w cells is read as a piecewise-constant density over the image
-(each cell covers 1/h x 1/w of it), so overlaps with boxes and with the
-border band are exact at any layer resolution.
+The statistics are read off the map *as users see it*: CAM tools
+(pytorch-grad-cam, tf-keras-vis, the keras.io example) show a map upsampled
+bilinearly to the image, not its coarse cells. So the map (h x w cells at
+the layer's resolution) is first upsampled bilinearly, with half-pixel
+centres and clamped edges (what `cv2.resize`, `PIL` and `tf.image.resize`
+do), to a grid of the image's own aspect ratio: the image's size, scaled
+down so its longer side is at most `MAX_GRID_SIDE` (224) pixels to bound the
+cost (one 224x224 grid costs ~0.2 ms). Peak, border mass and box mass come
+from that grid; the pointing game is played at the image's own resolution
+with the tolerance of Zhang et al. 2016 (15 px).
+
+Entropy stays on the layer's cells (0 = one cell, 1 = uniform): upsampling
+would only smooth it.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
 BORDER_FRACTION = 0.125  # the band along each edge that counts as "border"
+MAX_GRID_SIDE = 224  # longest side of the upsampled grid (pixels)
+POINTING_TOLERANCE_PX = 15.0  # Zhang et al. 2016, "Top-down neural attention by excitation backprop"
+
+STAT_KEYS = ("peak_y", "peak_x", "entropy", "border_mass", "box_mass", "box_area", "box_concentration",
+             "peak_in_box")
 
 
 def cell_overlap(height: int, width: int, box) -> np.ndarray:
@@ -26,38 +41,114 @@ def cell_overlap(height: int, width: int, box) -> np.ndarray:
     return np.outer(axis(height, ymin, ymax), axis(width, xmin, xmax))
 
 
-def attention_stats(cam: np.ndarray, boxes=()) -> dict[str, Optional[float]]:
+def _interpolation_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] weights of 1-D linear interpolation, half-pixel centres, edges clamped."""
+    pos = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0, n_in - 1)
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = pos - lo
+    weights = np.zeros((n_out, n_in))
+    weights[np.arange(n_out), lo] += 1.0 - frac
+    weights[np.arange(n_out), hi] += frac
+    return weights
+
+
+def grid_shape(image_height: int, image_width: int, max_side: int = MAX_GRID_SIDE) -> tuple[int, int]:
+    """The upsampled grid: the image's size, scaled so its longer side is at most max_side."""
+    scale = min(1.0, max_side / max(image_height, image_width, 1))
+    return max(1, round(image_height * scale)), max(1, round(image_width * scale))
+
+
+def upsample(cam: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear upsampling of cam[h, w] to [height, width] (half-pixel centres, as image resizers do)."""
+    cam = np.asarray(cam, np.float64)
+    return _interpolation_matrix(cam.shape[0], height) @ cam @ _interpolation_matrix(cam.shape[1], width).T
+
+
+def box_mask(height: int, width: int, boxes: Sequence) -> np.ndarray:
+    """[height, width] bool: pixels whose centre lies inside any box (fractions ymin, xmin, ymax, xmax)."""
+    ys = (np.arange(height) + 0.5) / height
+    xs = (np.arange(width) + 0.5) / width
+    mask = np.zeros((height, width), bool)
+    for ymin, xmin, ymax, xmax in boxes:
+        mask |= np.outer((ys >= ymin) & (ys <= ymax), (xs >= xmin) & (xs <= xmax))
+    return mask
+
+
+def distance_to_box_px(y: float, x: float, box, image_height: int, image_width: int) -> float:
+    """Distance in image pixels from point (y, x) (fractions) to a box (0 inside it)."""
+    ymin, xmin, ymax, xmax = box
+    dy = max(ymin - y, 0.0, y - ymax) * image_height
+    dx = max(xmin - x, 0.0, x - xmax) * image_width
+    return math.hypot(dy, dx)
+
+
+def attention_stats(
+    cam: np.ndarray,
+    boxes: Sequence = (),
+    *,
+    image_size: Optional[tuple[int, int]] = None,
+    tolerance_px: float = POINTING_TOLERANCE_PX,
+    max_side: int = MAX_GRID_SIDE,
+) -> dict[str, Optional[float]]:
     """Statistics of one map cam[h, w] (non-negative, as after a CAM's ReLU).
 
+    Args:
+      cam: the map at the layer's resolution.
+      boxes: object boxes as fractions (ymin, xmin, ymax, xmax).
+      image_size: (height, width) of the image in pixels; sets the grid's
+        aspect and the pointing game's tolerance. Default: a square image of
+        max_side pixels.
+      tolerance_px: pointing-game tolerance in image pixels.
+      max_side: longest side of the upsampled grid.
+
     Returns:
-      peak_y, peak_x: centre of the hottest cell, as fractions of the image.
-      entropy: of the normalised map, divided by log(h * w) (0 = one cell,
-        1 = uniform).
-      border_mass: share of mass within BORDER_FRACTION of an edge.
-      box_mass: share of mass inside the union of the boxes (None without boxes).
-      peak_in_box: pointing game: is the peak inside a box (None without boxes).
-      All None when the map has no mass (e.g. all zeros after the ReLU).
+      peak_y, peak_x: the hottest pixel of the upsampled map (its centre, as
+        fractions of the image height/width).
+      entropy: of the normalised map at layer resolution, divided by
+        log(h * w) (0 = one cell, 1 = uniform).
+      border_mass: share of the upsampled map's mass within BORDER_FRACTION of
+        an edge.
+      box_mass: share of its mass inside the union of the boxes.
+      box_area: share of the image inside the union of the boxes.
+      box_concentration: box_mass / box_area (1 = no more mass on the objects
+        than a flat map puts there).
+      peak_in_box: pointing game: the peak lies within tolerance_px (image
+        pixels) of a box.
+      The box statistics are None without boxes; all statistics are None
+      when the map has no mass (e.g. all zeros after the ReLU).
     """
+    cam = np.asarray(cam, np.float64)
     height, width = cam.shape
     total = float(cam.sum())
-    result = dict.fromkeys(("peak_y", "peak_x", "entropy", "border_mass", "box_mass", "peak_in_box"))
+    result: dict = dict.fromkeys(STAT_KEYS)
     if not total > 0.0 or not math.isfinite(total):
         return result
-    p = cam / total
-    row, col = np.unravel_index(int(np.argmax(cam)), cam.shape)
-    peak_y, peak_x = (row + 0.5) / height, (col + 0.5) / width
-    nonzero = p[p > 0]
-    inner = cell_overlap(height, width, (BORDER_FRACTION,) * 2 + (1 - BORDER_FRACTION,) * 2)
+    image_h, image_w = image_size if image_size else (max_side, max_side)
+    grid_h, grid_w = grid_shape(image_h, image_w, max_side)
+    up = np.clip(upsample(cam, grid_h, grid_w), 0.0, None)
+    up_total = float(up.sum())
+    p = up / up_total
+    row, col = np.unravel_index(int(np.argmax(up)), up.shape)
+    peak_y, peak_x = (row + 0.5) / grid_h, (col + 0.5) / grid_w
+    cells = cam / total
+    nonzero = cells[cells > 0]
+    inner = box_mask(grid_h, grid_w, [(BORDER_FRACTION,) * 2 + (1 - BORDER_FRACTION,) * 2])
+    entropy = float(-(nonzero * np.log(nonzero)).sum() / math.log(height * width)) if height * width > 1 else 0.0
     result.update(
         peak_y=float(peak_y),
         peak_x=float(peak_x),
-        entropy=float(-(nonzero * np.log(nonzero)).sum() / math.log(height * width)),
-        border_mass=float(1.0 - (p * inner).sum()),
+        entropy=entropy,
+        border_mass=float(1.0 - p[inner].sum()),
     )
     if boxes:
-        union = np.max([cell_overlap(height, width, box) for box in boxes], axis=0)
-        result["box_mass"] = float((p * union).sum())
-        result["peak_in_box"] = any(
-            b[0] <= peak_y <= b[2] and b[1] <= peak_x <= b[3] for b in boxes
+        union = box_mask(grid_h, grid_w, boxes)
+        area = float(union.mean())
+        mass = float(p[union].sum())
+        result.update(
+            box_mass=mass,
+            box_area=area,
+            box_concentration=mass / area if area > 0 else None,
+            peak_in_box=any(distance_to_box_px(peak_y, peak_x, b, image_h, image_w) <= tolerance_px for b in boxes),
         )
     return result

@@ -179,7 +179,9 @@ class ComputeClassStats(beam.PTransform):
         def to_row(keyed):
             class_id, stats = keyed
             name = names[class_id] if 0 <= class_id < len(names) else None
-            return {"class_id": class_id, "class_name": name, **stats}
+            # num_strategies / suspicious_strategy: set by transforms.strategies.AddStrategyColumns.
+            return {"class_id": class_id, "class_name": name, **stats, "num_strategies": None,
+                    "suspicious_strategy": None}
 
         return (
             rows

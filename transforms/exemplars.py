@@ -38,13 +38,13 @@ PER_KIND = 8
 FLAG_RANKING = {
     "confident_wrong": ("predicted_score", True),
     "low_confidence": ("predicted_score", False),
-    "attention_outside_box": ("box_mass", False),
+    "attention_outside_box": ("box_concentration", False),
     "attention_on_border": ("border_mass", True),
 }
 
 # The heatmap columns an exemplar row keeps (besides kind, rank, score, kind_total, thumbnail).
 ROW_FIELDS = ("image_id", "source", "record_index", "label", "predicted_class", "predicted_score",
-              "target_class", "box_mass", "border_mass", "peak_cell", "cam", "cam_height", "cam_width")
+              "target_class", "box_mass", "box_concentration", "border_mass", "peak_cell", "cam", "cam_height", "cam_width")
 
 
 def flag_kind(flag: str) -> str:
@@ -120,6 +120,22 @@ def audit_candidates(row: dict, raw_record: bytes, boxes: Iterable = ()) -> Iter
                candidate(row, row["predicted_score"], raw_record, boxes))
 
 
+def strategy_kind(class_id: int, cluster_id: int) -> str:
+    return f"strategy:{class_id}:{cluster_id}"
+
+
+def strategy_candidates(row: dict, strategies: dict, raw_record: bytes, boxes: Iterable = ()
+                        ) -> Iterable[tuple[str, Candidate]]:
+    """The row as a candidate exemplar of its strategy: the nearest cluster of its target class
+    (`transforms.strategies`, the same assignment as its `cluster_id`), ranked closest first."""
+    from transforms.strategies import nearest_strategy
+
+    found = nearest_strategy(row, strategies)
+    if found is not None:
+        cluster, distance = found
+        yield strategy_kind(int(row["target_class"]), cluster), candidate(row, -distance, raw_record, boxes)
+
+
 class ProposeExemplars(beam.DoFn):
     """Explained image -> (kind, Candidate) for each audit kind it belongs to (failed images: none).
 
@@ -132,7 +148,7 @@ class ProposeExemplars(beam.DoFn):
         self._target_layer = target_layer
         self._thresholds = thresholds
 
-    def process(self, result):
+    def process(self, result, strategies=None):
         from transforms.rows import heatmap_rows
 
         if result.error is not None:
@@ -141,6 +157,8 @@ class ProposeExemplars(beam.DoFn):
                             thresholds=self._thresholds)
         first = next(r for r in rows if r["target_rank"] == 0)
         yield from audit_candidates(first, result.image.raw_record, result.image.boxes)
+        for row in rows if strategies else ():
+            yield from strategy_candidates(row, strategies, result.image.raw_record, result.image.boxes)
 
 
 def exemplar_row(kind: str, rank: int, total: int, winner: Candidate, thumbnail: bytes) -> dict:
@@ -221,11 +239,14 @@ def _shortcut_cell(stats_row: dict) -> Iterable[tuple[int, int]]:
 
 
 class SelectAuditExemplars(beam.PTransform):
-    """(PCollection[Explained], PCollection[class_stats row]) -> PCollection[exemplar row].
+    """(PCollection[Explained], PCollection[class_stats row][, PCollection[(class, ClassStrategies)]])
+    -> PCollection[exemplar row].
 
     The worst `per_kind` images of each image flag, and the most confident
     images of each shortcut class among those whose CAM peaks where the
-    class's peaks crowd (the report's image grids).
+    class's peaks crowd (the report's image grids); given the strategies
+    (`transforms.strategies.FindStrategies`' "models"), also the images
+    closest to each strategy's mean map (kind "strategy:<class>:<cluster>").
     """
 
     def __init__(self, *, method: str, target_layer: str, image_key: str = "image/encoded",
@@ -238,12 +259,13 @@ class SelectAuditExemplars(beam.PTransform):
         self._thresholds = thresholds
 
     def expand(self, inputs):
-        explained, class_stats = inputs
+        explained, class_stats, *strategies = inputs
         cells = class_stats | "FindShortcutCells" >> beam.FlatMap(_shortcut_cell)
+        side = [beam.pvalue.AsDict(strategies[0])] if strategies else []
         return (
             explained
             | "ProposeExemplars" >> beam.ParDo(ProposeExemplars(
-                method=self._method, target_layer=self._target_layer, thresholds=self._thresholds))
+                method=self._method, target_layer=self._target_layer, thresholds=self._thresholds), *side)
             | "SelectExemplars" >> SelectExemplars(self._per_kind, self._image_key, relabel=shortcut_relabel,
                                                    relabel_input=beam.pvalue.AsDict(cells))
         )

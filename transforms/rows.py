@@ -19,7 +19,10 @@ def heatmap_rows(
     rows = []
     for rank, cam in enumerate(result.cam):
         cam = np.asarray(cam, np.float32)
-        attention = attention_stats(cam, image.boxes)
+        attention = attention_stats(
+            cam, image.boxes, image_size=(image.image_height, image.image_width),
+            tolerance_px=thresholds.pointing_tolerance_px,
+        )
         rows.append(
             {
                 "image_id": image.image_id,
@@ -50,6 +53,7 @@ def heatmap_rows(
                     boxes=image.boxes,
                     thresholds=thresholds,
                 ),
+                "cluster_id": None,  # set by transforms.strategies.FindStrategies
             }
         )
     return rows

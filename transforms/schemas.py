@@ -4,6 +4,7 @@ heatmaps     one row per (image, target): prediction, target, raw CAM, attention
 class_stats  one row per class: counts, accuracy, mean CAM, attention, confusions
 errors       one row per rejected record (or corrupt/empty shard), raw bytes kept
 exemplars    the few worst images of each kind (flag, shortcut class, ...) with a thumbnail
+clusters     one row per (class, strategy): SpRAy clusters of the class's maps
 comparison   one row per class: what changed since a baseline run (pipeline/compare.py)
 """
 
@@ -32,6 +33,8 @@ HEATMAP_SCHEMA = pa.schema(
         pa.field("entropy", pa.float32()),
         pa.field("border_mass", pa.float32()),
         pa.field("box_mass", pa.float32()),
+        pa.field("box_area", pa.float32()),
+        pa.field("box_concentration", pa.float32()),
         pa.field("peak_in_box", pa.bool_()),
         pa.field("num_boxes", pa.int32(), nullable=False),
         pa.field("image_height", pa.int32(), nullable=False),
@@ -43,6 +46,8 @@ HEATMAP_SCHEMA = pa.schema(
         pa.field("attention_on_border", pa.bool_()),
         pa.field("peak_cell", pa.int32()),
         pa.field("box_cell", pa.int32()),
+        # The class's strategy (SpRAy cluster) the map is nearest to (transforms/strategies.py).
+        pa.field("cluster_id", pa.int32()),
     ]
 )
 
@@ -81,6 +86,28 @@ CLASS_STATS_SCHEMA = pa.schema(
         pa.field("box_cell_share", pa.float64()),
         pa.field("shortcut_score", pa.float64()),
         pa.field("shortcut", pa.bool_()),
+        # Strategies (transforms/strategies.py): clusters of the class's maps.
+        pa.field("num_strategies", pa.int32()),
+        pa.field("suspicious_strategy", pa.bool_()),
+    ]
+)
+
+CLUSTER_SCHEMA = pa.schema(
+    [
+        pa.field("class_id", pa.int64(), nullable=False),
+        pa.field("cluster_id", pa.int32(), nullable=False),
+        pa.field("size", pa.int64(), nullable=False),
+        pa.field("share", pa.float64(), nullable=False),
+        pa.field("mean_cam", pa.list_(pa.float32()), nullable=False),
+        pa.field("cam_height", pa.int32(), nullable=False),
+        pa.field("cam_width", pa.int32(), nullable=False),
+        pa.field("mean_box_concentration", pa.float64()),
+        pa.field("mean_border_mass", pa.float64()),
+        pa.field("peak_cell", pa.int32()),
+        pa.field("exemplar_ids", pa.list_(pa.string()), nullable=False),
+        pa.field("eigengap", pa.float64()),
+        pa.field("suspicious", pa.bool_(), nullable=False),
+        pa.field("reason", pa.string()),
     ]
 )
 
@@ -112,6 +139,7 @@ EXEMPLAR_SCHEMA = pa.schema(
         pa.field("predicted_score", pa.float32(), nullable=False),
         pa.field("target_class", pa.int64(), nullable=False),
         pa.field("box_mass", pa.float32()),
+        pa.field("box_concentration", pa.float32()),
         pa.field("border_mass", pa.float32()),
         pa.field("peak_cell", pa.int32()),
         pa.field("cam", pa.list_(pa.float32()), nullable=False),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import apache_beam as beam
 import pyarrow as pa
 
-TABLES = ("heatmaps", "class_stats", "errors", "exemplars")
+TABLES = ("heatmaps", "class_stats", "clusters", "errors", "exemplars")
 
 
 def table_prefix(output: str, table: str) -> str:

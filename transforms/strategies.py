@@ -1,0 +1,415 @@
+"""The model's strategies per class: Spectral Relevance Analysis (SpRAy) in the job.
+
+SpRAy (Lapuschkin et al., "Unmasking Clever Hans predictors and assessing
+what machines really learn", Nature Communications 10:1096, 2019) clusters
+a class's explanation maps: each cluster is one *strategy* of the model for
+that class (e.g. "looks at the object", "looks at a watermark in the top-right
+corner"), and a cluster that looks off the objects is a suspect.
+
+`FindStrategies` (a composite PTransform) does it with bounded cost:
+
+    heatmap rows --KeyMapsByClass--> (class, max-normalised map)
+      --SampleMapsPerClass (Sample.FixedSizePerKey, sample_size)--> (class, [maps])
+      --ClusterClassMaps--> (class, ClassStrategies: cluster means, eigengap)
+    heatmap rows --AssignStrategies (side input: the cluster means)--> rows + cluster_id
+      --CombinePerCluster--> one `clusters` row per (class, cluster)
+
+Clustering (`cluster_maps`): a symmetric k-nearest-neighbour connectivity
+graph of the maps (what `sklearn.cluster.SpectralClustering(affinity=
+"nearest_neighbors")` builds), the eigenvalues of its normalised graph
+Laplacian (scipy), the number of clusters k where the gap between eigenvalue
+k and k+1 is the largest (k <= max_clusters; the *eigengap* heuristic), and
+the clusters from scikit-learn's `SpectralClustering` on that graph. Every
+row of the class (not only the sample) then goes to its nearest cluster mean
+(Euclidean, max-normalised maps): the int32 `cluster_id` of `heatmaps`.
+Maps of one class have one size within a run; a sample mixing sizes keeps
+the most common size, and rows of another size get no cluster_id.
+
+The `suspicious` rule (per cluster; thresholds in `StrategySettings`):
+
+  A cluster is suspicious when it holds at least `min_share` (5%) of the
+  class's rows and at least `min_rows` (5) rows, and
+  - with boxes (the cluster's rows have object boxes): its mean
+    box_concentration (box_mass / box_area per row) is at most
+    `max_concentration` (0.9): the strategy puts clearly less attention on
+    the objects than a flat map would (1.0), i.e. it looks somewhere else.
+    The 10% margin below flat keeps a strategy that is merely diffuse from
+    being called off the objects (on the demo, the "square" class, which the
+    model predicts when it sees neither a marker nor another shape, averages
+    1.04-1.09; the corner-marker strategies 0.65-0.75);
+  - without boxes: its mean border mass is at least `border_mass` (0.6, the
+    per-image border flag's threshold), or it is a minority strategy (share
+    at most 0.5) whose mean map correlates less than `min_correlation` (0.2)
+    with the mean map of the class's other rows: it looks where the class's
+    other strategies do not.
+  `reason` says which, with the numbers.
+
+A class's `num_strategies` is its number of clusters and
+`suspicious_strategy` whether any is suspicious (class_stats columns).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import heapq
+import warnings
+from typing import Iterable, Optional
+
+import apache_beam as beam
+import numpy as np
+
+from transforms.flags import CELL_NAMES, NUM_CELLS
+
+MEMBERS_TAG = "members"
+EXEMPLARS = 6
+
+
+@dataclasses.dataclass(frozen=True)
+class StrategySettings:
+    """How strategies are found and when one is suspicious (module docstring)."""
+
+    sample_size: int = 1000
+    max_clusters: int = 8
+    neighbors: int = 10
+    min_sample: int = 20
+    eigengap_floor: float = 0.01
+    min_share: float = 0.05
+    min_rows: int = 5
+    max_concentration: float = 0.9
+    border_mass: float = 0.6
+    min_correlation: float = 0.2
+    exemplars: int = EXEMPLARS
+    seed: int = 0
+
+
+DEFAULT_SETTINGS = StrategySettings()
+
+
+@dataclasses.dataclass
+class ClassStrategies:
+    """One class's clusters: their mean maps [k, h*w] and how they were found."""
+
+    shape: tuple[int, int]
+    means: np.ndarray
+    eigengap: Optional[float]
+    num_sampled: int
+
+    def assign(self, vector: np.ndarray) -> tuple[int, float]:
+        """(nearest cluster, its Euclidean distance) for one max-normalised map."""
+        distances = np.linalg.norm(self.means - vector[None, :], axis=1)
+        best = int(np.argmin(distances))
+        return best, float(distances[best])
+
+
+def normalised_map(row: dict) -> Optional[np.ndarray]:
+    """The row's CAM divided by its maximum, flattened (float32); None without mass."""
+    if not row.get("cam_max") or row["cam_max"] <= 0:
+        return None
+    return np.asarray(row["cam"], np.float32) / np.float32(row["cam_max"])
+
+
+def eigengap_clusters(affinity, max_clusters: int, floor: float = 0.01) -> tuple[int, float, np.ndarray]:
+    """(k, gap, eigenvalues): the eigengap heuristic on a symmetric affinity matrix.
+
+    The eigenvalues 0 = l_1 <= l_2 <= ... of the normalised graph Laplacian
+    (scipy.sparse.csgraph.laplacian; the smallest max_clusters + 1 by
+    scipy.sparse.linalg.eigsh, dense numpy for tiny graphs); k groups with no
+    edges between them give k zero eigenvalues, then a jump. The gap is read
+    on a log scale, k = argmax over k = 1..max_clusters of
+    log(l_{k+1} + floor) - log(l_k + floor): the largest *relative* jump.
+    The plain difference l_{k+1} - l_k fails on maps that vary smoothly within
+    a group (an object at random positions): such a group's own spectrum
+    rises in steps of similar size (measured: one group of jittered blobs,
+    gaps 0.027, 0.002, 0.036, ...). The floor keeps the near-zero eigenvalues
+    of nearly disconnected groups (0.001 vs 0.002) from making a huge ratio.
+    Returns gap = l_{k+1} - l_k of the chosen k (the `eigengap` column).
+    """
+    import scipy.sparse
+    from scipy.sparse.csgraph import laplacian
+    from scipy.sparse.linalg import eigsh
+
+    lap = scipy.sparse.csr_matrix(laplacian(scipy.sparse.csr_matrix(affinity, dtype=np.float64), normed=True))
+    n = lap.shape[0]
+    top = min(max_clusters + 1, n - 1)
+    if n <= 4 * (top + 1):
+        values = np.linalg.eigvalsh(lap.toarray())[:top]
+    else:  # the smallest of L are the largest of I - L: Lanczos (ARPACK) on the sparse graph, ~0.2 s for 1000 maps
+        shifted = scipy.sparse.identity(n, format="csr") - lap
+        values = np.sort(1.0 - eigsh(shifted, k=top, which="LA", return_eigenvectors=False))
+    values = np.clip(values, 0.0, None)
+    relative = np.diff(np.log(values + floor))
+    k = int(np.argmax(relative)) + 1
+    return k, float(values[k] - values[k - 1]), values
+
+
+def cluster_maps(maps: np.ndarray, settings: StrategySettings = DEFAULT_SETTINGS) -> tuple[np.ndarray, Optional[float]]:
+    """SpRAy on one class's sample: (labels [n] in 0..k-1, eigengap or None).
+
+    Args:
+      maps: [n, h*w] max-normalised maps.
+    """
+    from sklearn.cluster import SpectralClustering
+    from sklearn.neighbors import kneighbors_graph
+
+    n = len(maps)
+    if n < max(settings.min_sample, 3):
+        return np.zeros(n, np.int64), None
+    neighbors = min(settings.neighbors, n - 1)
+    connectivity = kneighbors_graph(maps, n_neighbors=neighbors, include_self=True)
+    affinity = 0.5 * (connectivity + connectivity.T)  # as SpectralClustering(affinity="nearest_neighbors")
+    k, gap, _ = eigengap_clusters(affinity, settings.max_clusters, settings.eigengap_floor)
+    if k == 1:
+        return np.zeros(n, np.int64), gap
+    with warnings.catch_warnings():  # separate strategies are what we look for: a disconnected graph is expected
+        warnings.filterwarnings("ignore", message="Graph is not fully connected")
+        labels = SpectralClustering(
+            n_clusters=k, affinity="precomputed", assign_labels="cluster_qr", random_state=settings.seed
+        ).fit_predict(affinity)
+    return np.asarray(labels, np.int64), gap
+
+
+def strategies_of(
+    items: Iterable[tuple[tuple[int, int], np.ndarray]], settings: StrategySettings = DEFAULT_SETTINGS
+) -> ClassStrategies:
+    """ClassStrategies from a sample of (shape, max-normalised map) of one class."""
+    items = list(items)
+    shape = collections.Counter(s for s, _ in items).most_common(1)[0][0]
+    maps = np.stack([m for s, m in items if s == shape]).astype(np.float64)
+    labels, gap = cluster_maps(maps, settings)
+    # Clusters renumbered by size (0 = the largest), so ids read the same way in every class.
+    order = [c for c, _ in collections.Counter(labels.tolist()).most_common()]
+    means = np.stack([maps[labels == c].mean(axis=0) for c in order]).astype(np.float32)
+    return ClassStrategies(shape=tuple(shape), means=means, eigengap=gap, num_sampled=len(maps))
+
+
+def _key_map(row: dict):
+    vector = normalised_map(row)
+    if vector is not None:
+        yield int(row["target_class"]), ((int(row["cam_height"]), int(row["cam_width"])), vector)
+
+
+def nearest_strategy(row: dict, models: dict) -> Optional[tuple[int, float]]:
+    """(cluster, distance) of the row's map among its target class's strategies, or None
+    (class not clustered, map without mass, or of another size)."""
+    model = models.get(int(row["target_class"]))
+    vector = normalised_map(row)
+    if model is None or vector is None or (int(row["cam_height"]), int(row["cam_width"])) != model.shape:
+        return None
+    return model.assign(vector)
+
+
+class AssignStrategies(beam.DoFn):
+    """Heatmap row -> the row with `cluster_id`; and ((class, cluster), member) to the members output."""
+
+    def process(self, row: dict, models: dict):
+        found = nearest_strategy(row, models)
+        if found is None:
+            yield {**row, "cluster_id": None}
+            return
+        cluster, distance = found
+        vector = normalised_map(row)
+        yield {**row, "cluster_id": cluster}
+        yield beam.pvalue.TaggedOutput(
+            MEMBERS_TAG,
+            ((int(row["target_class"]), cluster),
+             (distance, row["image_id"], vector, row.get("box_concentration"), row.get("border_mass"),
+              row.get("peak_cell"))),
+        )
+
+
+@dataclasses.dataclass
+class _ClusterAccumulator:
+    count: int = 0
+    sum_map: Optional[np.ndarray] = None
+    sum_concentration: float = 0.0
+    num_concentration: int = 0
+    sum_border: float = 0.0
+    num_border: int = 0
+    peak_cells: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(NUM_CELLS, np.int64))
+    closest: list = dataclasses.field(default_factory=list)  # [(-distance, image_id)], a max-heap of the n closest
+
+
+class ClusterStatsFn(beam.CombineFn):
+    """Members of one (class, cluster) -> size, mean map, mean statistics, the exemplars closest to the mean."""
+
+    def __init__(self, exemplars: int = EXEMPLARS):
+        super().__init__()
+        self._n = exemplars
+
+    def create_accumulator(self) -> _ClusterAccumulator:
+        return _ClusterAccumulator()
+
+    def _keep(self, acc: _ClusterAccumulator, distance: float, image_id: str) -> None:
+        item = (-distance, image_id)
+        if len(acc.closest) < self._n:
+            heapq.heappush(acc.closest, item)
+        elif item > acc.closest[0]:
+            heapq.heapreplace(acc.closest, item)
+
+    def add_input(self, acc: _ClusterAccumulator, member) -> _ClusterAccumulator:
+        distance, image_id, vector, concentration, border, cell = member
+        acc.count += 1
+        vector = np.asarray(vector, np.float64)
+        acc.sum_map = vector.copy() if acc.sum_map is None else acc.sum_map + vector
+        if concentration is not None:
+            acc.sum_concentration += concentration
+            acc.num_concentration += 1
+        if border is not None:
+            acc.sum_border += border
+            acc.num_border += 1
+        if cell is not None:
+            acc.peak_cells[cell] += 1
+        self._keep(acc, distance, image_id)
+        return acc
+
+    def merge_accumulators(self, accumulators) -> _ClusterAccumulator:
+        merged = _ClusterAccumulator()
+        for acc in accumulators:
+            merged.count += acc.count
+            if acc.sum_map is not None:
+                merged.sum_map = acc.sum_map.copy() if merged.sum_map is None else merged.sum_map + acc.sum_map
+            merged.sum_concentration += acc.sum_concentration
+            merged.num_concentration += acc.num_concentration
+            merged.sum_border += acc.sum_border
+            merged.num_border += acc.num_border
+            merged.peak_cells = merged.peak_cells + acc.peak_cells
+            for neg, image_id in acc.closest:
+                self._keep(merged, -neg, image_id)
+        return merged
+
+    def extract_output(self, acc: _ClusterAccumulator) -> dict:
+        return {
+            "size": acc.count,
+            "mean_map": None if acc.sum_map is None else (acc.sum_map / acc.count).astype(np.float32),
+            "mean_box_concentration": acc.sum_concentration / acc.num_concentration if acc.num_concentration else None,
+            "mean_border_mass": acc.sum_border / acc.num_border if acc.num_border else None,
+            "peak_cell": int(acc.peak_cells.argmax()) if acc.peak_cells.sum() else None,
+            "exemplar_ids": [image_id for _, image_id in sorted(acc.closest, key=lambda t: (-t[0], t[1]))],
+        }
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> Optional[float]:
+    if a.std() == 0 or b.std() == 0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def suspicion(cluster: dict, others_map: Optional[np.ndarray], settings: StrategySettings) -> tuple[bool, Optional[str]]:
+    """(suspicious, reason) of one cluster (see the module docstring for the rule)."""
+    s = settings
+    share, size = cluster["share"], cluster["size"]
+    if share < s.min_share or size < s.min_rows:
+        return False, None
+    where = "" if cluster["peak_cell"] is None else f", peaks mostly {CELL_NAMES[cluster['peak_cell']]}"
+    concentration = cluster["mean_box_concentration"]
+    if concentration is not None:
+        if concentration <= s.max_concentration:
+            return True, (
+                f"{share:.0%} of the class ({size} maps) look off the objects: in-box concentration "
+                f"{concentration:.2f} (a flat map: 1; limit {s.max_concentration:.2f}){where}"
+            )
+        return False, None
+    border = cluster["mean_border_mass"]
+    if border is not None and border >= s.border_mass:
+        return True, f"{share:.0%} of the class ({size} maps) look at the border: mass {border:.2f}{where}"
+    if others_map is not None and share <= 0.5:
+        corr = _correlation(np.asarray(cluster["mean_cam"], np.float64), others_map)
+        if corr is not None and corr < s.min_correlation:
+            return True, (
+                f"{share:.0%} of the class ({size} maps) look where its other strategies do not: "
+                f"correlation {corr:.2f} with the rest (limit {s.min_correlation:.2f}){where}"
+            )
+    return False, None
+
+
+def cluster_rows(class_id: int, clusters: list[tuple[int, dict]], model: Optional[ClassStrategies],
+                 settings: StrategySettings = DEFAULT_SETTINGS) -> list[dict]:
+    """The `clusters` table rows of one class from its per-cluster stats."""
+    total = sum(stats["size"] for _, stats in clusters)
+    rows = []
+    for cluster_id, stats in sorted(clusters, key=lambda kv: kv[0]):
+        h, w = model.shape if model is not None else (0, 0)
+        rows.append({
+            "class_id": class_id,
+            "cluster_id": cluster_id,
+            "size": stats["size"],
+            "share": stats["size"] / total,
+            "mean_cam": stats["mean_map"].tolist(),
+            "cam_height": h,
+            "cam_width": w,
+            "mean_box_concentration": stats["mean_box_concentration"],
+            "mean_border_mass": stats["mean_border_mass"],
+            "peak_cell": stats["peak_cell"],
+            "exemplar_ids": stats["exemplar_ids"],
+            "eigengap": None if model is None else model.eigengap,
+            "suspicious": False,
+            "reason": None,
+        })
+    for row, (_, stats) in zip(rows, sorted(clusters, key=lambda kv: kv[0]), strict=True):
+        rest = [(s["mean_map"].astype(np.float64) * s["size"]) for c, s in clusters if c != row["cluster_id"]]
+        others = np.sum(rest, axis=0) / (total - stats["size"]) if rest else None
+        row["suspicious"], row["reason"] = suspicion(row, others, settings)
+    return rows
+
+
+class FindStrategies(beam.PTransform):
+    """PCollection[heatmap row] -> {"heatmaps": rows with cluster_id, "clusters": clusters rows,
+    "models": (class, ClassStrategies)}."""
+
+    def __init__(self, settings: StrategySettings = DEFAULT_SETTINGS):
+        super().__init__()
+        self._settings = settings
+
+    def expand(self, rows):
+        settings = self._settings
+        models = (
+            rows
+            | "KeyMapsByClass" >> beam.FlatMap(_key_map)
+            | "SampleMapsPerClass" >> beam.combiners.Sample.FixedSizePerKey(settings.sample_size)
+            | "ClusterClassMaps" >> beam.MapTuple(lambda cls, items: (cls, strategies_of(items, settings)))
+        )
+        assigned = rows | "AssignStrategies" >> beam.ParDo(
+            AssignStrategies(), models=beam.pvalue.AsDict(models)
+        ).with_outputs(MEMBERS_TAG, main="rows")
+        clusters = (
+            assigned[MEMBERS_TAG]
+            | "CombinePerCluster" >> beam.CombinePerKey(ClusterStatsFn(settings.exemplars))
+            | "KeyClustersByClass" >> beam.MapTuple(lambda key, stats: (key[0], (key[1], stats)))
+            | "GroupClustersByClass" >> beam.GroupByKey()
+            | "FormatClusterRows" >> beam.FlatMap(
+                lambda kv, models: cluster_rows(kv[0], list(kv[1]), models.get(kv[0]), settings),
+                models=beam.pvalue.AsDict(models),
+            )
+        )
+        return {"heatmaps": assigned.rows, "clusters": clusters, "models": models}
+
+
+class AddStrategyColumns(beam.PTransform):
+    """class_stats rows + clusters rows -> class_stats rows with num_strategies and suspicious_strategy."""
+
+    def __init__(self, clusters):
+        super().__init__()
+        self._clusters = clusters
+
+    def expand(self, stats):
+        summary = (
+            self._clusters
+            | "KeyByClass" >> beam.Map(lambda r: (r["class_id"], (1, bool(r["suspicious"]))))
+            | "CountStrategies" >> beam.CombinePerKey(_sum_summary)
+        )
+
+        def add(row, summaries):
+            found = summaries.get(row["class_id"])
+            return {**row, "num_strategies": None if found is None else found[0],
+                    "suspicious_strategy": None if found is None else found[1]}
+
+        return stats | "AddColumns" >> beam.Map(add, summaries=beam.pvalue.AsDict(summary))
+
+
+def _sum_summary(items) -> tuple[int, bool]:
+    count, suspicious = 0, False
+    for n, flag in items:
+        count += n
+        suspicious = suspicious or flag
+    return count, suspicious
