@@ -1,8 +1,10 @@
 """The pipeline graph and `run(argv)`: the one file that wires every step.
 
     shard paths -> ReadRecords -> DecodeImages -> ExplainImages (RunInference)
-      -> FormatHeatmapRows -> WriteHeatmaps
-                           -> ComputeClassStats -> WriteClassStats
+      -> MeasureFaithfulness (a sampled share) -> FormatHeatmapRows -> WriteHeatmaps
+                                                                   -> ComputeClassStats -> WriteClassStats
+      -> CheckSanity (a fixed small sample) --+
+         heatmap rows -> SummariseFaithfulness -> WriteFaithfulnessSummary (faithfulness.json)
     errors of every step -> CollectErrors -> WriteErrors
     after the run: counts read back from the tables -> run_manifest.json
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import logging
 import time
 from typing import Optional
@@ -26,6 +29,7 @@ from transforms.class_stats import ComputeClassStats
 from transforms.dead_letters import ERRORS_TAG
 from transforms.decode import DecodeImageExamples
 from transforms.errors import AuditError
+from transforms.faithfulness import FAITHFULNESS_SUMMARY, CheckSanity, MeasureFaithfulness, SummariseFaithfulness
 from transforms.model_handler import KerasCamModelHandler
 from transforms.records import ReadShardRecords
 from transforms.rows import FormatHeatmapRows
@@ -128,9 +132,14 @@ class ExplainDataset(beam.PTransform):
                 require_label=c.target.needs_label,
             )
         ).with_outputs(ERRORS_TAG, main="images")
+        explained = decoded.images | "ExplainImages" >> RunInference(self.handler())
+        measured = explained
+        if c.faithfulness_sample > 0:
+            measured = explained | "MeasureFaithfulness" >> MeasureFaithfulness(
+                self.handler(), c.faithfulness_sample, c.batch_size
+            )
         rows = (
-            decoded.images
-            | "ExplainImages" >> RunInference(self.handler())
+            measured
             | "FormatHeatmapRows"
             >> beam.ParDo(
                 FormatHeatmapRows(method=c.method, target_layer=self._info.target_layer)
@@ -138,7 +147,21 @@ class ExplainDataset(beam.PTransform):
         )
         errors = (read[ERRORS_TAG], decoded[ERRORS_TAG], rows[ERRORS_TAG]) | "CollectErrors" >> beam.Flatten()
         stats = rows.rows | "ComputeClassStats" >> ComputeClassStats(self._class_names)
-        return {"heatmaps": rows.rows, "class_stats": stats, "errors": errors}
+        outputs = {"heatmaps": rows.rows, "class_stats": stats, "errors": errors}
+        if c.faithfulness_sample > 0 or c.sanity_images > 0:
+            outputs["faithfulness"] = self.check_maps(explained, rows.rows)
+        return outputs
+
+    def check_maps(self, explained, rows):
+        """The sanity check and the run's faithfulness summary: a PCollection of one dict."""
+        c = self._config
+        if c.sanity_images > 0:
+            settings = {"model_uri": c.model, "weights": c.weights, "safe_mode": not c.unsafe_model,
+                        "target_layer": self._info.target_layer, "method": c.method, "preprocess": c.preprocess}
+            sanity = explained | "CheckSanity" >> CheckSanity(settings, c.sanity_images, c.max_sanity_correlation)
+        else:
+            sanity = explained.pipeline | "NoSanityCheck" >> beam.Create([])
+        return (rows, sanity) | "SummariseFaithfulness" >> SummariseFaithfulness(c.faithfulness_sample)
 
 
 def clear_outputs(output: str, run_id: Optional[str] = None) -> None:
@@ -157,9 +180,9 @@ def clear_outputs(output: str, run_id: Optional[str] = None) -> None:
         clear_temps(output, run_id)
         return
     stale = [m.path for t in TABLES for m in FileSystems.match([f"{output}/{t}/*"])[0].metadata_list]
-    manifest = f"{output}/{MANIFEST_NAME}"
-    if FileSystems.exists(manifest):
-        stale.append(manifest)
+    for name in (MANIFEST_NAME, FAITHFULNESS_SUMMARY):
+        if FileSystems.exists(f"{output}/{name}"):
+            stale.append(f"{output}/{name}")
     if stale:
         FileSystems.delete(stale)
 
@@ -174,6 +197,15 @@ def build(pipeline: beam.Pipeline, config: AuditConfig, info: ModelInfo, files: 
     outputs["heatmaps"] | "WriteHeatmaps" >> WriteParquetTable(config.output, "heatmaps", HEATMAP_SCHEMA)
     outputs["class_stats"] | "WriteClassStats" >> WriteParquetTable(config.output, "class_stats", CLASS_STATS_SCHEMA)
     outputs["errors"] | "WriteErrors" >> WriteParquetTable(config.output, "errors", ERROR_SCHEMA)
+    if "faithfulness" in outputs:
+        name, suffix = FAITHFULNESS_SUMMARY.rsplit(".", 1)
+        (
+            outputs["faithfulness"]
+            | "SummaryToJson" >> beam.Map(lambda summary: json.dumps(summary, default=str))
+            | "WriteFaithfulnessSummary" >> beam.io.WriteToText(
+                f"{config.output}/{name}", file_name_suffix=f".{suffix}", num_shards=1, shard_name_template=""
+            )
+        )
     return outputs
 
 
