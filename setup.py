@@ -19,7 +19,11 @@ setuptools.setup(
         "google-cloud-storage>=2.10",
     ],
     extras_require={
-        "test": ["pytest>=8", "gcp-storage-emulator>=2024.8.3", "ruff"],
+        # quantus (the faithfulness peer check) is installed with --no-deps by
+        # scripts/setup_venv.sh (its own requirements pull opencv-python with
+        # GUI libraries); these are the dependencies it imports.
+        "test": ["pytest>=8", "gcp-storage-emulator>=2024.8.3", "ruff", "scipy", "pandas", "cachetools", "tqdm",
+                 "opencv-python-headless", "scikit-image", "scikit-learn"],
         "report": ["matplotlib>=3.8", "pillow>=10"],
         "bench": ["tf-keras-vis>=0.8.7", "pyinstrument>=4.6"],
     },

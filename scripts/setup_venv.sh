@@ -13,5 +13,7 @@ fi
 if [ ! -f "$stamp" ] || [ "$repo/setup.py" -nt "$stamp" ]; then
   "$venv/bin/python" -m pip install --quiet --upgrade pip >&2
   "$venv/bin/python" -m pip install --quiet -e "$repo[test,report]" >&2
+  # Quantus, for the faithfulness peer check: without its declared deps (see setup.py's test extra).
+  "$venv/bin/python" -m pip install --quiet --no-deps "quantus==0.6.0" >&2
   touch "$stamp"
 fi
