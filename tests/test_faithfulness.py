@@ -141,6 +141,7 @@ def test_quantus_pixel_flipping_agrees_with_constant_removal(batch):
     distinct values (the upsampling is then the identity, no ties).
     """
     import quantus  # installed without its deps (scripts/setup_venv.sh); the light ones are in the test extra
+
     from transforms.cam.explainer import CamExplainer
 
     images, _, targets, seeds = batch

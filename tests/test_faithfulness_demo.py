@@ -32,10 +32,10 @@ def _scores(model) -> dict:
 
 @pytest.fixture(scope="module")
 def trained_and_random(demo_runs):
+    import keras
+
     from pipeline.demo import build_model
     from transforms.model_loading import load_keras_model
-
-    import keras
 
     keras.utils.set_random_seed(5)
     return _scores(load_keras_model(demo_runs.demo.model_path)), _scores(build_model())
