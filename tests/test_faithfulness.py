@@ -70,12 +70,13 @@ def reference_scores(explainer, image, cam, target, seed, *, removal, noise=0.0)
     return base, curves
 
 
-@pytest.mark.parametrize("removal", ["constant", "impute"])
-def test_batched_scores_match_an_eager_per_image_reference(explainer, batch, removal):
+@pytest.mark.parametrize(("removal", "noise"), [("constant", 0.0), ("impute", 2.55)])
+def test_batched_scores_match_an_eager_per_image_reference(explainer, batch, removal, noise):
     images, cams, targets, seeds = batch
-    out = FaithfulnessScorer.from_explainer(explainer, removal=removal, noise=0.0)(images, cams, targets, seeds)
+    out = FaithfulnessScorer.from_explainer(explainer, removal=removal, noise=noise)(images, cams, targets, seeds)
     for i in range(len(images)):
-        base, curves = reference_scores(explainer, images[i], cams[i], targets[i], seeds[i], removal=removal)
+        base, curves = reference_scores(explainer, images[i], cams[i], targets[i], seeds[i], removal=removal,
+                                        noise=noise)
         assert out["base_score"][i] == pytest.approx(base, abs=1e-5)
         for o, name in enumerate(("morf", "lerf", "random")):
             np.testing.assert_allclose(out["curves"][o, i], curves[name], atol=1e-5)

@@ -182,3 +182,38 @@ def test_job_scores_the_sampled_rows_and_writes_the_summary(dataset, model_path,
     assert sorted(sanity["image_ids"]) == sorted(ids)  # the 6 smallest id hashes: the same every run
     stats = read_table(manifest["output"], "class_stats").to_pylist()
     assert sum(s["num_faithfulness"] for s in stats) == len(scored)
+
+
+def _summary(correlation=0.1, flagged=False, gap=0.2, ci=(0.1, 0.3)):
+    return {"sample_share": 0.02, "fractions": [0.1, 0.2, 0.3, 0.5], "rows": 40, "mean_gap": gap,
+            "gap_ci95": list(ci), "share_positive_gap": 0.9,
+            "sanity": {"images": 32, "layers": ["head"], "correlations": [correlation], "correlation": correlation,
+                       "max_correlation": 0.5, "flagged": flagged}}
+
+
+def test_summary_lines_say_the_gap_and_flag_a_failed_sanity_check():
+    from pipeline.summary import faithfulness_lines
+
+    ok = faithfulness_lines(_summary())
+    assert ok[0].startswith("Faithfulness on 40 sampled images") and "+0.200" in ok[0] and "95% CI +0.100" in ok[0]
+    assert ok[1].startswith("Sanity check: ") and not any(line.startswith("!") for line in ok)
+    bad = faithfulness_lines(_summary(correlation=0.9, flagged=True, gap=-0.01, ci=(-0.02, 0.0)))
+    assert bad[1].startswith("! faithfulness:") and bad[2].startswith("! sanity check:") and "0.90" in bad[2]
+    assert faithfulness_lines(None) == []
+
+
+def test_report_section_draws_the_deletion_curves_of_scored_classes():
+    from pipeline.report import deletion_curves_figure, faithfulness_section
+
+    stats = [{"class_id": c, "class_name": None, "num_faithfulness": 3, "mean_faithfulness_gap": 0.2,
+              "share_flagged": 0.1 * c, "mean_deletion_morf": [0.2, 0.3, 0.3, 0.4],
+              "mean_deletion_lerf": [0.0, 0.0, 0.0, 0.01], "mean_deletion_random": [0.0, 0.05, 0.1, 0.2]}
+             for c in range(3)]
+    unscored = {"class_id": 3, "class_name": None, "num_faithfulness": 0, "mean_deletion_morf": None}
+    assert deletion_curves_figure(stats + [unscored], {}, [0.1, 0.2, 0.3, 0.5], 2).startswith("data:image/png")
+    assert deletion_curves_figure([unscored], {}, [0.1, 0.2, 0.3, 0.5], 2) is None
+    page = faithfulness_section({"faithfulness": _summary()}, stats, {})
+    assert "Can the maps be trusted?" in page and "Sanity check passed" in page and "alt='deletion curves'" in page
+    failed = faithfulness_section({"faithfulness": _summary(correlation=0.9, flagged=True)}, [unscored], {})
+    assert "Sanity check failed" in failed and "deletion curves" not in failed
+    assert faithfulness_section({}, stats, {}) == ""

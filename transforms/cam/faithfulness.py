@@ -217,21 +217,31 @@ class FaithfulnessScorer:
         rand = upsampled_order(random_maps, 3)
         return tf.cast(tf.stack([morf, n - 1 - morf, rand]), tf.int32)
 
-    def remove(self, images, removed, seeds):
-        """images [B, H, W, C] with `removed` ([B, H, W] bool) pixels replaced."""
+    def noise_field(self, seeds):
+        """The Gaussian noise added to imputed pixels: float32 [B, H, W, C] (Box-Muller on hashed uniforms)."""
+        import tensorflow as tf
+
+        height, width, channels = self.input_shape
+        count = height * width * channels
+        u1 = _hash_uniform(tf, seeds, count, 4)
+        u2 = _hash_uniform(tf, seeds, count, 5)
+        gauss = tf.sqrt(-2.0 * tf.math.log(1.0 - u1)) * tf.cos(2.0 * np.pi * u2)
+        return self.noise * tf.reshape(gauss, [-1, height, width, channels])
+
+    def remove(self, images, removed, seeds, noise=None):
+        """images [B, H, W, C] with `removed` ([B, H, W] bool) pixels replaced.
+
+        `noise` ([B, H, W, C], default `noise_field(seeds)`) is added to the imputed pixels.
+        """
         import tensorflow as tf
 
         keep = 1.0 - tf.cast(removed, tf.float32)[..., None]
         if self.removal == "constant":
             return images * keep + self.fill_value * (1.0 - keep)
-        height, width, channels = self.input_shape
         filled = push_pull_fill(tf, images, keep)
-        if self.noise > 0:  # Box-Muller from two hashed uniforms
-            count = height * width * channels
-            u1 = _hash_uniform(tf, seeds, count, 4)
-            u2 = _hash_uniform(tf, seeds, count, 5)
-            gauss = tf.sqrt(-2.0 * tf.math.log(1.0 - u1)) * tf.cos(2.0 * np.pi * u2)
-            filled = filled + self.noise * (1.0 - keep) * tf.reshape(gauss, [-1, height, width, channels])
+        if self.noise > 0:
+            noise = self.noise_field(seeds) if noise is None else noise
+            filled = filled + (1.0 - keep) * noise
         return tf.clip_by_value(filled, *self.pixel_range)
 
     def _score(self, images, cams, targets, seeds):
@@ -244,11 +254,12 @@ class FaithfulnessScorer:
         # Variant 0 is the unperturbed batch; then every (order, fraction).
         sources = tf.constant([0] + [o for o in range(len(ORDERS)) for _ in counts], tf.int32)
         removed_counts = tf.constant([0] + counts * len(ORDERS), tf.int32)
+        noise = self.noise_field(seeds) if self.removal == "impute" and self.noise > 0 else None  # once per batch
 
         def one_variant(v):
             removed = tf.gather(ranks, sources[v]) < removed_counts[v]
             removed = tf.reshape(removed, [-1, height, width])
-            return self._probability(self.remove(images, removed, seeds), targets)
+            return self._probability(self.remove(images, removed, seeds, noise), targets)
 
         scores = tf.map_fn(
             one_variant,
