@@ -217,3 +217,19 @@ def test_report_section_draws_the_deletion_curves_of_scored_classes():
     failed = faithfulness_section({"faithfulness": _summary(correlation=0.9, flagged=True)}, [unscored], {})
     assert "Sanity check failed" in failed and "deletion curves" not in failed
     assert faithfulness_section({}, stats, {}) == ""
+
+
+def test_options_defaults_and_bad_values_exit_2(capsys):
+    from pipeline.options import parse_args
+
+    config, _ = parse_args(["--input", "x", "--model", "m"])
+    assert (config.faithfulness_sample, config.sanity_images, config.max_sanity_correlation, config.max_gap_drop) \
+        == (0.02, 32, 0.5, 0.1)
+    config, _ = parse_args(["--input", "x", "--model", "m", "--faithfulness_sample", "0", "--sanity_images", "0"])
+    assert config.faithfulness_sample == 0 and config.sanity_images == 0
+    for bad in (["--faithfulness_sample", "1.5"], ["--faithfulness_sample", "x"], ["--sanity_images", "-1"]):
+        with pytest.raises(SystemExit) as exc:
+            parse_args(["--input", "x", "--model", "m", *bad])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "expected" in err
