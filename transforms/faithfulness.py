@@ -204,8 +204,9 @@ class RunSanityCheck(beam.DoFn):
             "correlations": result["correlations"],
             "correlation": final,
             "max_correlation": self._max_correlation,
-            # Flagged: the maps barely changed with the head's weights random (or nothing to randomise).
-            "flagged": bool(not result["layers"] or (final is not None and final > self._max_correlation)),
+            # Flagged: the maps barely changed with the head's weights random.
+            "flagged": bool(final is not None and final > self._max_correlation),
+            "note": None if result["layers"] else "no weighted layer after the target layer: nothing to randomise",
         }
 
 
