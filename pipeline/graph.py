@@ -2,10 +2,12 @@
 
     shard paths -> ReadRecords -> DecodeImages (checks) -> ExplainImages (RunInference:
       batch decode + CAM)
-      -> FormatHeatmapRows -> FindStrategies (SpRAy: cluster_id) -> WriteHeatmaps
-                                              -> clusters -> WriteClusters
-                           -> ComputeClassStats -> AddStrategyColumns -> WriteClassStats
+      -> MeasureFaithfulness (a sampled share) -> FormatHeatmapRows -> FindStrategies (SpRAy: cluster_id)
+           -> WriteHeatmaps; clusters -> WriteClusters
+         -> ComputeClassStats -> AddStrategyColumns -> WriteClassStats
       -> SelectExemplars (Top.PerKey per flag / shortcut class / strategy, + class stats) -> WriteExemplars
+      -> CheckSanity (a fixed small sample) --+
+         heatmap rows -> SummariseFaithfulness -> WriteFaithfulnessSummary (faithfulness.json)
     errors of every step -> CollectErrors -> WriteErrors
     after the run: counts read back from the tables -> run_manifest.json
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import logging
 import time
 from typing import Optional
@@ -30,6 +33,7 @@ from transforms.dead_letters import ERRORS_TAG
 from transforms.decode import DecodeImageExamples
 from transforms.errors import AuditError, one_line
 from transforms.exemplars import SelectAuditExemplars
+from transforms.faithfulness import FAITHFULNESS_SUMMARY, CheckSanity, MeasureFaithfulness, SummariseFaithfulness
 from transforms.model_handler import KerasCamModelHandler
 from transforms.records import ReadShardRecords
 from transforms.rows import FormatHeatmapRows
@@ -163,8 +167,13 @@ class ExplainDataset(beam.PTransform):
             )
         ).with_outputs(ERRORS_TAG, main="images")
         explained = decoded.images | "ExplainImages" >> RunInference(self.handler())
+        measured = explained
+        if c.faithfulness_sample > 0:
+            measured = explained | "MeasureFaithfulness" >> MeasureFaithfulness(
+                self.handler(), c.faithfulness_sample, c.batch_size
+            )
         rows = (
-            explained
+            measured
             | "FormatHeatmapRows"
             >> beam.ParDo(
                 FormatHeatmapRows(method=c.method, target_layer=self._info.target_layer,
@@ -182,8 +191,23 @@ class ExplainDataset(beam.PTransform):
             method=c.method, target_layer=self._info.target_layer, image_key=c.image_key,
             thresholds=c.flag_thresholds(),
         )
-        return {"heatmaps": strategies["heatmaps"], "class_stats": stats, "clusters": strategies["clusters"],
-                "errors": errors, "exemplars": exemplars}
+        outputs = {"heatmaps": strategies["heatmaps"], "class_stats": stats, "clusters": strategies["clusters"],
+                   "errors": errors, "exemplars": exemplars}
+        if c.faithfulness_sample > 0 or c.sanity_images > 0:
+            outputs["faithfulness"] = self.check_maps(explained, rows.rows)
+        return outputs
+
+    def check_maps(self, explained, rows):
+        """The sanity check and the run's faithfulness summary: a PCollection of one dict."""
+        c = self._config
+        if c.sanity_images > 0:
+            settings = {"model_uri": c.model, "weights": c.weights, "safe_mode": not c.unsafe_model,
+                        "target_layer": self._info.target_layer, "method": c.method, "preprocess": c.preprocess,
+                        "image_size": tuple(self._info.input_shape[:2])}
+            sanity = explained | "CheckSanity" >> CheckSanity(settings, c.sanity_images, c.max_sanity_correlation)
+        else:
+            sanity = explained.pipeline | "NoSanityCheck" >> beam.Create([])
+        return (rows, sanity) | "SummariseFaithfulness" >> SummariseFaithfulness(c.faithfulness_sample)
 
 
 def clear_outputs(output: str, run_id: Optional[str] = None) -> None:
@@ -202,9 +226,9 @@ def clear_outputs(output: str, run_id: Optional[str] = None) -> None:
         clear_temps(output, run_id)
         return
     stale = [m.path for t in TABLES for m in FileSystems.match([f"{output}/{t}/*"])[0].metadata_list]
-    manifest = f"{output}/{MANIFEST_NAME}"
-    if FileSystems.exists(manifest):
-        stale.append(manifest)
+    for name in (MANIFEST_NAME, FAITHFULNESS_SUMMARY):
+        if FileSystems.exists(f"{output}/{name}"):
+            stale.append(f"{output}/{name}")
     if stale:
         FileSystems.delete(stale)
 
@@ -221,6 +245,15 @@ def build(pipeline: beam.Pipeline, config: AuditConfig, info: ModelInfo, files: 
     outputs["clusters"] | "WriteClusters" >> WriteParquetTable(config.output, "clusters", CLUSTER_SCHEMA)
     outputs["errors"] | "WriteErrors" >> WriteParquetTable(config.output, "errors", ERROR_SCHEMA)
     outputs["exemplars"] | "WriteExemplars" >> WriteParquetTable(config.output, "exemplars", EXEMPLAR_SCHEMA)
+    if "faithfulness" in outputs:
+        name, suffix = FAITHFULNESS_SUMMARY.rsplit(".", 1)
+        (
+            outputs["faithfulness"]
+            | "SummaryToJson" >> beam.Map(lambda summary: json.dumps(summary, default=str))
+            | "WriteFaithfulnessSummary" >> beam.io.WriteToText(
+                f"{config.output}/{name}", file_name_suffix=f".{suffix}", num_shards=1, shard_name_template=""
+            )
+        )
     return outputs
 
 

@@ -170,6 +170,17 @@ def attention_summary(output: str) -> dict:
     }
 
 
+def faithfulness_summary(output: str) -> Optional[dict]:
+    """The job's faithfulness.json (mean gap with its bootstrap interval, sanity check), or None.
+
+    Computed in the job (transforms/faithfulness.py) from sufficient statistics
+    and a bounded sample: the launcher reads one small JSON file, not the heatmaps.
+    """
+    from transforms.faithfulness import FAITHFULNESS_SUMMARY
+
+    return read_json(f"{output.rstrip('/')}/{FAITHFULNESS_SUMMARY}")
+
+
 def write_manifest(config, info, files, result, *, beam_args, timings, run: Optional[dict] = None,
                    write_to: Optional[str] = None) -> dict:
     """Writes `<write_to>/run_manifest.json` and returns it.
@@ -201,6 +212,7 @@ def write_manifest(config, info, files, result, *, beam_args, timings, run: Opti
         "shards": files,
         "counts": counts,
         "attention": attention_summary(write_to),
+        "faithfulness": faithfulness_summary(write_to),
         "model": {"uri": config.model, "fingerprint": info.fingerprint, **info.as_json()},
         "options": config.as_json(),
         "beam_args": beam_args,

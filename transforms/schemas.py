@@ -48,6 +48,16 @@ HEATMAP_SCHEMA = pa.schema(
         pa.field("box_cell", pa.int32()),
         # The class's strategy (SpRAy cluster) the map is nearest to (transforms/strategies.py).
         pa.field("cluster_id", pa.int32()),
+        # Faithfulness of the rank-0 map on the sampled rows, null elsewhere
+        # (transforms/cam/faithfulness.py): score drops, averaged over q.
+        pa.field("faithfulness_morf", pa.float32()),
+        pa.field("faithfulness_lerf", pa.float32()),
+        pa.field("faithfulness_random", pa.float32()),
+        pa.field("faithfulness_gap", pa.float32()),
+        # The drops at each q of transforms.cam.faithfulness.FRACTIONS (0.1, 0.2, 0.3, 0.5).
+        pa.field("deletion_morf", pa.list_(pa.float32())),
+        pa.field("deletion_lerf", pa.list_(pa.float32())),
+        pa.field("deletion_random", pa.list_(pa.float32())),
     ]
 )
 
@@ -89,6 +99,16 @@ CLASS_STATS_SCHEMA = pa.schema(
         # Strategies (transforms/strategies.py): clusters of the class's maps.
         pa.field("num_strategies", pa.int32()),
         pa.field("suspicious_strategy", pa.bool_()),
+        # Faithfulness over the class's sampled targeted rows (transforms/faithfulness.py).
+        pa.field("num_faithfulness", pa.int64()),
+        pa.field("mean_faithfulness_morf", pa.float64()),
+        pa.field("mean_faithfulness_lerf", pa.float64()),
+        pa.field("mean_faithfulness_random", pa.float64()),
+        pa.field("mean_faithfulness_gap", pa.float64()),
+        pa.field("share_positive_gap", pa.float64()),
+        pa.field("mean_deletion_morf", pa.list_(pa.float32())),
+        pa.field("mean_deletion_lerf", pa.list_(pa.float32())),
+        pa.field("mean_deletion_random", pa.list_(pa.float32())),
     ]
 )
 
@@ -170,6 +190,7 @@ COMPARISON_SCHEMA = pa.schema(
         pa.field("box_mass_change", pa.float64()),
         pa.field("pointing_accuracy_change", pa.float64()),
         pa.field("share_flagged_change", pa.float64()),
+        pa.field("faithfulness_gap_change", pa.float64()),
         pa.field("baseline_shortcut", pa.bool_()),
         pa.field("current_shortcut", pa.bool_()),
         pa.field("flagged", pa.bool_(), nullable=False),
