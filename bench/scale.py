@@ -46,6 +46,7 @@ ROWS_PER_FILE = 1_000_000
 CAM = (7, 7)  # ResNet50's conv5 output at 224x224
 NUM_CLASSES = 10
 SHORTCUT_CLASS = 3
+STRATEGIES = 3  # clusters per class in the synthetic clusters table
 SHARD_RECORDS = 10_000  # records per (imaginary) source shard
 STEPS = ("manifest", "compare", "report")
 REPORT_LIMIT_SECONDS = 60.0
@@ -78,6 +79,7 @@ def _heatmap_chunk(rng: np.random.Generator, start: int, n: int, num_classes: in
     boxed = rng.random(n) < 0.5
     no_box = ~boxed
     box_mass = rng.random(n).astype(np.float32)
+    box_area = rng.uniform(0.05, 0.6, n).astype(np.float32)
     border_mass = rng.uniform(0.2, 0.8, n).astype(np.float32)
     peak_in_box = rng.random(n) < 0.6
     shards = index // SHARD_RECORDS
@@ -121,8 +123,13 @@ def _heatmap_chunk(rng: np.random.Generator, start: int, n: int, num_classes: in
         "attention_on_border": pa.array(border_mass >= 0.6),
         "peak_cell": pa.array(peak_cell.astype(np.int32)),
         "box_cell": pa.array(rng.integers(0, 9, n).astype(np.int32), mask=no_box),
+        "box_area": pa.array(box_area, mask=no_box),
+        "box_concentration": pa.array(box_mass / box_area, mask=no_box),
+        "cluster_id": pa.array(rng.integers(0, 3, n).astype(np.int32)),
     }
-    return pa.Table.from_arrays([columns[f.name] for f in HEATMAP_SCHEMA], schema=HEATMAP_SCHEMA)
+    # The sampled columns (faithfulness_*, deletion_*) stay null, as on the ~98% of rows not sampled.
+    return pa.Table.from_arrays([columns[f.name] if f.name in columns else pa.nulls(n, f.type)
+                                 for f in HEATMAP_SCHEMA], schema=HEATMAP_SCHEMA)
 
 
 def _class_stats(rng: np.random.Generator, num_classes: int, rows: int) -> pa.Table:
@@ -150,14 +157,15 @@ def _class_stats(rng: np.random.Generator, num_classes: int, rows: int) -> pa.Ta
     return pa.Table.from_pylist(out, schema=CLASS_STATS_SCHEMA)
 
 
-def _exemplars(rng: np.random.Generator, totals: dict, per_kind: int = 8) -> pa.Table:
+def _exemplars(rng: np.random.Generator, totals: dict, num_classes: int, per_kind: int = 8) -> pa.Table:
     """Exemplar rows with real JPEG tiles (synthetic 224x224 images under random CAMs)."""
-    from transforms.exemplars import flag_kind, shortcut_kind
+    from transforms.exemplars import flag_kind, shortcut_kind, strategy_kind
     from transforms.schemas import EXEMPLAR_SCHEMA
     from transforms.thumbnails import encode_jpeg, overlay
 
     rows = []
     kinds = [(flag_kind(f), totals[f]) for f in totals] + [(shortcut_kind(SHORTCUT_CLASS), 1234)]
+    kinds += [(strategy_kind(c, k), 999) for c in range(num_classes) for k in range(STRATEGIES)]
     for kind, total in kinds:
         for rank in range(min(per_kind, total)):
             image = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
@@ -166,11 +174,30 @@ def _exemplars(rng: np.random.Generator, totals: dict, per_kind: int = 8) -> pa.
                 "kind": kind, "rank": rank, "score": 1.0 - rank / 10, "kind_total": total,
                 "image_id": f"img-{rank:09d}", "source": "gs://bench-bucket/data/train-00000.tfrecord",
                 "record_index": rank, "label": 1, "predicted_class": SHORTCUT_CLASS, "predicted_score": 0.9,
-                "target_class": SHORTCUT_CLASS, "box_mass": 0.3, "border_mass": 0.7, "peak_cell": 0,
+                "target_class": SHORTCUT_CLASS, "box_mass": 0.3, "box_concentration": 0.8, "border_mass": 0.7,
+                "peak_cell": 0,
                 "cam": cam.ravel().tolist(), "cam_height": CAM[0], "cam_width": CAM[1],
                 "thumbnail": encode_jpeg(overlay(image, cam, [(0.2, 0.2, 0.8, 0.8)])),
             })
     return pa.Table.from_pylist(rows, schema=EXEMPLAR_SCHEMA)
+
+
+def _clusters(rng: np.random.Generator, num_classes: int, rows: int) -> pa.Table:
+    """STRATEGIES clusters per class (the clusters table holds a few rows per class at any size)."""
+    from transforms.schemas import CLUSTER_SCHEMA
+
+    out = []
+    for c in range(num_classes):
+        for k in range(STRATEGIES):
+            out.append({
+                "class_id": c, "cluster_id": k, "size": rows // num_classes // STRATEGIES, "share": 1 / STRATEGIES,
+                "mean_cam": rng.random(CAM[0] * CAM[1]).astype(np.float32).tolist(), "cam_height": CAM[0],
+                "cam_width": CAM[1], "mean_box_concentration": 1.5, "mean_border_mass": 0.4, "peak_cell": 4,
+                "exemplar_ids": [f"img-{i:09d}" for i in range(6)], "eigengap": 0.5,
+                "suspicious": c == SHORTCUT_CLASS and k == 0,
+                "reason": "synthetic" if c == SHORTCUT_CLASS and k == 0 else None,
+            })
+    return pa.Table.from_pylist(out, schema=CLUSTER_SCHEMA)
 
 
 def _errors(n: int) -> pa.Table:
@@ -180,7 +207,7 @@ def _errors(n: int) -> pa.Table:
              "stage": "decode", "error": "NotAnImage", "message": "not an image", "raw_record": b"x" * 100}
             for i in range(n)]
     rows.append({"source": "gs://bench-bucket/data/train-99999.tfrecord", "record_index": 7, "image_id": None,
-                 "stage": "read", "error": "CorruptShard", "message": "CRC mismatch", "raw_record": b"y" * 100})
+                 "stage": "read", "error": "CorruptRecord", "message": "CRC mismatch", "raw_record": b"y" * 100})
     return pa.Table.from_pylist(rows, schema=ERROR_SCHEMA)
 
 
@@ -212,14 +239,15 @@ def synthesize_run(run_dir: str, rows: int, *, num_classes: int = NUM_CLASSES, s
         if writer is not None:
             writer.close()
         start = stop
-    for name, table in (("class_stats", _class_stats(rng, num_classes, rows)), ("exemplars", _exemplars(rng, totals)),
-                        ("errors", _errors(num_errors))):
+    for name, table in (("class_stats", _class_stats(rng, num_classes, rows)),
+                        ("exemplars", _exemplars(rng, totals, num_classes)),
+                        ("clusters", _clusters(rng, num_classes, rows)), ("errors", _errors(num_errors))):
         os.makedirs(os.path.join(run_dir, name), exist_ok=True)
         pq.write_table(table, os.path.join(run_dir, name, "part-00000-of-00001.parquet"))
     counts = {
         "records_read": rows + num_errors, "images_explained": rows,
         "records_rejected": {"decode": num_errors, "compute": 0}, "shard_errors": 1,
-        "errors_by_kind": {"decode/NotAnImage": num_errors, "read/CorruptShard": 1},
+        "errors_by_kind": {"decode/NotAnImage": num_errors, "read/CorruptRecord": 1},
         "rows": {"heatmaps": rows, "class_stats": num_classes, "errors": num_errors + 1},
     }
     attention = {"pointing_accuracy": hits / played if played else None, "pointing_images": played,

@@ -435,7 +435,7 @@ def render_report(run_dir: str, manifest: dict, comparison: Optional[dict] = Non
                          f"ninths.</p><p><img alt='mean heatmaps' src='{maps}'></p>")
     from pipeline.report_strategies import strategies_section
 
-    parts.append(strategies_section(run_dir, names))
+    parts.append(strategies_section(run_dir, names, exemplars if has_exemplars else None))
     parts.append(faithfulness_section(manifest, stats, names))
     for s, chosen in shortcut_grids:
         parts.append(

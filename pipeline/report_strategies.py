@@ -64,22 +64,22 @@ def map_tile(mean_cam: np.ndarray, size: int = MAP_TILE) -> bytes:
     return buf.getvalue()
 
 
-def exemplar_tiles(run_dir: str, clusters: list[dict]) -> dict[tuple[int, int], list[tuple[str, bytes]]]:
+def exemplar_tiles(exemplars: Optional[dict[str, list[dict]]], clusters: list[dict]
+                   ) -> dict[tuple[int, int], list[tuple[str, bytes]]]:
     """(class, cluster) -> [(image id, JPEG of the image with its CAM)], closest to the cluster mean first.
 
-    The tiles are the thumbnails the job drew for the exemplars table (kind
-    "strategy:<class>:<cluster>"); neither the heatmaps nor the shards are read.
+    Args:
+      exemplars: `pipeline.report.exemplars_by_kind` of the run (None: a run without the table).
+        The tiles are the thumbnails the job drew for kind "strategy:<class>:<cluster>";
+        neither the heatmaps nor the shards are read.
     """
-    from pipeline.manifest import read_table
     from transforms.exemplars import strategy_kind
 
-    wanted = {strategy_kind(c["class_id"], c["cluster_id"]): (c["class_id"], c["cluster_id"]) for c in clusters}
-    table = read_table(run_dir, "exemplars", ["kind", "rank", "image_id", "thumbnail"])
     tiles: dict[tuple[int, int], list[tuple[str, bytes]]] = {}
-    for row in sorted((r for r in table.to_pylist() if r["kind"] in wanted), key=lambda r: (r["kind"], r["rank"])):
-        chosen = tiles.setdefault(wanted[row["kind"]], [])
-        if len(chosen) < TILES_PER_STRATEGY:
-            chosen.append((row["image_id"], row["thumbnail"]))
+    for c in clusters if exemplars else ():
+        rows = exemplars.get(strategy_kind(c["class_id"], c["cluster_id"]), [])[:TILES_PER_STRATEGY]
+        if rows:
+            tiles[(c["class_id"], c["cluster_id"])] = [(r["image_id"], r["thumbnail"]) for r in rows]
     return tiles
 
 
@@ -92,8 +92,13 @@ def chosen_classes(clusters: list[dict], limit: int = MAX_STRATEGY_CLASSES) -> l
     return order[:limit]
 
 
-def strategies_section(run_dir: str, names: dict, clusters: Optional[list[dict]] = None) -> str:
-    """The HTML of the strategies section (empty string when the run has no clusters table)."""
+def strategies_section(run_dir: str, names: dict, exemplars: Optional[dict[str, list[dict]]],
+                       clusters: Optional[list[dict]] = None) -> str:
+    """The HTML of the strategies section (empty string when the run has no clusters table).
+
+    Args:
+      exemplars: `pipeline.report.exemplars_by_kind` of the run (None when it has no exemplars table).
+    """
     from pipeline.report import _class_name, _data_uri, _esc, _fmt
 
     clusters = read_clusters(run_dir) if clusters is None else clusters
@@ -101,7 +106,7 @@ def strategies_section(run_dir: str, names: dict, clusters: Optional[list[dict]]
         return ""
     classes = chosen_classes(clusters)
     shown = [c for c in clusters if c["class_id"] in set(classes)]
-    tiles = exemplar_tiles(run_dir, shown)
+    tiles = exemplar_tiles(exemplars, shown)
     total = len({c["class_id"] for c in clusters})
     suspicious = sorted({c["class_id"] for c in clusters if c["suspicious"]})
     parts = [

@@ -161,6 +161,7 @@ def test_the_report_draws_tiles_from_exemplars_without_the_shards(model_path, tm
     from pipeline.graph import run
     from pipeline.manifest import read_table
     from pipeline.report import render_report
+    from pipeline.report_strategies import TILES_PER_STRATEGY
     from tests.helpers import SIZE
 
     records = [make_example(png_bytes(SIZE, SIZE, seed=i), label=i % 3, image_id=f"x-{i}",
@@ -179,7 +180,11 @@ def test_the_report_draws_tiles_from_exemplars_without_the_shards(model_path, tm
         assert max(Image.open(io.BytesIO(r["thumbnail"])).size) == TILE
     os.remove(shard)
     page = render_report(run_dir, manifest)
-    shown = sum(min(n, 8) for n in exemplars.group_by("kind").aggregate([([], "count_all")])["count_all"].to_pylist())
-    assert page.count("src='data:image/jpeg;base64,") == shown
-    for r in exemplars.to_pylist():
+    # Every flag/shortcut exemplar (8 per kind at most) is a grid tile; a strategy strip
+    # shows the TILES_PER_STRATEGY closest to its cluster's mean.
+    shown = [r for r in exemplars.to_pylist()
+             if r["rank"] < (TILES_PER_STRATEGY if r["kind"].startswith("strategy:") else 8)]
+    assert any(r["kind"].startswith("strategy:") for r in shown)
+    assert page.count("src='data:image/jpeg;base64,") == len(shown)
+    for r in shown:
         assert r["image_id"] in page

@@ -42,15 +42,20 @@ def test_tiles_are_the_exemplars_thumbnails(demo_runs):
     """The grids come from the run's exemplars table (drawn in the job), not from the shards."""
     import base64
 
+    from pipeline.report_strategies import TILES_PER_STRATEGY
+
     run_dir = demo_runs.run_dir(RUN_IDS[0])
     page = _html(demo_runs, RUN_IDS[0])
     exemplars = read_table(run_dir, "exemplars").to_pylist()
     kinds = {r["kind"] for r in exemplars}
     assert f"shortcut:{SHORTCUT_CLASS}" in kinds and any(k.startswith("flag:") for k in kinds)
     assert not any(k.startswith("cell:") for k in kinds)  # per-ninth candidates never reach the table
-    for r in exemplars:
+    assert any(k.startswith("strategy:") for k in kinds)  # the strips' tiles, chosen in the job too
+    # A strategy strip shows the TILES_PER_STRATEGY images closest to its cluster's mean.
+    shown = [r for r in exemplars if not r["kind"].startswith("strategy:") or r["rank"] < TILES_PER_STRATEGY]
+    for r in shown:
         assert base64.b64encode(r["thumbnail"]).decode("ascii") in page, (r["kind"], r["rank"])
-    assert page.count("src='data:image/jpeg;base64,") == len(exemplars)
+    assert page.count("src='data:image/jpeg;base64,") == len(shown)
 
 
 def test_report_command_rewrites_a_report(demo_runs, tmp_path, capsys):
