@@ -11,7 +11,7 @@ too large, a label outside the model's classes.
 `BatchImageDecoder` turns the encoded images of a whole batch into the
 model's input in one `tf.function` (fixed input signature: a string vector)
 on the CPU: decode (JPEG, PNG, GIF, BMP), grey/RGBA conversion to the model's
-channels, cast, bilinear resize. TensorFlow runs the images of a batch in
+channels, bilinear resize to float32. TensorFlow runs the images of a batch in
 parallel on its own threads and releases the GIL, so decoding in one thread
 overlaps with the model call of another. `decode_batch` runs it inside the
 model handler: a batch that fails is bisected so each truncated or corrupt
