@@ -32,7 +32,7 @@ def _positive(value) -> bool:
 def test_run_bench_quick_writes_every_figure(tmp_path):
     out = tmp_path / "bench.json"
     _run("bench.run_bench", "--quick", "--methods", "gradcam", "--formats", "jpeg", "--skip", "feed",
-         "--json", str(out), timeout=170)
+         "--json", str(out), timeout=400)
     results = json.loads(out.read_text())
     assert results["meta"]["quick"] is True
     assert set(results["models"]) == {"mobilenet_v2"}

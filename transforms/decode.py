@@ -11,7 +11,7 @@ too large, a label outside the model's classes.
 `BatchImageDecoder` turns the encoded images of a whole batch into the
 model's input in one `tf.function` (fixed input signature: a string vector)
 on the CPU: decode (JPEG, PNG, GIF, BMP), grey/RGBA conversion to the model's
-channels, cast, bilinear resize. TensorFlow runs the images of a batch in
+channels, bilinear resize to float32. TensorFlow runs the images of a batch in
 parallel on its own threads and releases the GIL, so decoding in one thread
 overlaps with the model call of another. `decode_batch` runs it inside the
 model handler: a batch that fails is bisected so each truncated or corrupt
@@ -23,7 +23,7 @@ RGB(A) into grey with the standard luma weights (`tf.image.rgb_to_grayscale`).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -274,7 +274,10 @@ def _decode_failure(item: DecodedImage, exc: Exception) -> RecordError:
     return RecordError("UndecodableImage", f"{item.image_format}: {lines[0][:300] if lines else type(exc).__name__}")
 
 
-def _decode_bisecting(decoder: BatchImageDecoder, items: Sequence[DecodedImage], failures: list):
+Decoder = Callable[[Sequence[bytes]], tuple[np.ndarray, np.ndarray]]  # a BatchImageDecoder or a method calling one
+
+
+def _decode_bisecting(decoder: Decoder, items: Sequence[DecodedImage], failures: list):
     """(pixels, sizes, items) of what decodes; what does not goes to `failures`."""
     import tensorflow as tf
 
@@ -290,9 +293,13 @@ def _decode_bisecting(decoder: BatchImageDecoder, items: Sequence[DecodedImage],
 
 
 def decode_batch(
-    decoder: BatchImageDecoder, items: Sequence[DecodedImage]
+    decoder: Decoder, items: Sequence[DecodedImage]
 ) -> tuple[np.ndarray, list[DecodedImage], list[tuple[DecodedImage, RecordError]]]:
     """Decodes a batch of checked records in one call (bisecting around bad images).
+
+    Args:
+      decoder: a `BatchImageDecoder` (or a callable with its signature).
+      items: records checked by `DecodeImageExamples` (`encoded` set).
 
     Returns:
       (pixels float32 [G, H, W, C] of the G images that decoded, those images
@@ -319,6 +326,6 @@ def decode_batch(
         arrays.append(pixels[same])
         good.extend(item for item, ok in zip(part, same, strict=True) if ok)
     if not arrays:
-        return np.zeros([0, *decoder.input_shape], np.float32), [], failures
+        return np.zeros([0, *getattr(decoder, "input_shape", ())], np.float32), [], failures
     batch = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
     return batch, [item._replace(pixels=batch[i]) for i, item in enumerate(good)], failures

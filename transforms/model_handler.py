@@ -40,11 +40,23 @@ class Explained(NamedTuple):
 
 
 class CamWorker:
-    """What `load_model` returns (one per process, shared by its threads)."""
+    """What `load_model` returns (one per process, shared by its threads).
+
+    `run_inference` only calls its methods (no attribute access), so it also
+    works through the proxy Beam serves a `--large_model` with.
+    """
 
     def __init__(self, explainer, decoder: BatchImageDecoder):
         self.explainer = explainer
         self.decoder = decoder
+
+    def decode(self, encoded):
+        """Encoded images -> (pixels [B, H, W, C], decoded sizes [B, 2]) (`BatchImageDecoder`)."""
+        return self.decoder(encoded)
+
+    def __call__(self, images, labels=None) -> dict:
+        """The compiled CAM function on a decoded batch (`CamExplainer.__call__`)."""
+        return self.explainer(images, labels)
 
 
 class KerasCamModelHandler(ModelHandler[DecodedImage, Explained, Any]):
@@ -114,10 +126,10 @@ class KerasCamModelHandler(ModelHandler[DecodedImage, Explained, Any]):
         model: CamWorker,
         inference_args: Optional[dict[str, Any]] = None,
     ) -> Iterable[Explained]:
-        pixels, images, failed = decode_batch(model.decoder, batch)
+        pixels, images, failed = decode_batch(model.decode, batch)
         results = [_failed(item, exc.error, exc.message, stage="decode") for item, exc in failed]
         if images:
-            results += explain_decoded(model.explainer, pixels, images)
+            results += explain_decoded(model, pixels, images)
         if failed:  # back to the batch's order
             order = {(item.source, item.record_index): i for i, item in enumerate(batch)}
             results.sort(key=lambda r: order[(r.image.source, r.image.record_index)])

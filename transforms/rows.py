@@ -82,7 +82,7 @@ class FormatHeatmapRows(beam.DoFn):
     def process(self, item):
         result, faithfulness = unwrap(item)  # Explained, or Measured by MeasureFaithfulness
         if result.error is not None:
-            self._failed[result.error_stage].inc()
+            self._failed.get(result.error_stage, self._failed["compute"]).inc()
             error, message = result.error
             image = result.image
             yield beam.pvalue.TaggedOutput(
