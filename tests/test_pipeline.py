@@ -43,7 +43,7 @@ def test_every_record_is_explained_or_rejected(audited, dataset):
     assert {k: kinds[k] for k in BAD_RECORDS} == BAD_RECORDS
     read_errors = sorted((os.path.basename(e["source"]), e["error"], e["record_index"])
                          for e in errors if e["stage"] == "read")
-    assert read_errors == [("data-00002.tfrecord", "CorruptShard", 2), ("data-00003.tfrecord", "CorruptShard", 3),
+    assert read_errors == [("data-00002.tfrecord", "CorruptRecord", 2), ("data-00003.tfrecord", "CorruptRecord", 3),
                            ("data-00004.tfrecord", "EmptyShard", None)]
     assert all(e["raw_record"] is not None and e["message"] for e in errors)
     assert sum(1 for e in errors if e["error"] == "InvalidExample") == 1
@@ -55,7 +55,7 @@ def test_heatmap_rows(audited, dataset):
     rows = table.to_pylist()
     assert len(rows) == dataset["good"]
     ids = {r["image_id"] for r in rows}
-    assert {"grey-png", "rgba-png", "rgb-jpeg", "a-0", "c-1", "d-2"} <= ids and "c-2" not in ids
+    assert {"grey-png", "rgba-png", "rgb-jpeg", "a-0", "c-1", "c-3", "d-2"} <= ids and "c-2" not in ids
     for r in rows:
         cam = np.asarray(r["cam"])
         assert cam.shape == (r["cam_height"] * r["cam_width"],) == (64,)
