@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def main(argv=None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("apache_beam", "absl", "tensorflow"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from pipeline.console import quiet_console, wants_verbose
+
+    argv = sys.argv[1:] if argv is None else argv
+    with quiet_console(wants_verbose(argv)):  # no TensorFlow/absl start-up noise unless --verbose
+        _main(argv)
+
+
+def _main(argv) -> None:
     from pipeline.graph import run
     from pipeline.summary import summary_text
     from transforms.errors import AuditError
 
     try:
-        _, manifest = run(sys.argv[1:] if argv is None else argv)
+        _, manifest = run(argv)
     except AuditError as exc:
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(2)

@@ -21,6 +21,8 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.dead_letters import ERRORS_TAG, error_row
+from transforms.progress import flush as flush_progress
+from transforms.progress import tally
 
 _HEADER = 12  # uint64 length + masked crc32c of the length
 _FOOTER = 4  # masked crc32c of the data
@@ -307,13 +309,9 @@ class ReadShardRecords(beam.DoFn):
         self._damaged = beam.metrics.Metrics.counter("gradcam_audit", "damaged_spans")
 
     def finish_bundle(self):
-        from transforms.progress import flush
-
-        flush()
+        flush_progress()
 
     def process(self, source: str):
-        from transforms.progress import tally
-
         size = shard_size(source)
         index, records = 0, 0
         with FileSystems.open(source) as handle:

@@ -9,6 +9,8 @@ from transforms.attention import attention_stats
 from transforms.dead_letters import ERRORS_TAG, error_row
 from transforms.flags import DEFAULT_THRESHOLDS, FlagThresholds, image_flags
 from transforms.model_handler import Explained
+from transforms.progress import flush as flush_progress
+from transforms.progress import tally
 
 
 def heatmap_rows(
@@ -65,6 +67,9 @@ class FormatHeatmapRows(beam.DoFn):
         self._explained = beam.metrics.Metrics.counter("gradcam_audit", "images_explained")
         self._failed = beam.metrics.Metrics.counter("gradcam_audit", "compute_errors")
 
+    def finish_bundle(self):
+        flush_progress()
+
     def process(self, result: Explained):
         if result.error is not None:
             self._failed.inc()
@@ -84,6 +89,7 @@ class FormatHeatmapRows(beam.DoFn):
             )
             return
         self._explained.inc()
+        tally(images_explained=1)
         yield from heatmap_rows(
             result, method=self._method, target_layer=self._target_layer, thresholds=self._thresholds
         )
