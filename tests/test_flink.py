@@ -102,3 +102,42 @@ def test_killed_taskmanager_restarts_with_exactly_the_expected_rows(cluster, big
     assert len(got) == len(set(got)) == bigger_dataset["records"]
     assert manifest["counts"]["images_explained"] == bigger_dataset["records"]
     assert_same_results(expected, manifest)
+
+
+@pytest.fixture(scope="module")
+def one_shard(tmp_path_factory):
+    """One shard of 24 images whose 11th record is damaged (a flipped byte: read past, one error row)."""
+    from transforms.records import write_records
+
+    folder = str(tmp_path_factory.mktemp("one-shard"))
+    records = [make_example(png_bytes(32, 32, seed=500 + i), label=i % 3, image_id=f"one-{i}") for i in range(24)]
+    path = os.path.join(folder, "one.tfrecord")
+    write_records(path, records)
+    data = bytearray(open(path, "rb").read())
+    data[sum(12 + len(r) + 4 for r in records[:10]) + 12 + 7] ^= 0x20
+    open(path, "wb").write(bytes(data))
+    return {"pattern": path, "records": 23}
+
+
+def subtask_records(cluster, jid: str, vertex_name_part: str) -> list[int]:
+    """Records received by each subtask of the job vertex whose name contains `vertex_name_part`."""
+    vertices = [v for v in cluster.rest(f"/v1/jobs/{jid}")["vertices"] if vertex_name_part in v["name"]]
+    assert len(vertices) == 1, [v["name"] for v in cluster.rest(f"/v1/jobs/{jid}")["vertices"]]
+    detail = cluster.rest(f"/v1/jobs/{jid}/vertices/{vertices[0]['id']}")
+    return [task["metrics"]["read-records"] for task in sorted(detail["subtasks"], key=lambda t: t["subtask"])]
+
+
+def test_one_shard_fans_out_to_both_subtasks(cluster, one_shard, model_path, tmp_path, tmp_path_factory):
+    baseline = audit(one_shard["pattern"], model_path, str(tmp_path_factory.mktemp("one-shard-local")))
+    assert baseline["options"]["reshuffle_records"] == "off"  # local runner: auto = off
+    known = {job["jid"] for job in cluster.jobs()}
+    thread, box = run_in_thread(one_shard["pattern"], model_path, str(tmp_path), *cluster.pipeline_args(parallelism=2))
+    manifest = finished(thread, box)
+    assert manifest["options"]["reshuffle_records"] == "on"  # cluster runner: auto = on
+    (job,) = [j for j in cluster.jobs() if j["jid"] not in known]
+    assert job["state"] == "FINISHED"
+    per_subtask = subtask_records(cluster, job["jid"], "ExplainImages")
+    assert len(per_subtask) == 2 and all(n > 0 for n in per_subtask), per_subtask
+    assert_same_results(baseline, manifest)
+    assert manifest["counts"]["images_explained"] == one_shard["records"]
+    assert manifest["counts"]["shard_errors"] == 1
