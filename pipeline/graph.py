@@ -28,7 +28,7 @@ from transforms.dead_letters import ERRORS_TAG
 from transforms.decode import DecodeImageExamples
 from transforms.errors import AuditError
 from transforms.model_handler import KerasCamModelHandler
-from transforms.records import ReadShardRecords
+from transforms.records import FanOutRecords, ReadShardRecords
 from transforms.rows import FormatHeatmapRows
 from transforms.schemas import CLASS_STATS_SCHEMA, ERROR_SCHEMA, HEATMAP_SCHEMA
 from transforms.sinks import TABLES, WriteParquetTable
@@ -119,7 +119,7 @@ class ExplainDataset(beam.PTransform):
         )
         records = read.records
         if c.reshuffle_records == "on":  # every worker gets records, whatever the shard count (README)
-            records = records | "FanOutRecords" >> beam.Reshuffle()
+            records = records | "FanOutRecords" >> FanOutRecords()
         decoded = records | "DecodeImages" >> beam.ParDo(
             DecodeImageExamples(
                 image_key=c.image_key,

@@ -92,7 +92,7 @@ def add_audit_arguments(parser) -> None:
         help="Write <run>/report.html, a self-contained visual report (default)")
     add("--no_report", dest="report", action="store_false", help="Do not write report.html")
     add("--reshuffle_records", choices=["auto", "on", "off"], default="auto",
-        help="Spread the records of every shard over all workers (a Reshuffle after reading; costs one "
+        help="Spread the records of every shard over all workers (a shuffle after reading; costs one "
         "shuffle of the raw records). auto = on for cluster runners (Flink, Dataflow, portable), off for "
         "the local in-process runners, which would hold the whole dataset in memory")
     add("--verbose", action="store_true", default=False,

@@ -7,6 +7,7 @@ virtualenv. Every process is stopped by PID when the module ends, also
 when a test fails.
 """
 
+import json
 import os
 import sys
 import threading
@@ -119,12 +120,27 @@ def one_shard(tmp_path_factory):
     return {"pattern": path, "records": 23}
 
 
-def subtask_records(cluster, jid: str, vertex_name_part: str) -> list[int]:
-    """Records received by each subtask of the job vertex whose name contains `vertex_name_part`."""
-    vertices = [v for v in cluster.rest(f"/v1/jobs/{jid}")["vertices"] if vertex_name_part in v["name"]]
-    assert len(vertices) == 1, [v["name"] for v in cluster.rest(f"/v1/jobs/{jid}")["vertices"]]
-    detail = cluster.rest(f"/v1/jobs/{jid}/vertices/{vertices[0]['id']}")
-    return [task["metrics"]["read-records"] for task in sorted(detail["subtasks"], key=lambda t: t["subtask"])]
+def job_vertices(cluster, jid: str) -> list[dict]:
+    """Every vertex of a job: name, plan description, parallelism and records received per subtask.
+
+    Also written to <FLINK workdir>/vertices-<jid>.json for a look after a failure.
+    """
+    plan = {n["id"]: n for n in cluster.rest(f"/v1/jobs/{jid}/plan")["plan"]["nodes"]}
+    vertices = []
+    for vertex in cluster.rest(f"/v1/jobs/{jid}")["vertices"]:
+        detail = cluster.rest(f"/v1/jobs/{jid}/vertices/{vertex['id']}")
+        vertices.append({
+            "id": vertex["id"],
+            "name": vertex["name"],
+            "description": plan.get(vertex["id"], {}).get("description", ""),
+            "parallelism": vertex["parallelism"],
+            "inputs": [i.get("ship_strategy") for i in plan.get(vertex["id"], {}).get("inputs", [])],
+            "input_ids": [i.get("id") for i in plan.get(vertex["id"], {}).get("inputs", [])],
+            "read_records": [t["metrics"]["read-records"] for t in sorted(detail["subtasks"], key=lambda t: t["subtask"])],
+        })
+    with open(os.path.join(str(cluster.workdir), f"vertices-{jid}.json"), "w") as handle:
+        json.dump(vertices, handle, indent=1)
+    return vertices
 
 
 def test_one_shard_fans_out_to_both_subtasks(cluster, one_shard, model_path, tmp_path, tmp_path_factory):
@@ -136,8 +152,14 @@ def test_one_shard_fans_out_to_both_subtasks(cluster, one_shard, model_path, tmp
     assert manifest["options"]["reshuffle_records"] == "on"  # cluster runner: auto = on
     (job,) = [j for j in cluster.jobs() if j["jid"] not in known]
     assert job["state"] == "FINISHED"
-    per_subtask = subtask_records(cluster, job["jid"], "ExplainImages")
-    assert len(per_subtask) == 2 and all(n > 0 for n in per_subtask), per_subtask
+    vertices = job_vertices(cluster, job["jid"])
+    # Flink names a fused stage by its common prefixes ("MapPartition at [12]{ExplainDataset, WriteErrors,
+    # WriteHeatmaps}"), so the stage that decodes and explains is found as the one fed by the fan-out's shuffle.
+    (shuffle,) = [v for v in vertices if v["name"].startswith("GroupReduce") and "FanOutRecords" in v["name"]]
+    (explaining,) = [v for v in vertices if shuffle["id"] in v["input_ids"] and "ExplainDataset" in v["name"]]
+    per_subtask = explaining["read_records"]  # records each subtask of the stage that runs the model received
+    assert len(per_subtask) == 2 and all(n > 0 for n in per_subtask), explaining
+    assert sum(per_subtask) == one_shard["records"], explaining
     assert_same_results(baseline, manifest)
     assert manifest["counts"]["images_explained"] == one_shard["records"]
     assert manifest["counts"]["shard_errors"] == 1

@@ -120,6 +120,21 @@ def test_multi_process_run_gives_the_same_rows(audited, dataset, model_path, tmp
     assert len(read_parquet_dir(str(tmp_path / RUN / "errors"))) == dataset["bad"] + dataset["shard_errors"]
 
 
+def test_fanned_out_records_give_the_same_rows(audited, dataset, model_path, tmp_path):
+    output, first = audited
+    assert first["options"]["reshuffle_records"] == "off"  # auto on the in-process runner
+    manifest = run_audit(dataset, model_path, tmp_path, "--reshuffle_records", "on")
+    assert manifest["options"]["reshuffle_records"] == "on" and manifest["counts"] == first["counts"]
+    key = lambda r: (r["image_id"], r["target_rank"])  # noqa: E731
+    plain = sorted(read_parquet_dir(str(output / "heatmaps")).to_pylist(), key=key)
+    fanned = sorted(read_parquet_dir(str(tmp_path / RUN / "heatmaps")).to_pylist(), key=key)
+    assert [key(r) for r in fanned] == [key(r) for r in plain]
+    for a, b in zip(plain, fanned, strict=True):
+        assert (a["source"], a["record_index"], a["predicted_class"]) == (b["source"], b["record_index"],
+                                                                          b["predicted_class"])
+        np.testing.assert_allclose(a["cam"], b["cam"], rtol=1e-4, atol=1e-5 * max(a["cam_max"], 1e-6))
+
+
 def test_rerun_into_the_same_output_replaces_it(dataset, model_path, tmp_path):
     run_audit(dataset, model_path, tmp_path)
     run_audit(dataset, model_path, tmp_path, "--batch_size", "7")

@@ -143,3 +143,14 @@ def test_decoder_pickles_small():
     import pickle
 
     assert len(pickle.dumps(decoder())) < 2000
+
+
+def test_fan_out_records_keeps_every_record_once():
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from transforms.records import FanOutRecords
+
+    records = [ShardRecord("s", i, bytes([i]) * 3) for i in range(50)] + [ShardRecord("s", 0, b"\x00" * 3)]
+    with TestPipeline(runner="FnApiRunner") as p:
+        assert_that(p | beam.Create(records) | FanOutRecords(), equal_to(records))

@@ -14,6 +14,7 @@ first `RAW_RECORD_CAP` bytes in `raw_record`.
 from __future__ import annotations
 
 import os
+import random
 import struct
 from typing import Iterator, NamedTuple, Union
 
@@ -343,3 +344,31 @@ class ReadShardRecords(beam.DoFn):
                 ),
             )
 
+
+
+def _with_random_key(record):
+    return random.getrandbits(32), record
+
+
+def _values(keyed):
+    return keyed[1]
+
+
+class FanOutRecords(beam.PTransform):
+    """Spreads records over all workers: a random key each, GroupByKey, keys dropped.
+
+    Not `beam.Reshuffle()`: Flink's batch translation turns a Reshuffle into
+    `rebalance()`, and Flink's optimiser treats a second rebalance after the
+    one that spread the shards as already satisfied (the property survives
+    the reading in between), so every record of a shard stayed on the
+    subtask that read it. A GroupByKey is a hash-partitioned shuffle on every
+    runner.
+    """
+
+    def expand(self, records):
+        return (
+            records
+            | "AddRandomKeys" >> beam.Map(_with_random_key)
+            | "GroupByRandomKey" >> beam.GroupByKey()
+            | "DropKeys" >> beam.FlatMap(_values)
+        )
