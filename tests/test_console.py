@@ -19,8 +19,7 @@ from transforms import progress
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOISE = [
     b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
-    b"I0000 00:00:1795830954.650525    9975 cudart_stub.cc:31] Could not find cuda drivers on your machine, "
-    b"GPU will not be used.",
+    b"I0000 00:00:1795830954.650525    9975 cudart_stub.cc:31] Could not find cuda drivers on your machine",
     b"E0000 00:00:1795830965.353020    9975 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error",
     b"W0000 00:00:1795830965.353020    9975 some.cc:1] a warning",
     b"I1128 01:02:03.456789  123 grpc.cc:99] grpc chatter",
