@@ -139,3 +139,17 @@ def test_scan_finds_a_record_straddling_chunk_edges(tmp_path, monkeypatch, chunk
     offsets = record_offsets(records)
     with open(path, "rb") as handle:
         assert find_next_record(handle, offsets[3] + 1, len(data)) == offsets[4]
+
+
+def test_gzip_shard_is_read_and_resynchronised(tmp_path):
+    import gzip
+
+    records = [f"gz-{i}".encode() * 20 for i in range(6)]
+    plain, data = shard(tmp_path, records)
+    data[record_offsets(records)[3] + 12 + 4] ^= 0x08
+    path = str(tmp_path / "s.tfrecord.gz")
+    with gzip.open(path, "wb") as handle:
+        handle.write(bytes(data))
+    main, errors = run_dofn(ReadShardRecords(), path)
+    assert [r.data for r in main] == records[:3] + records[4:]
+    assert [e["record_index"] for e in errors] == [3]

@@ -13,6 +13,7 @@ first `RAW_RECORD_CAP` bytes in `raw_record`.
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import struct
@@ -276,6 +277,23 @@ def shard_size(source: str) -> int:
     return FileSystems.match([source])[0].metadata_list[0].size_in_bytes
 
 
+def open_shard(source: str):
+    """(seekable binary handle, size in bytes) of a shard.
+
+    Uncompressed shards (the usual TFRecord files) are read as a stream.
+    Compressed ones (.gz, .bz2, ... as Beam detects them from the name) are
+    decompressed into memory first, since the scan for the next good record
+    needs their decompressed size and cheap seeks.
+    """
+    from apache_beam.io.filesystem import CompressionTypes
+
+    if CompressionTypes.detect_compression_type(source) == CompressionTypes.UNCOMPRESSED:
+        return FileSystems.open(source, compression_type=CompressionTypes.UNCOMPRESSED), shard_size(source)
+    with FileSystems.open(source) as compressed:
+        data = compressed.read()
+    return io.BytesIO(data), len(data)
+
+
 def span_error(source: str, index: int, span: DamagedSpan, size: int, raw: bytes) -> dict:
     """The error row of a damaged span (stage "read", error "CorruptRecord")."""
     end = span.offset + span.length
@@ -313,9 +331,9 @@ class ReadShardRecords(beam.DoFn):
         flush_progress()
 
     def process(self, source: str):
-        size = shard_size(source)
-        index, records = 0, 0
-        with FileSystems.open(source) as handle:
+        handle, size = open_shard(source)
+        index = 0
+        with handle:
             for item in read_shard(handle, size):
                 if isinstance(item, DamagedSpan):
                     self._damaged.inc()
@@ -326,7 +344,6 @@ class ReadShardRecords(beam.DoFn):
                     tally(bytes_read=item.length)
                 else:
                     yield ShardRecord(source, index, item)
-                    records += 1
                     self._read.inc()
                     self._bytes.inc(len(item) + _HEADER + _FOOTER)
                     tally(records_read=1, bytes_read=len(item) + _HEADER + _FOOTER)
