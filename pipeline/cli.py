@@ -13,10 +13,7 @@ exception), which would read as "something flagged".
 from __future__ import annotations
 
 import logging
-import os
 import sys
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 EXIT_FLAGGED = 1
 EXIT_BAD_INPUT = 2
@@ -27,15 +24,20 @@ _LOG = logging.getLogger("pipeline")
 
 
 def main(argv=None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("apache_beam", "absl", "tensorflow"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from pipeline.console import quiet_console, wants_verbose
+
+    argv = sys.argv[1:] if argv is None else argv
+    with quiet_console(wants_verbose(argv)):  # no TensorFlow/absl start-up noise unless --verbose
+        _main(argv)
+
+
+def _main(argv) -> None:
     from pipeline.graph import run
     from pipeline.summary import summary_text
     from transforms.errors import AuditError
 
     try:
-        _, manifest = run(sys.argv[1:] if argv is None else argv)
+        _, manifest = run(argv)
     except AuditError as exc:
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(EXIT_BAD_INPUT)

@@ -27,6 +27,7 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.options import AuditConfig, parse_args
+from pipeline.progress import show_progress
 from pipeline.runners import only_builds_job
 from transforms.class_stats import ComputeClassStats
 from transforms.dead_letters import ERRORS_TAG
@@ -35,7 +36,7 @@ from transforms.errors import AuditError, one_line
 from transforms.exemplars import SelectAuditExemplars
 from transforms.faithfulness import FAITHFULNESS_SUMMARY, CheckSanity, MeasureFaithfulness, SummariseFaithfulness
 from transforms.model_handler import KerasCamModelHandler
-from transforms.records import ReadShardRecords
+from transforms.records import FanOutRecords, ReadShardRecords
 from transforms.rows import FormatHeatmapRows
 from transforms.schemas import CLASS_STATS_SCHEMA, CLUSTER_SCHEMA, ERROR_SCHEMA, EXEMPLAR_SCHEMA, HEATMAP_SCHEMA
 from transforms.sinks import TABLES, WriteParquetTable
@@ -155,7 +156,10 @@ class ExplainDataset(beam.PTransform):
             | "SpreadShards" >> beam.Reshuffle()
             | "ReadRecords" >> beam.ParDo(ReadShardRecords()).with_outputs(ERRORS_TAG, main="records")
         )
-        decoded = read.records | "DecodeImages" >> beam.ParDo(
+        records = read.records
+        if c.reshuffle_records == "on":  # every worker gets records, whatever the shard count (README)
+            records = records | "FanOutRecords" >> FanOutRecords()
+        decoded = records | "DecodeImages" >> beam.ParDo(
             DecodeImageExamples(
                 image_key=c.image_key,
                 label_key=c.label_key,
@@ -331,8 +335,9 @@ def run(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipeline]
     build(pipeline, work, info, files, class_names)
     try:
         pipeline_started = time.time()
-        result = pipeline.run()
-        result.wait_until_finish()
+        with show_progress(beam_args, files):  # a progress line on a terminal, local runners only
+            result = pipeline.run()
+            result.wait_until_finish()
         finished = time.time()
         manifest = write_manifest(
             config,

@@ -184,19 +184,10 @@ def read_index(output: str) -> list[dict]:
     return sorted(index.get("runs", []), key=lambda r: r["run_id"])
 
 
-def update_index(output: str, manifest: Optional[dict] = None) -> list[dict]:
-    """Rewrites `<output>/runs.json` with `manifest`'s run added or replaced.
-
-    The index heals itself: entries whose folder is gone are dropped, and
-    run folders missing from it (e.g. lost to two runs updating it at once)
-    are added back from their manifests.
-    """
+def _present_runs(output: str) -> dict:
+    """run id -> path of its run_manifest.json, for every run folder under `output`."""
     from pipeline.manifest import MANIFEST_NAME
 
-    output = output.rstrip("/")
-    runs = {r["run_id"]: r for r in read_index(output)}
-    if manifest is not None:
-        runs[manifest["run_id"]] = index_entry(manifest)
     try:
         found = FileSystems.match([f"{output}/{RUN_PREFIX}*/{MANIFEST_NAME}"])[0].metadata_list
     except (OSError, ValueError):
@@ -205,11 +196,69 @@ def update_index(output: str, manifest: Optional[dict] = None) -> list[dict]:
     for meta in found:
         folder = meta.path[: -len(MANIFEST_NAME) - 1]
         present[folder.rsplit("/", 1)[-1][len(RUN_PREFIX):]] = meta.path
-    for run_id, path in present.items():
-        if run_id not in runs:
-            runs[run_id] = index_entry(read_json(path) or {"run_id": run_id})
-    entries = [runs[run_id] for run_id in sorted(runs) if run_id in present]
-    write_json(f"{output}/{INDEX_NAME}", {"updated_at": _now(), "runs": entries})
+    return present
+
+
+def _write_index(path: str, value: dict) -> None:
+    """Writes the index as one whole object: local files via a temp file and rename (readers never see
+    half a file); on object stores a single object write already is."""
+    if not _is_local(path):
+        write_json(path, value)
+        return
+    import json
+    import os
+
+    local = path[len("file://"):] if path.startswith("file://") else path
+    temp = f"{local}.tmp-{uuid.uuid4().hex[:10]}"
+    with open(temp, "w", encoding="utf-8") as handle:
+        json.dump(value, handle, indent=2, default=str)
+    os.replace(temp, local)
+
+
+def _as_written(entry: dict) -> dict:
+    """An index entry as it reads back from the JSON file."""
+    import json
+
+    return json.loads(json.dumps(entry, default=str))
+
+
+def update_index(output: str, manifest: Optional[dict] = None, attempts: int = 50) -> list[dict]:
+    """Rewrites `<output>/runs.json` with `manifest`'s run added or replaced.
+
+    The index heals itself: entries whose folder is gone are dropped, and
+    run folders missing from it are added back from their manifests.
+
+    Concurrent runs: the index is one object rewritten whole (read, merge,
+    write), so two runs finishing at the same moment can each write an index
+    that lacks the other's run. After writing, this reads the index back and
+    lists the run folders again; while the index lacks a run folder that
+    exists (or holds another entry than this run's), it merges and writes
+    again (up to `attempts` times, with a short random pause). Every run
+    folder is swapped in before its run updates the index, so the last
+    writer always sees every folder: whoever writes last, the final index
+    lists every run (test: tests/test_runs_index_race.py, local and gs://).
+    """
+    import random
+    import time
+
+    output = output.rstrip("/")
+    mine = _as_written(index_entry(manifest)) if manifest is not None else None
+    entries: list[dict] = []
+    for attempt in range(attempts):
+        runs = {r["run_id"]: r for r in read_index(output)}
+        present = _present_runs(output)
+        if attempt and set(present) <= set(runs) and (mine is None or runs.get(mine["run_id"]) == mine):
+            return [runs[run_id] for run_id in sorted(runs) if run_id in present]
+        if mine is not None:
+            runs[mine["run_id"]] = mine
+        for run_id, path in present.items():
+            if run_id not in runs:
+                runs[run_id] = index_entry(read_json(path) or {"run_id": run_id})
+        entries = [runs[run_id] for run_id in sorted(runs) if run_id in present]
+        _write_index(f"{output}/{INDEX_NAME}", {"updated_at": _now(), "runs": entries})
+        time.sleep(random.uniform(0.005, 0.02) * min(attempt + 1, 10))
+    _LOG.warning("%s/%s still changed after %d rewrites; the next run's update will complete it",
+                 output, INDEX_NAME, attempts)
     return entries
 
 

@@ -16,7 +16,7 @@ from typing import Optional
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.compare import add_threshold_arguments
-from pipeline.runners import RUNNER_DESTS, add_runner_arguments, translate_runner_args
+from pipeline.runners import RUNNER_DESTS, add_runner_arguments, runner_of, translate_runner_args
 from transforms.cam.methods import METHODS
 from transforms.cam.preprocess import PRESETS, parse_image_size
 from transforms.cam.targets import TARGET_HELP, TargetSpec, parse_target
@@ -158,7 +158,21 @@ def add_audit_arguments(parser) -> None:
         help="Images (the same every run) re-explained with the head's weights randomised (sanity check; 0: off)")
     add("--max_sanity_correlation", type=float, default=0.5,
         help="Flag the run when the real and randomised maps still rank-correlate more than this")
+    add("--reshuffle_records", choices=["auto", "on", "off"], default="auto",
+        help="Spread the records of every shard over all workers (a shuffle after reading; costs one "
+        "shuffle of the raw records). auto = on for cluster runners (Flink, Dataflow, portable), off for "
+        "the local in-process runners, which would hold the whole dataset in memory")
+    add("--verbose", action="store_true", default=False,
+        help="Keep TensorFlow/absl/gRPC start-up logging (hidden by default) and Beam's INFO logging")
     add_threshold_arguments(parser)
+
+
+def resolve_reshuffle_records(value: str, runner: Optional[str]) -> str:
+    """--reshuffle_records auto -> "on" for cluster runners, "off" for local in-process ones."""
+    if value != "auto":
+        return value
+    local = (runner or DEFAULT_RUNNER).strip().lower()
+    return "off" if any(name in local for name in ("direct", "fnapi", "prism")) else "on"
 
 
 class AuditOptions(PipelineOptions):
@@ -231,6 +245,8 @@ class AuditConfig:
     sanity_images: int = 32
     max_sanity_correlation: float = 0.5
     max_gap_drop: float = 0.1
+    reshuffle_records: str = "auto"
+    verbose: bool = False
 
     @property
     def is_demo(self) -> bool:
@@ -336,6 +352,7 @@ def parse_args(argv: Optional[list[str]]) -> tuple[AuditConfig, list[str]]:
         beam_args = translate_runner_args(beam_args, **runner_settings)
     except ValueError as exc:
         parser.error(str(exc))
+    known.reshuffle_records = resolve_reshuffle_records(known.reshuffle_records, runner_of(beam_args))
     known.target = parse_target(known.target)
     known.image_size = parse_image_size(known.image_size) if known.image_size else None
     return AuditConfig(**vars(known)), beam_args

@@ -52,7 +52,7 @@ def dataset(tmp_path_factory):
     ]
     write_shard(folder, "data-00000.tfrecord", good_examples(10, "a") + [grey, rgba, jpg])
     write_shard(folder, "data-00001.tfrecord", good_examples(8, "b", seed=100) + bad)
-    # A shard whose third record fails its CRC: two records are kept.
+    # A shard whose third record fails its CRC: the reader skips it and keeps the other three.
     corrupt = write_shard(folder, "data-00002.tfrecord", good_examples(4, "c", seed=200))
     data = bytearray(open(corrupt, "rb").read())
     offset, kept = 0, 0
@@ -62,6 +62,7 @@ def dataset(tmp_path_factory):
         kept += 1
     data[offset + 12 + 5] ^= 0x55
     open(corrupt, "wb").write(bytes(data))
+    kept += 1  # c-3, read after the damaged span
     # A truncated shard: three whole records, then half of the fourth.
     cut = write_shard(folder, "data-00003.tfrecord", good_examples(4, "d", seed=300))
     raw = open(cut, "rb").read()

@@ -23,7 +23,7 @@ from tests.infra.servers import ListenerWatch
 BUCKET = "dataflow-offline"
 IMAGE = "us-docker.pkg.dev/demo-project/gradcam/worker:2.77.0-gpu"
 ACCELERATOR = "worker_accelerator=type:nvidia-tesla-t4;count:1;install-nvidia-driver"
-STEPS = ("ListShards", "ExplainDataset/ReadRecords", "ExplainDataset/DecodeImages", "ExplainDataset/ExplainImages",
+STEPS = ("ListShards", "ExplainDataset/ReadRecords", "ExplainDataset/FanOutRecords", "ExplainDataset/DecodeImages", "ExplainDataset/ExplainImages",
          "ExplainDataset/FormatHeatmapRows", "ExplainDataset/ComputeClassStats", "ExplainDataset/CollectErrors",
          "WriteHeatmaps", "WriteClassStats", "WriteErrors")
 

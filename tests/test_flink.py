@@ -7,6 +7,7 @@ virtualenv. Every process is stopped by PID when the module ends, also
 when a test fails.
 """
 
+import json
 import os
 import sys
 import threading
@@ -102,3 +103,63 @@ def test_killed_taskmanager_restarts_with_exactly_the_expected_rows(cluster, big
     assert len(got) == len(set(got)) == bigger_dataset["records"]
     assert manifest["counts"]["images_explained"] == bigger_dataset["records"]
     assert_same_results(expected, manifest)
+
+
+@pytest.fixture(scope="module")
+def one_shard(tmp_path_factory):
+    """One shard of 24 images whose 11th record is damaged (a flipped byte: read past, one error row)."""
+    from transforms.records import write_records
+
+    folder = str(tmp_path_factory.mktemp("one-shard"))
+    records = [make_example(png_bytes(32, 32, seed=500 + i), label=i % 3, image_id=f"one-{i}") for i in range(24)]
+    path = os.path.join(folder, "one.tfrecord")
+    write_records(path, records)
+    data = bytearray(open(path, "rb").read())
+    data[sum(12 + len(r) + 4 for r in records[:10]) + 12 + 7] ^= 0x20
+    open(path, "wb").write(bytes(data))
+    return {"pattern": path, "records": 23}
+
+
+def job_vertices(cluster, jid: str) -> list[dict]:
+    """Every vertex of a job: name, plan description, parallelism and records received per subtask.
+
+    Also written to <FLINK workdir>/vertices-<jid>.json for a look after a failure.
+    """
+    plan = {n["id"]: n for n in cluster.rest(f"/v1/jobs/{jid}/plan")["plan"]["nodes"]}
+    vertices = []
+    for vertex in cluster.rest(f"/v1/jobs/{jid}")["vertices"]:
+        detail = cluster.rest(f"/v1/jobs/{jid}/vertices/{vertex['id']}")
+        vertices.append({
+            "id": vertex["id"],
+            "name": vertex["name"],
+            "description": plan.get(vertex["id"], {}).get("description", ""),
+            "parallelism": vertex["parallelism"],
+            "inputs": [i.get("ship_strategy") for i in plan.get(vertex["id"], {}).get("inputs", [])],
+            "input_ids": [i.get("id") for i in plan.get(vertex["id"], {}).get("inputs", [])],
+            "read_records": [t["metrics"]["read-records"] for t in sorted(detail["subtasks"], key=lambda t: t["subtask"])],
+        })
+    with open(os.path.join(str(cluster.workdir), f"vertices-{jid}.json"), "w") as handle:
+        json.dump(vertices, handle, indent=1)
+    return vertices
+
+
+def test_one_shard_fans_out_to_both_subtasks(cluster, one_shard, model_path, tmp_path, tmp_path_factory):
+    baseline = audit(one_shard["pattern"], model_path, str(tmp_path_factory.mktemp("one-shard-local")))
+    assert baseline["options"]["reshuffle_records"] == "off"  # local runner: auto = off
+    known = {job["jid"] for job in cluster.jobs()}
+    thread, box = run_in_thread(one_shard["pattern"], model_path, str(tmp_path), *cluster.pipeline_args(parallelism=2))
+    manifest = finished(thread, box)
+    assert manifest["options"]["reshuffle_records"] == "on"  # cluster runner: auto = on
+    (job,) = [j for j in cluster.jobs() if j["jid"] not in known]
+    assert job["state"] == "FINISHED"
+    vertices = job_vertices(cluster, job["jid"])
+    # Flink names a fused stage by its common prefixes ("MapPartition at [12]{ExplainDataset, WriteErrors,
+    # WriteHeatmaps}"), so the stage that decodes and explains is found as the one fed by the fan-out's shuffle.
+    (shuffle,) = [v for v in vertices if v["name"].startswith("GroupReduce") and "FanOutRecords" in v["name"]]
+    (explaining,) = [v for v in vertices if shuffle["id"] in v["input_ids"] and "ExplainDataset" in v["name"]]
+    per_subtask = explaining["read_records"]  # records each subtask of the stage that runs the model received
+    assert len(per_subtask) == 2 and all(n > 0 for n in per_subtask), explaining
+    assert sum(per_subtask) == one_shard["records"], explaining
+    assert_same_results(baseline, manifest)
+    assert manifest["counts"]["images_explained"] == one_shard["records"]
+    assert manifest["counts"]["shard_errors"] == 1

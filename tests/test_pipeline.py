@@ -43,7 +43,7 @@ def test_every_record_is_explained_or_rejected(audited, dataset):
     assert {k: kinds[k] for k in BAD_RECORDS} == BAD_RECORDS
     read_errors = sorted((os.path.basename(e["source"]), e["error"], e["record_index"])
                          for e in errors if e["stage"] == "read")
-    assert read_errors == [("data-00002.tfrecord", "CorruptShard", 2), ("data-00003.tfrecord", "CorruptShard", 3),
+    assert read_errors == [("data-00002.tfrecord", "CorruptRecord", 2), ("data-00003.tfrecord", "CorruptRecord", 3),
                            ("data-00004.tfrecord", "EmptyShard", None)]
     assert all(e["raw_record"] is not None and e["message"] for e in errors)
     assert sum(1 for e in errors if e["error"] == "InvalidExample") == 1
@@ -55,7 +55,7 @@ def test_heatmap_rows(audited, dataset):
     rows = table.to_pylist()
     assert len(rows) == dataset["good"]
     ids = {r["image_id"] for r in rows}
-    assert {"grey-png", "rgba-png", "rgb-jpeg", "a-0", "c-1", "d-2"} <= ids and "c-2" not in ids
+    assert {"grey-png", "rgba-png", "rgb-jpeg", "a-0", "c-1", "c-3", "d-2"} <= ids and "c-2" not in ids
     for r in rows:
         cam = np.asarray(r["cam"])
         assert cam.shape == (r["cam_height"] * r["cam_width"],) == (64,)
@@ -119,6 +119,21 @@ def test_multi_process_run_gives_the_same_rows(audited, dataset, model_path, tmp
         assert a["predicted_class"] == b["predicted_class"] and a["target_class"] == b["target_class"]
         np.testing.assert_allclose(a["cam"], b["cam"], rtol=1e-4, atol=1e-5 * max(a["cam_max"], 1e-6))
     assert len(read_parquet_dir(str(tmp_path / RUN / "errors"))) == dataset["bad"] + dataset["shard_errors"]
+
+
+def test_fanned_out_records_give_the_same_rows(audited, dataset, model_path, tmp_path):
+    output, first = audited
+    assert first["options"]["reshuffle_records"] == "off"  # auto on the in-process runner
+    manifest = run_audit(dataset, model_path, tmp_path, "--reshuffle_records", "on")
+    assert manifest["options"]["reshuffle_records"] == "on" and manifest["counts"] == first["counts"]
+    key = lambda r: (r["image_id"], r["target_rank"])  # noqa: E731
+    plain = sorted(read_parquet_dir(str(output / "heatmaps")).to_pylist(), key=key)
+    fanned = sorted(read_parquet_dir(str(tmp_path / RUN / "heatmaps")).to_pylist(), key=key)
+    assert [key(r) for r in fanned] == [key(r) for r in plain]
+    for a, b in zip(plain, fanned, strict=True):
+        assert (a["source"], a["record_index"], a["predicted_class"]) == (b["source"], b["record_index"],
+                                                                          b["predicted_class"])
+        np.testing.assert_allclose(a["cam"], b["cam"], rtol=1e-4, atol=1e-5 * max(a["cam_max"], 1e-6))
 
 
 def test_rerun_into_the_same_output_replaces_it(dataset, model_path, tmp_path):

@@ -38,18 +38,20 @@ def test_reads_every_record_with_position(tmp_path):
     assert all(r.source == path for r in main) and errors == []
 
 
-def test_crc_failure_keeps_records_before_and_the_rest_raw(tmp_path):
+def test_crc_failure_skips_only_the_damaged_record(tmp_path):
     path = write_shard(str(tmp_path), "bad.tfrecord", [b"first", b"second", b"third"])
     data = bytearray(open(path, "rb").read())
     second_start = 12 + 5 + 4
     data[second_start + 12 + 2] ^= 0xFF  # a byte inside "second"
     open(path, "wb").write(bytes(data))
     main, errors = run_dofn(ReadShardRecords(), path)
-    assert [r.data for r in main] == [b"first"]
+    assert [(r.index, r.data) for r in main] == [(0, b"first"), (2, b"third")]
     (error,) = errors
-    assert (error["stage"], error["error"], error["record_index"]) == ("read", "CorruptShard", 1)
-    assert error["raw_record"] == bytes(data[second_start:])
-    assert "CRC" in error["message"]
+    assert (error["stage"], error["error"], error["record_index"]) == ("read", "CorruptRecord", 1)
+    second_length = 12 + 6 + 4
+    assert error["raw_record"] == bytes(data[second_start : second_start + second_length])
+    assert "CRC" in error["message"] and f"at byte {second_start}" in error["message"]
+    assert f"span of {second_length} bytes" in error["message"]
 
 
 def test_truncated_shard(tmp_path):
@@ -58,7 +60,9 @@ def test_truncated_shard(tmp_path):
     open(path, "wb").write(data[:-3])
     main, errors = run_dofn(ReadShardRecords(), path)
     assert [r.data for r in main] == [b"first"]
-    assert errors[0]["error"] == "CorruptShard" and "truncated" in errors[0]["message"]
+    (error,) = errors
+    assert error["error"] == "CorruptRecord" and "truncated" in error["message"]
+    assert error["raw_record"] == data[21:-3] and error["record_index"] == 1
 
 
 def test_empty_shard(tmp_path):
@@ -167,3 +171,14 @@ def test_decoder_pickles_small():
     import pickle
 
     assert len(pickle.dumps(decoder())) < 2000
+
+
+def test_fan_out_records_keeps_every_record_once():
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from transforms.records import FanOutRecords
+
+    records = [ShardRecord("s", i, bytes([i]) * 3) for i in range(50)] + [ShardRecord("s", 0, b"\x00" * 3)]
+    with TestPipeline(runner="FnApiRunner") as p:
+        assert_that(p | beam.Create(records) | FanOutRecords(), equal_to(records))

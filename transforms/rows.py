@@ -10,6 +10,8 @@ from transforms.dead_letters import ERRORS_TAG, error_row
 from transforms.faithfulness import FAITHFULNESS_NULLS, unwrap
 from transforms.flags import DEFAULT_THRESHOLDS, FlagThresholds, image_flags
 from transforms.model_handler import Explained
+from transforms.progress import flush as flush_progress
+from transforms.progress import tally
 
 
 def heatmap_rows(
@@ -79,6 +81,9 @@ class FormatHeatmapRows(beam.DoFn):
             "decode": beam.metrics.Metrics.counter("gradcam_audit", "decode_errors"),
         }
 
+    def finish_bundle(self):
+        flush_progress()
+
     def process(self, item):
         result, faithfulness = unwrap(item)  # Explained, or Measured by MeasureFaithfulness
         if result.error is not None:
@@ -99,6 +104,7 @@ class FormatHeatmapRows(beam.DoFn):
             )
             return
         self._explained.inc()
+        tally(images_explained=1)
         yield from heatmap_rows(
             result, method=self._method, target_layer=self._target_layer, thresholds=self._thresholds,
             faithfulness=faithfulness,

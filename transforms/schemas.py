@@ -139,6 +139,8 @@ ERROR_SCHEMA = pa.schema(
         pa.field("stage", pa.string(), nullable=False),
         pa.field("error", pa.string(), nullable=False),
         pa.field("message", pa.string(), nullable=False),
+        # The record's bytes; for a CorruptRecord span (stage "read") its first
+        # transforms.records.RAW_RECORD_CAP bytes (1 MiB), offset and length in "message".
         pa.field("raw_record", pa.binary()),
     ]
 )
