@@ -140,11 +140,13 @@ def measure_feed(workdir: str, n: int, *, repeats: int, log=print) -> dict:
     data = {size: write_photo_shards(os.path.join(workdir, f"photos-{size}"), size, seed=3) for size in (n, 2 * n)}
     explainer = CamExplainer(load_keras_model(model_path), target_layer=FEED_TARGET_LAYER)
     tf_data_pass(data[n]["pattern"], explainer)  # warm-up: trace, thread pools, page cache
-    layer = ("--target_layer", FEED_TARGET_LAYER)
+    # The input path alone: the sampled checks (faithfulness, sanity) are off here.
+    layer = ("--target_layer", FEED_TARGET_LAYER, "--faithfulness_sample", "0", "--sanity_images", "0")
     configs = {"1 thread": layer, "2 threads": (*layer, *TWO_THREADS)}
     runs: dict = {key: {n: [], 2 * n: []} for key in configs}
     tf_data: list = []
     tf_data_cpu: list = []
+    lost: list = []
     for r in range(repeats):
         images, wall, cpu = tf_data_pass(data[2 * n]["pattern"], explainer)
         if images != 2 * n:
@@ -156,26 +158,33 @@ def measure_feed(workdir: str, n: int, *, repeats: int, log=print) -> dict:
                 result = run_pipeline_process(data[size]["pattern"], model_path,
                                               os.path.join(workdir, f"feed-{key[0]}-{size}-{r}"), extra_args=extra)
                 if result["images_explained"] != size:
-                    raise RuntimeError(f"expected {size} images explained, got {result['images_explained']}")
+                    # Beam 2.77's multi_threading FnApiRunner can drop an element (README, "Speed"):
+                    # say so and leave the run out of the rates.
+                    lost.append({"config": key, "images": size, "explained": result["images_explained"]})
+                    log(f"  ! {key}, {size} images: {result['images_explained']} explained; run left out")
+                    continue
                 runs[key][size].append(result)
         log(f"  feed repeat {r + 1}/{repeats}: tf.data {tf_data[-1]:.0f} img/s; "
             + ", ".join(f"P {key} {_fmt(_steady(runs[key], n, -1))}" for key in configs)
             + f" (load {os.getloadavg()[0]:.1f})")
     out: dict = {
-        "images_n": n, "images_pair": 2 * n, "bytes_per_image": data[n]["bytes_per_image"],
+        "images_n": n, "images_pair": 2 * n, "bytes_per_image": data[n]["bytes_per_image"], "lost_runs": lost,
         "image_size": data[n]["size"], "model": "Conv2D(8, 3x3, stride 2) + AveragePooling2D(16) (CAM here, 7x7) + GAP + Dense(1000), 224x224",
         "tf_data": {"runs": tf_data, "median": median(tf_data), "cpu_runs": tf_data_cpu,
                     "cpu_median": median(tf_data_cpu)},
     }
     for key in configs:
         steady = [_steady(runs[key], n, r) for r in range(repeats)]
-        out[key] = {"steady_runs": steady, "steady_median": median(steady),
+        kept = [v for v in steady if v is not None]
+        out[key] = {"steady_runs": steady, "steady_median": median(kept) if kept else None,
                     "runs_n": runs[key][n], "runs_pair": runs[key][2 * n]}
     tf_rate = out["tf_data"]["median"]
     one, two = out["1 thread"]["steady_median"], out["2 threads"]["steady_median"]
-    out["ratios"] = {"feed ratio": two / tf_rate, "feed ratio 1 thread": one / tf_rate, "2-thread scaling": two / one}
+    out["ratios"] = {"feed ratio": two / tf_rate if two else None, "feed ratio 1 thread": one / tf_rate if one else None,
+                     "2-thread scaling": two / one if one and two else None}
     out["targets"] = {key: {"value": out["ratios"][key], "target": f">= {minimum}",
-                            "met": out["ratios"][key] >= minimum} for key, minimum in FEED_TARGETS.items()}
+                            "met": out["ratios"][key] is not None and out["ratios"][key] >= minimum}
+                      for key, minimum in FEED_TARGETS.items()}
     from transforms.records import iter_records
 
     shard = data[n]["pattern"].replace("*", "photos-00000-of-00004")
@@ -195,7 +204,10 @@ def _fmt(value) -> str:
 
 
 def _steady(pair: dict, n: int, r: int):
-    small, large = pair[n][r], pair[2 * n][r]
+    try:
+        small, large = pair[n][r], pair[2 * n][r]
+    except IndexError:  # a run left out (lost_runs)
+        return None
     delta = large["pipeline_seconds"] - small["pipeline_seconds"]
     return n / delta if delta > 0 else None
 

@@ -3,7 +3,8 @@
     0    the audit ran (nothing flagged)
     1    something flagged (--compare_with_previous): for nightly jobs
     2    bad option, input or model: one line on stderr, nothing was run
-    3    the job failed unexpectedly (the traceback is logged on stderr)
+    3    the job failed unexpectedly (the traceback is logged on stderr), or the runner lost
+         records (its records_read counter exceeds what the tables account for)
     130  interrupted (Ctrl-C)
 
 An unexpected failure must never exit 1 (Python's own status for an uncaught
@@ -53,6 +54,13 @@ def _main(argv) -> None:
         return
     if not manifest["options"]["quiet"]:
         print(summary_text(manifest))
+    counts = manifest.get("counts", {})
+    if counts.get("balanced") is False:  # the runner read more records than the tables account for
+        sys.stderr.write(
+            f"error: the runner read {counts['records_read_by_runner']} records but the tables account for "
+            f"{counts['records_read']}: records were lost by the runner; exit status {EXIT_JOB_FAILED}\n"
+        )
+        sys.exit(EXIT_JOB_FAILED)
     comparison = manifest.get("comparison") or {}
     if comparison.get("exit_code"):  # --compare_with_previous: 1 flagged, 2 could not compare
         if comparison["exit_code"] == EXIT_BAD_INPUT:

@@ -199,22 +199,6 @@ def _present_runs(output: str) -> dict:
     return present
 
 
-def _write_index(path: str, value: dict) -> None:
-    """Writes the index as one whole object: local files via a temp file and rename (readers never see
-    half a file); on object stores a single object write already is."""
-    if not _is_local(path):
-        write_json(path, value)
-        return
-    import json
-    import os
-
-    local = path[len("file://"):] if path.startswith("file://") else path
-    temp = f"{local}.tmp-{uuid.uuid4().hex[:10]}"
-    with open(temp, "w", encoding="utf-8") as handle:
-        json.dump(value, handle, indent=2, default=str)
-    os.replace(temp, local)
-
-
 def _as_written(entry: dict) -> dict:
     """An index entry as it reads back from the JSON file."""
     import json
@@ -255,7 +239,7 @@ def update_index(output: str, manifest: Optional[dict] = None, attempts: int = 5
             if run_id not in runs:
                 runs[run_id] = index_entry(read_json(path) or {"run_id": run_id})
         entries = [runs[run_id] for run_id in sorted(runs) if run_id in present]
-        _write_index(f"{output}/{INDEX_NAME}", {"updated_at": _now(), "runs": entries})
+        write_json(f"{output}/{INDEX_NAME}", {"updated_at": _now(), "runs": entries})
         time.sleep(random.uniform(0.005, 0.02) * min(attempt + 1, 10))
     _LOG.warning("%s/%s still changed after %d rewrites; the next run's update will complete it",
                  output, INDEX_NAME, attempts)

@@ -232,9 +232,25 @@ def read_json(path: str) -> Optional[dict]:
 
 
 def write_json(path: str, value) -> None:
-    """Writes `value` as indented JSON through Beam's FileSystems."""
-    with FileSystems.create(path) as handle:
-        handle.write(json.dumps(value, indent=2, default=str).encode("utf-8"))
+    """Writes `value` as indented JSON, whole: readers never see half a file.
+
+    Local files go through a temp file and a rename; on object stores
+    (gs://, through Beam's FileSystems) one object write already is whole.
+    """
+    data = json.dumps(value, indent=2, default=str).encode("utf-8")
+    if FileSystems.get_scheme(path) not in (None, "file"):
+        with FileSystems.create(path) as handle:
+            handle.write(data)
+        return
+    import os
+    import uuid
+
+    local = path[len("file://"):] if path.startswith("file://") else path
+    os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+    temp = f"{local}.tmp-{uuid.uuid4().hex[:10]}"
+    with open(temp, "wb") as handle:
+        handle.write(data)
+    os.replace(temp, local)
 
 
 def save_manifest(folder: str, manifest: dict) -> None:

@@ -175,7 +175,10 @@ class MeasureFaithfulness(beam.PTransform):
 
 def sanity_item(item: Explained):
     """(hash, image_id, pixels, target class): what the sanity sample keeps of an image."""
-    return id_hash(item.image.image_id)[0], item.image.image_id, pixels_of(item), int(item.target_class[0])
+    # uint8 (the pixels are 0-255): a quarter of the bytes through the sample's combiner; the real and
+    # the randomised maps are both computed on these same pixels.
+    pixels = np.clip(np.rint(pixels_of(item)), 0, 255).astype(np.uint8)
+    return id_hash(item.image.image_id)[0], item.image.image_id, pixels, int(item.target_class[0])
 
 
 class RunSanityCheck(beam.DoFn):
@@ -194,7 +197,7 @@ class RunSanityCheck(beam.DoFn):
                    "max_correlation": self._max_correlation}
             return
         explainer = load_sanity_explainer(**self._settings)
-        images = np.stack([s[2] for s in sample])
+        images = np.stack([s[2] for s in sample]).astype(np.float32)
         targets = np.array([s[3] for s in sample], np.int32)
         result = cascading_randomisation(explainer, images, targets, seed=self._seed)
         final = result["correlations"][-1] if result["correlations"] else None
