@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything the tests need, then runs them. Extra arguments go to pytest:
 #   ./run_tests.sh                    everything (what CI runs; cluster tests included)
-#   ./run_tests.sh -m "not cluster"   the fast suite (no Flink/GCS-emulator clusters)
+#   ./run_tests.sh -m "not cluster"   no Flink/GCS-emulator clusters
+#   ./run_tests.sh -m "not cluster and not bench"   the fast suite (no benchmark smoke runs either)
 # Installs, each idempotent: .venv/ with the project (scripts/setup_venv.sh),
 # Chromium for the report's browser test (scripts/install_chromium.sh, apt),
 # and unless the cluster tests are deselected, Java + the Beam Flink job

@@ -13,6 +13,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.bench
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
