@@ -8,13 +8,17 @@ over four corners) and is caught by the strategies (SpRAy clusters).
 import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
 
 from pipeline.demo import CLASS_NAMES, MOVING_SHORTCUT_CLASS, SHORTCUT_CLASS
 
 
-def test_demo_summary_flags_both_shortcut_classes(tmp_path):
+def test_demo_summary_flags_both_shortcut_classes(tmp_path, demo_runs):
+    # The demo's data and trained model as ensure_demo made them for the session's demo runs
+    # (training them again would cost a minute); the command finds them and runs the audit.
+    shutil.copytree(demo_runs.demo.root, tmp_path / "demo", ignore=shutil.ignore_patterns("output"))
     env = dict(os.environ, GRADCAM_AUDIT_DEMO_DIR=str(tmp_path / "demo"))
     proc = subprocess.run([sys.executable, "-m", "pipeline"], capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
