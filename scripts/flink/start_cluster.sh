@@ -75,6 +75,10 @@ taskmanager.memory.process.size: $FLINK_TM_MEMORY
 taskmanager.memory.network.fraction: 0.25
 taskmanager.memory.network.min: 256mb
 taskmanager.memory.network.max: 512mb
+# Each blocking (batch) result partition reserves this many buffers when its
+# task deploys (Flink's default, 512, is 16 MB each): the audit's graph has
+# a dozen sinks and combiners deployed at once, which ran out of buffers.
+taskmanager.network.sort-shuffle.min-buffers: 64
 rest.address: $FLINK_BIND_HOST
 rest.bind-address: $FLINK_BIND_HOST
 rest.port: $FLINK_REST_PORT
