@@ -35,9 +35,9 @@ from transforms.decode import DecodeImageExamples
 from transforms.errors import AuditError, one_line
 from transforms.exemplars import SelectAuditExemplars
 from transforms.faithfulness import FAITHFULNESS_SUMMARY, CheckSanity, MeasureFaithfulness, SummariseFaithfulness
-from transforms.model_handler import KerasCamModelHandler
+from transforms.model_handler import ExplainBatches, KerasCamModelHandler
 from transforms.records import FanOutRecords, ReadShardRecords
-from transforms.rows import FormatHeatmapRows
+from transforms.rows import EXEMPLAR_SOURCES_TAG, FormatHeatmapRows
 from transforms.schemas import CLASS_STATS_SCHEMA, CLUSTER_SCHEMA, ERROR_SCHEMA, EXEMPLAR_SCHEMA, HEATMAP_SCHEMA
 from transforms.sinks import TABLES, WriteParquetTable
 from transforms.strategies import AddStrategyColumns, FindStrategies
@@ -170,7 +170,10 @@ class ExplainDataset(beam.PTransform):
                 require_label=c.target.needs_label,
             )
         ).with_outputs(ERRORS_TAG, main="images")
-        explained = decoded.images | "ExplainImages" >> RunInference(self.handler())
+        # ExplainBatches overlaps each batch's TensorFlow work with this thread's Python work;
+        # RunInference serves one model to all of a machine's processes (--large_model).
+        explain = RunInference(self.handler()) if c.large_model else beam.ParDo(ExplainBatches(self.handler()))
+        explained = decoded.images | "ExplainImages" >> explain
         measured = explained
         if c.faithfulness_sample > 0:
             measured = explained | "MeasureFaithfulness" >> MeasureFaithfulness(
@@ -181,8 +184,8 @@ class ExplainDataset(beam.PTransform):
             | "FormatHeatmapRows"
             >> beam.ParDo(
                 FormatHeatmapRows(method=c.method, target_layer=self._info.target_layer,
-                                  thresholds=c.flag_thresholds())
-            ).with_outputs(ERRORS_TAG, main="rows")
+                                  thresholds=c.flag_thresholds(), exemplar_sources=True)
+            ).with_outputs(ERRORS_TAG, EXEMPLAR_SOURCES_TAG, main="rows")
         )
         errors = (read[ERRORS_TAG], decoded[ERRORS_TAG], rows[ERRORS_TAG]) | "CollectErrors" >> beam.Flatten()
         strategies = rows.rows | "FindStrategies" >> FindStrategies(c.strategy_settings())
@@ -191,7 +194,7 @@ class ExplainDataset(beam.PTransform):
             | "ComputeClassStats" >> ComputeClassStats(self._class_names, c.flag_thresholds())
             | "AddStrategyColumns" >> AddStrategyColumns(strategies["clusters"])
         )
-        exemplars = (explained, stats, strategies["models"]) | "SelectExemplars" >> SelectAuditExemplars(
+        exemplars = (rows[EXEMPLAR_SOURCES_TAG], stats, strategies["models"]) | "SelectExemplars" >> SelectAuditExemplars(
             method=c.method, target_layer=self._info.target_layer, image_key=c.image_key,
             thresholds=c.flag_thresholds(),
         )

@@ -165,3 +165,39 @@ def test_pipeline_with_a_bad_image_in_several_batches(model_path, tmp_path):
     assert sorted(e["image_id"] for e in errors) == sorted(bad_ids)
     for e in errors:
         assert e["stage"] == "decode" and e["raw_record"] == records[e["record_index"]]
+
+
+def test_explain_batches_overlaps_batches_and_loses_nothing(model_path):
+    """ExplainBatches (the job's explaining step) called as a runner does: 11 images in batches of 4
+    (two full batches run in the background while elements keep coming, the rest at the bundle's
+    end): every image comes out once, in the global window, with the CAM the handler gives alone."""
+    from apache_beam.transforms.window import GlobalWindow
+
+    from transforms.model_handler import ExplainBatches, acquire_worker
+
+    handler = KerasCamModelHandler(model_path, target_layer="last_conv", batch_size=4)
+    images, _ = checked(good_examples(10, "e", seed=70))
+    bad = images[0]._replace(image_id="bad-truncated", record_index=99, encoded=BAD["truncated-jpeg"])
+    images.insert(5, bad)
+    dofn = ExplainBatches(handler, depth=1)
+    dofn.setup()
+    try:
+        dofn.start_bundle()
+        emitted = [out for image in images for out in dofn.process(image)]
+        in_flight = len(dofn._inflight) + (1 if dofn._buffer else 0)
+        emitted += list(dofn.finish_bundle())
+    finally:
+        dofn.teardown()
+    assert in_flight >= 1  # the last batches were still running or buffered when the elements ran out
+    assert all(out.windows == (GlobalWindow(),) for out in emitted)
+    results = {out.value.image.image_id: out.value for out in emitted}
+    assert len(emitted) == len(results) == 11
+    assert results["bad-truncated"].error_stage == "decode" and results["bad-truncated"].error[0] == "UndecodableImage"
+    worker = acquire_worker(handler)
+    for item in images:
+        if item.image_id == "bad-truncated":
+            continue
+        (alone,) = handler.run_inference([item], worker)
+        np.testing.assert_allclose(results[item.image_id].cam, alone.cam, atol=1e-5 * np.abs(alone.cam).max() + 1e-7,
+                                   rtol=0)
+        assert results[item.image_id].predicted_class == alone.predicted_class

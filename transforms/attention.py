@@ -17,6 +17,7 @@ would only smooth it.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -41,8 +42,11 @@ def cell_overlap(height: int, width: int, box) -> np.ndarray:
     return np.outer(axis(height, ymin, ymax), axis(width, xmin, xmax))
 
 
+@functools.lru_cache(maxsize=256)
 def _interpolation_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """[n_out, n_in] weights of 1-D linear interpolation, half-pixel centres, edges clamped."""
+    """[n_out, n_in] weights of 1-D linear interpolation, half-pixel centres, edges clamped.
+
+    Cached (read-only): the maps of a job have one size and its images a few."""
     pos = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0.0, n_in - 1)
     lo = np.floor(pos).astype(int)
     hi = np.minimum(lo + 1, n_in - 1)
@@ -50,6 +54,7 @@ def _interpolation_matrix(n_in: int, n_out: int) -> np.ndarray:
     weights = np.zeros((n_out, n_in))
     weights[np.arange(n_out), lo] += 1.0 - frac
     weights[np.arange(n_out), hi] += frac
+    weights.flags.writeable = False
     return weights
 
 

@@ -241,8 +241,11 @@ class BatchImageDecoder:
 
         self._decode = tf.function(decode, input_signature=[tf.TensorSpec([None], tf.string, name="encoded")])
 
-    def __call__(self, encoded: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
-        """Returns (pixels float32 [B, H, W, C], decoded (height, width) int32 [B, 2]).
+    def __call__(self, encoded: Sequence[bytes]):
+        """Returns (pixels float32 [B, H, W, C], decoded (height, width) int32 [B, 2] numpy).
+
+        `pixels` is the function's CPU tensor: handed as it is to the
+        explainer (no copy); `np.asarray(pixels)` is a view of it.
 
         Raises:
           tf.errors.OpError: when any image of the batch cannot be decoded.
@@ -250,7 +253,7 @@ class BatchImageDecoder:
         import tensorflow as tf
 
         pixels, sizes = self._decode(tf.constant(list(encoded), dtype=tf.string))
-        return pixels.numpy(), sizes.numpy()
+        return pixels, sizes.numpy()
 
     @property
     def tracing_count(self) -> int:
@@ -302,15 +305,23 @@ def decode_batch(
       items: records checked by `DecodeImageExamples` (`encoded` set).
 
     Returns:
-      (pixels float32 [G, H, W, C] of the G images that decoded, those images
+      (pixels float32 [G, H, W, C] of the G images that decoded (the decoder's
+      tensor when the whole batch decoded, else a numpy array), those images
       with `pixels` set to their row of that array, [(image, RecordError)] for
       every image that failed: undecodable or truncated, or decoded to another
       size than its header says).
     """
     failures: list = []
     parts = _decode_bisecting(decoder, items, failures) if items else []
+    if len(parts) == 1 and not failures:
+        tensor, sizes, part = parts[0]
+        expected = np.array([(item.image_height, item.image_width) for item in part], np.int32).reshape(-1, 2)
+        if (sizes == expected).all():  # the usual case: the decoder's tensor goes to the explainer as it is
+            view = np.asarray(tensor)
+            return tensor, [item._replace(pixels=view[i]) for i, item in enumerate(part)], failures
     good, arrays = [], []
     for pixels, sizes, part in parts:
+        pixels = np.asarray(pixels)
         expected = np.array([(item.image_height, item.image_width) for item in part], np.int32).reshape(-1, 2)
         same = (sizes == expected).all(axis=1)
         if same.all():

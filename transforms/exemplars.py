@@ -136,29 +136,52 @@ def strategy_candidates(row: dict, strategies: dict, raw_record: bytes, boxes: I
         yield strategy_kind(int(row["target_class"]), cluster), candidate(row, -distance, raw_record, boxes)
 
 
-class ProposeExemplars(beam.DoFn):
-    """Explained image -> (kind, Candidate) for each audit kind it belongs to (failed images: none).
+class ExemplarSource(NamedTuple):
+    """What the exemplar proposals need of one explained image: its heatmap rows (all target
+    ranks), its serialized record (for the thumbnail) and its object boxes; no pixels."""
 
-    Formats the image's rank-0 heatmap row again with `transforms.rows.heatmap_rows`
-    (the same function FormatHeatmapRows uses; a few microseconds for a 7x7 map).
-    """
+    rows: list
+    raw_record: bytes
+    boxes: tuple = ()
+
+
+def exemplar_source(result, *, method: str, target_layer: str,
+                    thresholds: FlagThresholds = DEFAULT_THRESHOLDS) -> Optional[ExemplarSource]:
+    """The ExemplarSource of an Explained image (its rows formatted with `transforms.rows.heatmap_rows`,
+    as FormatHeatmapRows does); None for an image that failed. An ExemplarSource passes unchanged."""
+    if isinstance(result, ExemplarSource):
+        return result
+    if result.error is not None:
+        return None
+    from transforms.rows import heatmap_rows
+
+    rows = heatmap_rows(result, method=method, target_layer=target_layer, thresholds=thresholds)
+    return ExemplarSource(rows, result.image.raw_record, result.image.boxes)
+
+
+class ToExemplarSources(beam.DoFn):
+    """Explained image (or an ExemplarSource FormatHeatmapRows already made) -> ExemplarSource."""
 
     def __init__(self, *, method: str, target_layer: str, thresholds: FlagThresholds = DEFAULT_THRESHOLDS):
         self._method = method
         self._target_layer = target_layer
         self._thresholds = thresholds
 
-    def process(self, result, strategies=None):
-        from transforms.rows import heatmap_rows
+    def process(self, item):
+        source = exemplar_source(item, method=self._method, target_layer=self._target_layer,
+                                 thresholds=self._thresholds)
+        if source is not None:
+            yield source
 
-        if result.error is not None:
-            return
-        rows = heatmap_rows(result, method=self._method, target_layer=self._target_layer,
-                            thresholds=self._thresholds)
-        first = next(r for r in rows if r["target_rank"] == 0)
-        yield from audit_candidates(first, result.image.raw_record, result.image.boxes)
-        for row in rows if strategies else ():
-            yield from strategy_candidates(row, strategies, result.image.raw_record, result.image.boxes)
+
+class ProposeExemplars(beam.DoFn):
+    """ExemplarSource -> (kind, Candidate) for each audit kind its image belongs to."""
+
+    def process(self, source: ExemplarSource, strategies=None):
+        first = next(r for r in source.rows if r["target_rank"] == 0)
+        yield from audit_candidates(first, source.raw_record, source.boxes)
+        for row in source.rows if strategies else ():
+            yield from strategy_candidates(row, strategies, source.raw_record, source.boxes)
 
 
 def exemplar_row(kind: str, rank: int, total: int, winner: Candidate, thumbnail: bytes) -> dict:
@@ -239,8 +262,8 @@ def _shortcut_cell(stats_row: dict) -> Iterable[tuple[int, int]]:
 
 
 class SelectAuditExemplars(beam.PTransform):
-    """(PCollection[Explained], PCollection[class_stats row][, PCollection[(class, ClassStrategies)]])
-    -> PCollection[exemplar row].
+    """(PCollection[Explained or ExemplarSource], PCollection[class_stats row]
+    [, PCollection[(class, ClassStrategies)]]) -> PCollection[exemplar row].
 
     The worst `per_kind` images of each image flag, and the most confident
     images of each shortcut class among those whose CAM peaks where the
@@ -264,8 +287,13 @@ class SelectAuditExemplars(beam.PTransform):
         side = [beam.pvalue.AsDict(strategies[0])] if strategies else []
         return (
             explained
-            | "ProposeExemplars" >> beam.ParDo(ProposeExemplars(
-                method=self._method, target_layer=self._target_layer, thresholds=self._thresholds), *side)
+            # The strategies side input is ready only after every image is explained, so the runner
+            # holds this input until then: the slim ExemplarSource (rows, serialized record, boxes),
+            # never the model-input pixels. FormatHeatmapRows(exemplar_sources=True) makes them
+            # without formatting the rows twice; Explained images are formatted here.
+            | "ToExemplarSources" >> beam.ParDo(ToExemplarSources(
+                method=self._method, target_layer=self._target_layer, thresholds=self._thresholds))
+            | "ProposeExemplars" >> beam.ParDo(ProposeExemplars(), *side)
             | "SelectExemplars" >> SelectExemplars(self._per_kind, self._image_key, relabel=shortcut_relabel,
                                                    relabel_input=beam.pvalue.AsDict(cells))
         )

@@ -118,10 +118,12 @@ class ScoreFaithfulness(beam.DoFn):
 
     def setup(self):
         from transforms.cam.faithfulness import FaithfulnessScorer
+        from transforms.model_handler import acquire_worker
 
         def load():
-            loaded = self._handler.load_model()  # transforms.model_handler.CamWorker
-            return _ScorerHolder(FaithfulnessScorer.from_explainer(getattr(loaded, "explainer", loaded)))
+            # The explaining step's CamWorker (one model per process for both steps).
+            self._worker = acquire_worker(self._handler)
+            return _ScorerHolder(FaithfulnessScorer.from_explainer(self._worker.explainer))
 
         self._holder = _SHARED.acquire(load, tag=self._tag)
 

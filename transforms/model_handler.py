@@ -9,15 +9,29 @@ decoder's `tf.function` (CPU), then makes one call of the explainer's (the
 decoded batch goes to the device once). An image that does not decode
 becomes an error (stage "decode") while the rest of its batch is explained;
 a batch that fails in the model is retried image by image (stage "compute").
+
+`ExplainBatches` is the job's explaining step: it batches the images itself
+and runs each batch's `run_inference` on a background thread, so the
+TensorFlow work of one batch (which releases the GIL and uses every core)
+overlaps the Python work of the same Beam thread: reading and checking the
+next records, formatting the rows of the previous batch. RunInference runs
+each batch synchronously in the element's thread; the job uses it only for
+`--large_model` (one model per machine, served to the worker processes).
 """
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import logging
+import pickle
 from typing import Any, Iterable, NamedTuple, Optional, Sequence
 
+import apache_beam as beam
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler
+from apache_beam.transforms.window import GlobalWindows
+from apache_beam.utils import shared
 
 from transforms.cam.targets import TargetSpec
 from transforms.decode import BatchImageDecoder, DecodedImage, decode_batch
@@ -146,6 +160,74 @@ class KerasCamModelHandler(ModelHandler[DecodedImage, Explained, Any]):
 
     def get_metrics_namespace(self) -> str:
         return "gradcam_audit"
+
+
+_SHARED = shared.Shared()  # one CamWorker per process and handler settings, shared by every thread and step
+
+
+def acquire_worker(handler: KerasCamModelHandler) -> CamWorker:
+    """The process's CamWorker for these handler settings (loaded by the first caller; the
+    explaining step and the faithfulness scorer share it). Keep the returned object referenced:
+    `shared.Shared` frees it when nothing does."""
+    tag = "camworker-" + hashlib.sha1(pickle.dumps(handler)).hexdigest()
+    return _SHARED.acquire(handler.load_model, tag=tag)
+
+
+class ExplainBatches(beam.DoFn):
+    """DecodedImage -> Explained, in batches of the handler's batch size, one batch in the background.
+
+    Each full batch goes to a one-thread executor that runs
+    `KerasCamModelHandler.run_inference` (batched decode + one call of the
+    compiled CAM function), while this thread goes on with the next elements;
+    results are emitted as their batch finishes (at most `depth` batches in
+    flight) and every remaining one at the end of the bundle. Elements must be
+    in the global window (the job's are). A failure inside a batch is handled
+    by `run_inference` (one error row per bad image); anything else fails the
+    bundle, which the runner retries.
+    """
+
+    def __init__(self, handler: KerasCamModelHandler, depth: int = 2):
+        self._handler = handler
+        self._batch_size = handler.batch_elements_kwargs()["max_batch_size"]
+        self._depth = depth
+        self._batches = beam.metrics.Metrics.counter(handler.get_metrics_namespace(), "explained_batches")
+
+    def setup(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._worker = acquire_worker(self._handler)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="explain")
+
+    def start_bundle(self):
+        self._buffer: list = []
+        self._inflight: collections.deque = collections.deque()
+
+    def process(self, image: DecodedImage):
+        self._buffer.append(image)
+        if len(self._buffer) >= self._batch_size:
+            self._submit()
+        yield from self._finished(wait=False)
+
+    def finish_bundle(self):
+        if self._buffer:
+            self._submit()
+        yield from self._finished(wait=True)
+
+    def teardown(self):
+        executor = getattr(self, "_executor", None)
+        if executor is not None:
+            executor.shutdown(wait=True)
+
+    def _submit(self):
+        batch, self._buffer = self._buffer, []
+        self._inflight.append(self._executor.submit(self._handler.run_inference, batch, self._worker))
+
+    def _finished(self, wait: bool):
+        while self._inflight and (wait or self._inflight[0].done() or len(self._inflight) > self._depth):
+            results = self._inflight.popleft().result()
+            self._batches.inc()
+            for result in results:
+                yield GlobalWindows.windowed_value(result)
 
 
 def explain_decoded(explainer, pixels: np.ndarray, images: Sequence[DecodedImage]) -> list[Explained]:

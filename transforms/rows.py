@@ -68,10 +68,20 @@ def heatmap_rows(
     return rows
 
 
-class FormatHeatmapRows(beam.DoFn):
-    """Explained -> heatmap row dicts; images that failed (decode or compute) -> the "errors" output."""
+EXEMPLAR_SOURCES_TAG = "exemplar_sources"
 
-    def __init__(self, *, method: str, target_layer: str, thresholds: FlagThresholds = DEFAULT_THRESHOLDS):
+
+class FormatHeatmapRows(beam.DoFn):
+    """Explained -> heatmap row dicts; images that failed (decode or compute) -> the "errors" output.
+
+    With `exemplar_sources`, each explained image also goes to the "exemplar_sources" output as a
+    `transforms.exemplars.ExemplarSource` (its rows, serialized record and boxes; no pixels), what
+    `SelectAuditExemplars` takes without formatting the rows again.
+    """
+
+    def __init__(self, *, method: str, target_layer: str, thresholds: FlagThresholds = DEFAULT_THRESHOLDS,
+                 exemplar_sources: bool = False):
+        self._exemplar_sources = exemplar_sources
         self._method = method
         self._target_layer = target_layer
         self._thresholds = thresholds
@@ -105,7 +115,13 @@ class FormatHeatmapRows(beam.DoFn):
             return
         self._explained.inc()
         tally(images_explained=1)
-        yield from heatmap_rows(
+        rows = heatmap_rows(
             result, method=self._method, target_layer=self._target_layer, thresholds=self._thresholds,
             faithfulness=faithfulness,
         )
+        yield from rows
+        if self._exemplar_sources:
+            from transforms.exemplars import ExemplarSource
+
+            yield beam.pvalue.TaggedOutput(
+                EXEMPLAR_SOURCES_TAG, ExemplarSource(rows, result.image.raw_record, result.image.boxes))

@@ -184,10 +184,12 @@ class CamExplainer:
         }
 
     def __call__(self, images, labels=None):
-        """Runs the compiled function; numpy in, dict of numpy arrays out."""
+        """Runs the compiled function; numpy (or a float32 tensor, used as it is) in, dict of numpy arrays out."""
         import numpy as np
+        import tensorflow as tf
 
-        images = np.asarray(images, dtype=np.float32)
+        if not (isinstance(images, tf.Tensor) and images.dtype == tf.float32):
+            images = np.asarray(images, dtype=np.float32)
         if labels is None:
             labels = np.full([images.shape[0]], -1, np.int32)
         out = self.explain(images, np.asarray(labels, dtype=np.int32))
