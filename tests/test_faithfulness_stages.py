@@ -57,6 +57,14 @@ def test_split_sends_sampled_images_aside_and_failures_through():
     sampled = [o.value.image.image_id for o in out if isinstance(o, beam.pvalue.TaggedOutput)]
     assert sampled == [i.image.image_id for i in items if is_sampled(i.image.image_id, 0.5)]
     assert 5 < len(sampled) < 35 and len(out) == 41
+    # A sampled image keeps its pixels but not the decoded batch they were a view of.
+    batch = np.random.default_rng(0).random((40, 8, 8, 3), dtype=np.float32)
+    views = [item._replace(image=item.image._replace(pixels=batch[i])) for i, item in enumerate(items)]
+    aside = [o.value for item in views for o in fn.process(item) if isinstance(o, beam.pvalue.TaggedOutput)]
+    assert len(aside) == len(sampled)
+    for item in aside:
+        assert not np.shares_memory(item.image.pixels, batch)
+        np.testing.assert_array_equal(item.image.pixels, batch[int(item.image.image_id[1:])])
 
 
 def test_heatmap_rows_carry_the_scores_on_rank_0_and_nulls_elsewhere():

@@ -102,7 +102,10 @@ class SplitFaithfulnessSample(beam.DoFn):
 
     def process(self, item: Explained):
         if item.error is None and len(item.cam) and is_sampled(item.image.image_id, self._share):
-            yield beam.pvalue.TaggedOutput(self.SAMPLED, item)
+            # Its own copy of the pixels: a view would keep its whole decoded batch alive while
+            # the sample's batch fills up (a batch of sampled images spans many decoded batches).
+            own = item.image._replace(pixels=np.array(pixels_of(item), np.float32, copy=True))
+            yield beam.pvalue.TaggedOutput(self.SAMPLED, item._replace(image=own))
         else:
             yield item
 
