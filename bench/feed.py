@@ -173,10 +173,13 @@ def measure_feed(workdir: str, n: int, *, repeats: int, log=print) -> dict:
         "tf_data": {"runs": tf_data, "median": median(tf_data), "cpu_runs": tf_data_cpu,
                     "cpu_median": median(tf_data_cpu)},
     }
+    out["tf_data"]["cores_busy"] = median([w / c for w, c in zip(tf_data, tf_data_cpu, strict=True)])
     for key in configs:
         steady = [_steady(runs[key], n, r) for r in range(repeats)]
         kept = [v for v in steady if v is not None]
+        busy = [b for b in (_cores_busy(runs[key], r) for r in range(repeats)) if b is not None]
         out[key] = {"steady_runs": steady, "steady_median": median(kept) if kept else None,
+                    "cores_busy": median(busy) if busy else None,
                     "runs_n": runs[key][n], "runs_pair": runs[key][2 * n]}
     tf_rate = out["tf_data"]["median"]
     one, two = out["1 thread"]["steady_median"], out["2 threads"]["steady_median"]
@@ -212,6 +215,18 @@ def _steady(pair: dict, n: int, r: int):
     return n / delta if delta > 0 else None
 
 
+def _cores_busy(pair: dict, r: int):
+    """CPU-seconds per second of the extra images' work (2N run minus N run): how many cores it kept busy."""
+    try:
+        small, large = pair[min(pair)][r], pair[max(pair)][r]
+    except IndexError:
+        return None
+    delta = large["pipeline_seconds"] - small["pipeline_seconds"]
+    if delta <= 0 or large.get("pipeline_cpu_seconds") is None or small.get("pipeline_cpu_seconds") is None:
+        return None
+    return (large["pipeline_cpu_seconds"] - small["pipeline_cpu_seconds"]) / delta
+
+
 def feed_table(feed: dict) -> list[str]:
     """Lines of the feed section of the bench table."""
     from bench.run_bench import _grid, fmt
@@ -227,6 +242,10 @@ def feed_table(feed: dict) -> list[str]:
              fmt(feed["2 threads"]["steady_median"]), fmt(feed["ratios"]["feed ratio"], ".2f"),
              fmt(feed["ratios"]["feed ratio 1 thread"], ".2f"), fmt(feed["ratios"]["2-thread scaling"], ".2f")]]
     lines += _grid(rows)
+    busy = {name: feed[key].get("cores_busy") for name, key in
+            (("tf.data", "tf_data"), ("P 1 thread", "1 thread"), ("P 2 threads", "2 threads"))}
+    lines.append("Cores kept busy (CPU-s per wall-s; for P the steady part): "
+                 + ", ".join(f"{name} {fmt(value, '.2f')}" for name, value in busy.items()))
     lines.append(f"Decode per image ({ab['images']} JPEGs, one caller thread): eager per record "
                  f"{ab['eager_per_record']['wall_ms']:.2f} ms ({ab['eager_per_record']['cpu_ms']:.2f} CPU-ms), "
                  f"checks + batched tf.function {ab['batched']['wall_ms']:.2f} ms "
