@@ -17,6 +17,8 @@ from tests.infra.audit_results import assert_same_results, audit, local_audit, r
 from tests.infra.gcs_emulator import GcsEmulator
 from tests.infra.servers import ListenerWatch
 
+pytestmark = pytest.mark.cluster  # starts the GCS emulator (as the other gs:// tests marked cluster do)
+
 BUCKET = "audit-test"
 
 

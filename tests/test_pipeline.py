@@ -2,8 +2,10 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -136,8 +138,10 @@ def test_fanned_out_records_give_the_same_rows(audited, dataset, model_path, tmp
         np.testing.assert_allclose(a["cam"], b["cam"], rtol=1e-4, atol=1e-5 * max(a["cam_max"], 1e-6))
 
 
-def test_rerun_into_the_same_output_replaces_it(dataset, model_path, tmp_path):
-    run_audit(dataset, model_path, tmp_path)
+def test_rerun_into_the_same_output_replaces_it(audited, dataset, model_path, tmp_path):
+    # The first run: a copy of the module's run (same options), so only the re-run costs a job.
+    shutil.copytree(audited[0].parent, tmp_path, dirs_exist_ok=True)
+    assert len(read_parquet_dir(str(tmp_path / RUN / "heatmaps"))) == dataset["good"]
     run_audit(dataset, model_path, tmp_path, "--batch_size", "7")
     assert len(read_parquet_dir(str(tmp_path / RUN / "heatmaps"))) == dataset["good"]
 
@@ -147,24 +151,37 @@ def cli(*args, env=None):
                           timeout=300, env=env)
 
 
-@pytest.mark.parametrize(
-    "args, expected",
-    [
-        (["--target", "top3"], "--target: expected predicted | label | class:N | topk:K"),
-        (["--method", "cam"], "invalid choice"),
-        (["--batch_size", "0"], "expected a whole number >= 1"),
-        (["--input", "x*.tfrecord"], "give both --input and --model"),
-    ],
-)
-def test_bad_option_values_exit_2_with_one_line(args, expected):
-    proc = cli(*args)
+BAD_OPTIONS = [
+    (["--target", "top3"], "--target: expected predicted | label | class:N | topk:K"),
+    (["--method", "cam"], "invalid choice"),
+    (["--batch_size", "0"], "expected a whole number >= 1"),
+    (["--input", "x*.tfrecord"], "give both --input and --model"),
+]
+
+
+@pytest.fixture(scope="module")
+def cli_runs(model_path, tmp_path_factory):
+    """The command-line checks of this file, each a fresh process (~3.5 s, mostly start-up on one core),
+    started together when the first of them needs its result; `cli_runs(key)` waits for one."""
+    empty = tmp_path_factory.mktemp("no-shards")
+    commands = {tuple(args): args for args, _ in BAD_OPTIONS}
+    commands["glob"] = ["--input", str(empty / "none-*.tfrecord"), "--model", model_path, "--output", str(empty)]
+    commands["help"] = ["--help"]
+    with ThreadPoolExecutor(max_workers=len(commands)) as pool:
+        futures = {key: pool.submit(cli, *args) for key, args in commands.items()}
+        yield lambda key: futures[key].result(timeout=330)
+
+
+@pytest.mark.parametrize(("args", "expected"), BAD_OPTIONS)
+def test_bad_option_values_exit_2_with_one_line(cli_runs, args, expected):
+    proc = cli_runs(tuple(args))
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0]
 
 
-def test_glob_matching_nothing_is_a_clear_error(model_path, tmp_path):
-    proc = cli("--input", str(tmp_path / "none-*.tfrecord"), "--model", model_path, "--output", str(tmp_path))
+def test_glob_matching_nothing_is_a_clear_error(cli_runs):
+    proc = cli_runs("glob")
     assert proc.returncode == 2
     assert "matches no file" in proc.stderr.strip().splitlines()[-1]
 
@@ -186,8 +203,8 @@ def test_unsafe_model_needs_opt_in(tmp_path):
     assert load_keras_model(path, safe_mode=False).name == model.name
 
 
-def test_help_lists_every_option_with_defaults():
-    proc = cli("--help")
+def test_help_lists_every_option_with_defaults(cli_runs):
+    proc = cli_runs("help")
     assert proc.returncode == 0
     for option in ("--input", "--output", "--model", "--weights", "--target_layer", "--target", "--method",
                    "--image_key", "--label_key", "--id_key", "--label_offset", "--class_names",

@@ -15,6 +15,8 @@ from tests.infra.audit_results import assert_same_results, audit, local_audit
 from tests.infra.portable import PortableCluster
 from tests.infra.servers import ListenerWatch
 
+pytestmark = pytest.mark.cluster  # starts a job service and a worker pool (~25 s with the run)
+
 RUN_TIMEOUT = 240
 
 
