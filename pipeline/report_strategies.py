@@ -17,10 +17,12 @@ from typing import Optional
 
 import numpy as np
 
+from transforms.exemplars import STRATEGY_EXEMPLARS
+
 _LOG = logging.getLogger(__name__)
 
 MAX_STRATEGY_CLASSES = 12  # strips shown: suspicious classes first, then the classes with most strategies
-TILES_PER_STRATEGY = 3
+TILES_PER_STRATEGY = STRATEGY_EXEMPLARS  # the exemplars table keeps this many per strategy
 MAP_TILE = 112  # px
 
 CSS = """

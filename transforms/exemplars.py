@@ -33,6 +33,9 @@ import numpy as np
 from transforms.flags import DEFAULT_THRESHOLDS, FlagThresholds
 
 PER_KIND = 8
+# Kinds that keep fewer: a strategy strip in the report shows its 3 images closest to the cluster's mean.
+STRATEGY_EXEMPLARS = 3
+FAMILY_LIMITS = {"strategy": STRATEGY_EXEMPLARS}
 
 # flag column -> (ranking column, worst first means the largest value?)
 FLAG_RANKING = {
@@ -202,17 +205,33 @@ class DrawThumbnails(beam.DoFn):
         self._relabel = relabel
         self._drawn = beam.metrics.Metrics.counter("gradcam_audit", "exemplar_thumbnails")
 
-    def process(self, keyed, totals, relabel_input=None):
+    def setup(self):
+        import os
+        from concurrent.futures import ThreadPoolExecutor
+
+        # Pillow releases the GIL while it decodes, resizes and encodes: a kind's tiles are drawn at once.
+        self._pool = ThreadPoolExecutor(max_workers=max(1, min(PER_KIND, os.cpu_count() or 1)),
+                                        thread_name_prefix="thumbnails")
+
+    def teardown(self):
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def _tile(self, winner: Candidate) -> bytes:
         from transforms.thumbnails import example_image, overlay_tile
 
+        f = winner.fields
+        cam = np.asarray(f["cam"], np.float32).reshape(f["cam_height"], f["cam_width"])
+        return overlay_tile(example_image(winner.raw_record, self._image_key), cam, winner.boxes)
+
+    def process(self, keyed, totals, relabel_input=None):
         kind, winners = keyed
         name = self._relabel(kind, relabel_input) if self._relabel else kind
         if name is None:
             return
-        for rank, winner in enumerate(winners):
-            f = winner.fields
-            cam = np.asarray(f["cam"], np.float32).reshape(f["cam_height"], f["cam_width"])
-            tile = overlay_tile(example_image(winner.raw_record, self._image_key), cam, winner.boxes)
+        winners = list(winners)[: FAMILY_LIMITS.get(kind.split(":", 1)[0], len(winners))]
+        for rank, (winner, tile) in enumerate(zip(winners, self._pool.map(self._tile, winners), strict=True)):
             self._drawn.inc()
             yield exemplar_row(name, rank, totals.get(kind, len(winners)), winner, tile)
 
