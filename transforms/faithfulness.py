@@ -92,6 +92,15 @@ class _ScorerHolder:
         self.scorer = scorer
 
 
+def without_pixels(item: Explained) -> Explained:
+    """The image without its model-input pixels: what the steps after the faithfulness scoring keep.
+
+    The runner may hold these elements between stages (the rows wait for the strategies); 600 kB
+    of pixels per image (and the decoded batch a view keeps alive) must not travel with them.
+    """
+    return item._replace(image=item.image._replace(pixels=None, encoded=None))
+
+
 class SplitFaithfulnessSample(beam.DoFn):
     """Explained -> main output (not sampled, or failed), "sampled" output."""
 
@@ -107,7 +116,7 @@ class SplitFaithfulnessSample(beam.DoFn):
             own = item.image._replace(pixels=np.array(pixels_of(item), np.float32, copy=True))
             yield beam.pvalue.TaggedOutput(self.SAMPLED, item._replace(image=own))
         else:
-            yield item
+            yield without_pixels(item)
 
 
 class ScoreFaithfulness(beam.DoFn):
@@ -144,9 +153,10 @@ class ScoreFaithfulness(beam.DoFn):
             _LOG.warning("Faithfulness of a batch of %d failed (%s); its rows get nulls", len(batch), exc)
             self._failed.inc(len(batch))
             for item in batch:
-                yield Measured(item, None)
+                yield Measured(without_pixels(item), None)
             return
         self._scored.inc(len(batch))
+        batch = [without_pixels(item) for item in batch]
         for i, item in enumerate(batch):
             scores = {column: float(out[key][i]) for column, key in zip(COLUMNS, (*ORDERS, "gap"), strict=True)}
             for o, column in enumerate(CURVE_COLUMNS):
