@@ -313,15 +313,9 @@ def decode_batch(
     """
     failures: list = []
     parts = _decode_bisecting(decoder, items, failures) if items else []
-    if len(parts) == 1 and not failures:
-        tensor, sizes, part = parts[0]
-        expected = np.array([(item.image_height, item.image_width) for item in part], np.int32).reshape(-1, 2)
-        if (sizes == expected).all():  # the usual case: the decoder's tensor goes to the explainer as it is
-            view = np.asarray(tensor)
-            return tensor, [item._replace(pixels=view[i]) for i, item in enumerate(part)], failures
     good, arrays = [], []
-    for pixels, sizes, part in parts:
-        pixels = np.asarray(pixels)
+    for tensor, sizes, part in parts:
+        pixels = np.asarray(tensor)
         expected = np.array([(item.image_height, item.image_width) for item in part], np.int32).reshape(-1, 2)
         same = (sizes == expected).all(axis=1)
         if same.all():
@@ -339,4 +333,6 @@ def decode_batch(
     if not arrays:
         return np.zeros([0, *getattr(decoder, "input_shape", ())], np.float32), [], failures
     batch = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-    return batch, [item._replace(pixels=batch[i]) for i, item in enumerate(good)], failures
+    # The usual case, the whole batch decoded: the decoder's tensor goes to the explainer as it is.
+    out = parts[0][0] if len(parts) == 1 and not failures else batch
+    return out, [item._replace(pixels=batch[i]) for i, item in enumerate(good)], failures

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import pickle
 from typing import NamedTuple, Optional
 
 import apache_beam as beam
@@ -30,7 +29,7 @@ import numpy as np
 from apache_beam.utils import shared
 
 from transforms.cam.faithfulness import FRACTIONS, ORDERS
-from transforms.model_handler import Explained
+from transforms.model_handler import Explained, handler_tag
 
 _LOG = logging.getLogger(__name__)
 _NAMESPACE = "gradcam_audit"
@@ -81,10 +80,6 @@ def pixels_of(explained: Explained) -> np.ndarray:
     return np.asarray(explained.image.pixels, np.float32)
 
 
-def _handler_tag(handler) -> str:
-    return "faithfulness-" + hashlib.sha1(pickle.dumps(handler)).hexdigest()
-
-
 class _ScorerHolder:
     """What `shared.Shared` keeps (it needs a weak-referenceable instance)."""
 
@@ -124,7 +119,7 @@ class ScoreFaithfulness(beam.DoFn):
 
     def __init__(self, handler):
         self._handler = handler  # plain settings; its load_model builds the explainer
-        self._tag = _handler_tag(handler)
+        self._tag = "faithfulness-" + handler_tag(handler)
         self._scored = beam.metrics.Metrics.counter(_NAMESPACE, "faithfulness_scored")
         self._failed = beam.metrics.Metrics.counter(_NAMESPACE, "faithfulness_failed")
 

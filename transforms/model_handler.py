@@ -169,8 +169,12 @@ def acquire_worker(handler: KerasCamModelHandler) -> CamWorker:
     """The process's CamWorker for these handler settings (loaded by the first caller; the
     explaining step and the faithfulness scorer share it). Keep the returned object referenced:
     `shared.Shared` frees it when nothing does."""
-    tag = "camworker-" + hashlib.sha1(pickle.dumps(handler)).hexdigest()
-    return _SHARED.acquire(handler.load_model, tag=tag)
+    return _SHARED.acquire(handler.load_model, tag="camworker-" + handler_tag(handler))
+
+
+def handler_tag(handler: KerasCamModelHandler) -> str:
+    """A key for what a process builds from these handler settings (`shared.Shared` tags)."""
+    return hashlib.sha1(pickle.dumps(handler)).hexdigest()
 
 
 class ExplainBatches(beam.DoFn):
