@@ -85,3 +85,53 @@ def test_outside_box_is_relative_to_the_objects_size():
 def test_empty_map_gives_no_statistics():
     stats = attention_stats(np.zeros((4, 4)), [(0.1, 0.1, 0.5, 0.5)], image_size=(64, 64))
     assert all(v is None for v in stats.values())
+
+
+def _grid_reference(cam, boxes, image_size):
+    """The statistics read off the whole upsampled grid, pixel by pixel (what the module avoids building)."""
+    h, w = grid_shape(*image_size)
+    up = np.maximum(upsample(cam, h, w), 0.0)
+    ys, xs = (np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w
+
+    def mask(box):
+        return np.outer((ys >= box[0]) & (ys <= box[2]), (xs >= box[1]) & (xs <= box[3]))
+
+    row, col = np.unravel_index(np.argmax(up), up.shape)
+    out = {"peak_value": up[row, col], "up": up, "grid": (h, w),
+           "border_mass": 1.0 - up[mask((0.125, 0.125, 0.875, 0.875))].sum() / up.sum()}
+    if boxes:
+        union = np.logical_or.reduce([mask(b) for b in boxes])
+        out.update(box_mass=up[union].sum() / up.sum(), box_area=union.mean())
+    return out
+
+
+def test_statistics_equal_the_full_grid_on_random_maps():
+    """Random maps (sparse, tied, signed, 1xN), image sizes and 0-3 boxes: the masses equal the full
+    grid's within 1e-12 and the peak is a maximum of the grid (ties within 1e-12 may pick another)."""
+    rng = np.random.default_rng(1)
+    for trial in range(600):
+        h, w = (int(v) for v in rng.integers(1, 15, 2))
+        cam = rng.uniform(0, 1, (h, w)) ** rng.choice([1.0, 4.0, 0.2])
+        if trial % 7 == 0:
+            cam[rng.uniform(size=cam.shape) < 0.5] = 0.0
+        if trial % 11 == 0:
+            cam = np.round(cam * 3) / 3  # many ties
+        if trial % 13 == 0:
+            cam = cam - 0.3  # a signed map: clipped after upsampling
+        size = tuple(int(v) for v in rng.integers(20, 1200, 2))
+        boxes = []
+        for _ in range(trial % 4):
+            y, x = np.sort(rng.uniform(0, 1, 2)), np.sort(rng.uniform(0, 1, 2))
+            boxes.append((y[0], x[0], y[1], x[1]))
+        if not cam.sum() > 0:  # no mass: every statistic is None (test_empty_map_gives_no_statistics)
+            assert attention_stats(cam, boxes, image_size=size)["peak_y"] is None
+            continue
+        stats = attention_stats(cam, boxes, image_size=size)
+        ref = _grid_reference(cam, boxes, size)
+        gh, gw = ref["grid"]
+        row, col = round(stats["peak_y"] * gh - 0.5), round(stats["peak_x"] * gw - 0.5)
+        assert ref["up"][row, col] == pytest.approx(ref["peak_value"], rel=1e-12, abs=1e-15), trial
+        assert stats["border_mass"] == pytest.approx(ref["border_mass"], abs=1e-12), trial
+        if boxes:
+            assert stats["box_mass"] == pytest.approx(ref["box_mass"], abs=1e-12), trial
+            assert stats["box_area"] == pytest.approx(ref["box_area"], abs=1e-12), trial
