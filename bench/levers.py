@@ -62,6 +62,23 @@ def apply_levers(names) -> None:
                 }
 
             CamExplainer.__call__ = fake_call
+        elif name == "null_decode":
+            from transforms import decode
+
+            def fake_decode(decoder, items, failures):
+                shape = getattr(decoder, "input_shape", None) or decoder.__self__.decoder.input_shape
+                sizes = np.array([(item.image_height, item.image_width) for item in items], np.int32).reshape(-1, 2)
+                return [(np.zeros([len(items), *shape], np.float32), sizes, list(items))]
+
+            decode._decode_bisecting = fake_decode
+        elif name == "no_exemplar_sources":
+            from transforms import exemplars
+
+            exemplars.ToExemplarSources.process = lambda self, item: iter(())
+        elif name == "no_exemplar_sources":
+            from transforms import exemplars
+
+            exemplars.ToExemplarSources.process = lambda self, item: iter(())
         else:
             raise ValueError(f"unknown lever {name!r}")
 

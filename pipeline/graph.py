@@ -194,7 +194,7 @@ class ExplainDataset(beam.PTransform):
             | "ComputeClassStats" >> ComputeClassStats(self._class_names, c.flag_thresholds())
             | "AddStrategyColumns" >> AddStrategyColumns(strategies["clusters"])
         )
-        exemplars = (rows[EXEMPLAR_SOURCES_TAG], stats, strategies["models"]) | "SelectExemplars" >> SelectAuditExemplars(
+        exemplars = (rows[EXEMPLAR_SOURCES_TAG], stats, strategies["exemplar_candidates"]) | "SelectExemplars" >> SelectAuditExemplars(
             method=c.method, target_layer=self._info.target_layer, image_key=c.image_key,
             thresholds=c.flag_thresholds(),
         )

@@ -131,6 +131,49 @@ def test_select_exemplars_takes_any_kind():
         assert_that(p | beam.Create(pairs) | SelectExemplars(per_kind=2), check)
 
 
+def test_inputs_are_ranked_where_they_are_made_and_merged():
+    """Two candidate inputs sharing a kind: the winners and kind_total are those of the union."""
+    rows = rank0_rows()[:10]
+    pairs = [(f"strategy:0:{i % 2}", candidate(r, float(i), b"not an example")) for i, r in enumerate(rows)]
+
+    def check(got):
+        ids = {(r["kind"], r["rank"]): r["image_id"] for r in got}
+        assert ids == {("strategy:0:0", 0): "im-008", ("strategy:0:0", 1): "im-006",
+                       ("strategy:0:1", 0): "im-009", ("strategy:0:1", 1): "im-007"}
+        assert {r["kind_total"] for r in got} == {5}
+
+    with TestPipeline() as p:
+        first = p | "First" >> beam.Create(pairs[:5])
+        second = p | "Second" >> beam.Create(pairs[5:])
+        assert_that((first, second) | SelectExemplars(per_kind=2), check)
+
+
+def test_a_winner_without_bytes_is_read_again_at_its_offset(tmp_path):
+    """A strategy candidate carries no record: its tile is drawn from the record read at its
+    record_offset, with the boxes the record holds, the same tile as from the bytes."""
+    from transforms.exemplars import DrawThumbnails
+    from transforms.records import ReadShardRecords
+
+    explained = [fake_explained(i) for i in (1, 2, 3)]  # image 1 and 3 have a box
+    path = write_shard(str(tmp_path), "s.tfrecord", [e.image.raw_record for e in explained])
+    records = list(ReadShardRecords().process(path))
+    draw = DrawThumbnails("image/encoded")
+    draw.setup()
+    try:
+        for e, record in zip(explained, records, strict=True):
+            row = heatmap_rows(e, method="gradcam", target_layer="conv")[0]
+            row.update(source=path, record_offset=record.offset)
+            with_bytes = candidate(row, 1.0, e.image.raw_record, e.image.boxes)
+            without = candidate(row, 1.0, b"")
+            assert without.raw_record == b"" and without.boxes == ()
+            assert draw._tile(without) == draw._tile(with_bytes)
+        row["record_offset"] = None
+        with pytest.raises(ValueError, match="no record bytes and no record_offset"):
+            draw._tile(candidate(row, 1.0, b""))
+    finally:
+        draw.teardown()
+
+
 def test_jet_matches_matplotlib():
     import matplotlib
 

@@ -15,7 +15,7 @@ from tests.helpers import good_examples, jpeg_bytes, png_bytes, write_shard
 from transforms.dead_letters import ERRORS_TAG, error_row
 from transforms.decode import BatchImageDecoder, DecodedImage, DecodeImageExamples, decode_batch
 from transforms.image_header import read_header
-from transforms.records import ReadShardRecords, ShardRecord
+from transforms.records import ReadShardRecords, ShardRecord, read_record_at
 
 
 def run_dofn(dofn, element):
@@ -52,6 +52,27 @@ def test_crc_failure_skips_only_the_damaged_record(tmp_path):
     assert error["raw_record"] == bytes(data[second_start : second_start + second_length])
     assert "CRC" in error["message"] and f"at byte {second_start}" in error["message"]
     assert f"span of {second_length} bytes" in error["message"]
+
+
+def test_offsets_read_each_record_again_also_after_damage_and_in_compressed_shards(tmp_path):
+    """ShardRecord.offset: read_record_at(source, offset) returns the same bytes (one seek, CRCs checked),
+    past a damaged record and in a .gz shard; an offset where no record starts is a clear error."""
+    import gzip
+
+    records = [b"first", b"second" * 50, b"third", b"fourth"]
+    path = write_shard(str(tmp_path), "bad.tfrecord", records)
+    data = bytearray(open(path, "rb").read())
+    data[12 + 5 + 4 + 12 + 2] ^= 0xFF  # inside record 1
+    open(path, "wb").write(bytes(data))
+    zipped = str(tmp_path / "z.tfrecord.gz")
+    with open(path, "rb") as raw, gzip.open(zipped, "wb") as out:
+        out.write(raw.read())
+    for source in (path, zipped):
+        main, errors = run_dofn(ReadShardRecords(), source)
+        assert [r.index for r in main] == [0, 2, 3] and len(errors) == 1
+        assert [read_record_at(source, r.offset) for r in main] == [records[0], records[2], records[3]]
+    with pytest.raises(ValueError, match="no intact record at byte 3"):
+        read_record_at(path, 3)
 
 
 def test_truncated_shard(tmp_path):

@@ -57,6 +57,7 @@ class DecodedImage(NamedTuple):
     raw_record: bytes
     encoded: Optional[bytes] = None
     image_format: str = ""
+    record_offset: int = -1  # byte offset of the record in its shard (`ShardRecord.offset`); -1: not known
 
 
 def _first(feature_map, key: str):
@@ -172,6 +173,7 @@ class DecodeImageExamples(beam.DoFn):
         return DecodedImage(
             source=record.source,
             record_index=record.index,
+            record_offset=record.offset,
             image_id=image_id,
             label=label,
             boxes=boxes,

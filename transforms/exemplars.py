@@ -6,6 +6,7 @@ shortcut class whose CAM peaks in the ninth the class's peaks crowd into),
 or anything another step proposes ("strategy:<class>:<cluster>").
 
     explained images -> ProposeExemplars -> (kind, Candidate)      one per kind an image belongs to
+    (+ the strategy candidates of transforms.strategies, without record bytes)
       -> SelectExemplars: Top.PerKey(n) by (score, then image id) -+-> relabel / drop kinds (side input)
                           Count.PerKey = kind_total  ------------ +-> DrawThumbnails -> exemplar rows
 
@@ -13,7 +14,10 @@ Memory stays bounded whatever the dataset size: Beam lifts both combiners
 (each worker keeps at most n candidates per kind per bundle, then merges
 those), a `Candidate` carries its serialized record (already held by the
 explained image, so nothing is copied before the combiner), and thumbnails
-are drawn only for the winners. The "cell:<class>:<ninth>" kinds behind the
+are drawn only for the winners. The strategy candidates exist only after the
+clustering, i.e. after every image: they carry no record bytes (nothing of the
+dataset waits for the clustering), and a winner's record is read again from
+its shard at its `record_offset` (`record_and_boxes`) when its thumbnail is drawn. The "cell:<class>:<ninth>" kinds behind the
 shortcut exemplars number up to 9 per class (n records each per bundle);
 the class statistics decide afterwards which of them become
 "shortcut:<class>" and the rest are dropped before any thumbnail is drawn.
@@ -46,7 +50,7 @@ FLAG_RANKING = {
 }
 
 # The heatmap columns an exemplar row keeps (besides kind, rank, score, kind_total, thumbnail).
-ROW_FIELDS = ("image_id", "source", "record_index", "label", "predicted_class", "predicted_score",
+ROW_FIELDS = ("image_id", "source", "record_index", "record_offset", "label", "predicted_class", "predicted_score",
               "target_class", "box_mass", "box_concentration", "border_mass", "peak_cell", "cam", "cam_height", "cam_width")
 
 
@@ -69,8 +73,11 @@ class Candidate(NamedTuple):
       score: the ranking value; the highest scores win (negate to prefer the smallest).
       image_id: ties on score go to the smallest image id.
       fields: the `ROW_FIELDS` of the image's heatmap row (rank 0).
-      raw_record: the serialized tf.train.Example, for the thumbnail.
-      boxes: ((ymin, xmin, ymax, xmax), ...) as fractions, drawn on the thumbnail.
+      raw_record: the serialized tf.train.Example, for the thumbnail; b"" when the winners'
+        records are read again from their shards (`fields` source and record_offset), as for
+        the strategy candidates, proposed after the clustering.
+      boxes: ((ymin, xmin, ymax, xmax), ...) as fractions, drawn on the thumbnail (read from the
+        record when it is read again).
     """
 
     score: float
@@ -127,16 +134,21 @@ def strategy_kind(class_id: int, cluster_id: int) -> str:
     return f"strategy:{class_id}:{cluster_id}"
 
 
-def strategy_candidates(row: dict, strategies: dict, raw_record: bytes, boxes: Iterable = ()
-                        ) -> Iterable[tuple[str, Candidate]]:
-    """The row as a candidate exemplar of its strategy: the nearest cluster of its target class
-    (`transforms.strategies`, the same assignment as its `cluster_id`), ranked closest first."""
-    from transforms.strategies import nearest_strategy
+def record_and_boxes(winner: Candidate) -> tuple[bytes, tuple]:
+    """The winner's serialized record and boxes: those it carries, or read again from its shard
+    at `fields["record_offset"]` (one ranged read, both CRCs checked), boxes parsed from the record."""
+    if winner.raw_record:
+        return winner.raw_record, winner.boxes
+    import tensorflow as tf
 
-    found = nearest_strategy(row, strategies)
-    if found is not None:
-        cluster, distance = found
-        yield strategy_kind(int(row["target_class"]), cluster), candidate(row, -distance, raw_record, boxes)
+    from transforms.decode import _boxes
+    from transforms.records import read_record_at
+
+    fields = winner.fields
+    if fields.get("record_offset") is None:
+        raise ValueError(f"exemplar {winner.image_id}: no record bytes and no record_offset to read them from")
+    raw = read_record_at(fields["source"], int(fields["record_offset"]))
+    return raw, _boxes(tf.train.Example.FromString(raw).features.feature)
 
 
 class ExemplarSource(NamedTuple):
@@ -178,13 +190,15 @@ class ToExemplarSources(beam.DoFn):
 
 
 class ProposeExemplars(beam.DoFn):
-    """ExemplarSource -> (kind, Candidate) for each audit kind its image belongs to."""
+    """ExemplarSource -> (kind, Candidate) for each audit kind (flags, peak cell) its image belongs to.
 
-    def process(self, source: ExemplarSource, strategies=None):
+    Needs no side input, so it runs fused with the step that explains the image and only the
+    lifted `Top` accumulators leave it (the strategy candidates come from
+    `transforms.strategies.AssignStrategies`, without the record bytes)."""
+
+    def process(self, source: ExemplarSource):
         first = next(r for r in source.rows if r["target_rank"] == 0)
         yield from audit_candidates(first, source.raw_record, source.boxes)
-        for row in source.rows if strategies else ():
-            yield from strategy_candidates(row, strategies, source.raw_record, source.boxes)
 
 
 def exemplar_row(kind: str, rank: int, total: int, winner: Candidate, thumbnail: bytes) -> dict:
@@ -223,7 +237,8 @@ class DrawThumbnails(beam.DoFn):
 
         f = winner.fields
         cam = np.asarray(f["cam"], np.float32).reshape(f["cam_height"], f["cam_width"])
-        return overlay_tile(example_image(winner.raw_record, self._image_key), cam, winner.boxes)
+        raw, boxes = record_and_boxes(winner)
+        return overlay_tile(example_image(raw, self._image_key), cam, boxes)
 
     def process(self, keyed, totals, relabel_input=None):
         kind, winners = keyed
@@ -237,7 +252,12 @@ class DrawThumbnails(beam.DoFn):
 
 
 class SelectExemplars(beam.PTransform):
-    """PCollection[(kind, Candidate)] -> PCollection[exemplar row]: the `per_kind` best of each kind.
+    """PCollection[(kind, Candidate)] (or a tuple of them) -> PCollection[exemplar row]: the
+    `per_kind` best of each kind.
+
+    Each input is counted and ranked where it is made (Beam lifts both combiners, so only their
+    small accumulators leave that step); only the per-input winners and totals are merged. A
+    Flatten of the inputs first would move every candidate, record bytes included.
 
     Args:
       per_kind: exemplars kept per kind.
@@ -256,8 +276,18 @@ class SelectExemplars(beam.PTransform):
         self._relabel_input = relabel_input
 
     def expand(self, candidates):
-        totals = candidates | "CountPerKind" >> beam.combiners.Count.PerKey()
-        best = candidates | "TopPerKind" >> beam.combiners.Top.PerKey(self._per_kind, key=rank_key)
+        if not isinstance(candidates, tuple):
+            totals = candidates | "CountPerKind" >> beam.combiners.Count.PerKey()
+            best = candidates | "TopPerKind" >> beam.combiners.Top.PerKey(self._per_kind, key=rank_key)
+        else:
+            counted, ranked = [], []
+            for i, part in enumerate(candidates):
+                counted.append(part | f"CountPerKind{i}" >> beam.combiners.Count.PerKey())
+                ranked.append(part | f"TopPerKind{i}" >> beam.combiners.Top.PerKey(self._per_kind, key=rank_key)
+                              | f"Winners{i}" >> beam.FlatMapTuple(lambda kind, winners: ((kind, w) for w in winners)))
+            totals = tuple(counted) | "AllCounts" >> beam.Flatten() | "CountPerKind" >> beam.CombinePerKey(sum)
+            best = (tuple(ranked) | "AllWinners" >> beam.Flatten()
+                    | "TopPerKind" >> beam.combiners.Top.PerKey(self._per_kind, key=rank_key))
         side = [] if self._relabel_input is None else [self._relabel_input]
         return best | "DrawThumbnails" >> beam.ParDo(
             DrawThumbnails(self._image_key, self._relabel), beam.pvalue.AsDict(totals), *side
@@ -282,13 +312,14 @@ def _shortcut_cell(stats_row: dict) -> Iterable[tuple[int, int]]:
 
 class SelectAuditExemplars(beam.PTransform):
     """(PCollection[Explained or ExemplarSource], PCollection[class_stats row]
-    [, PCollection[(class, ClassStrategies)]]) -> PCollection[exemplar row].
+    [, PCollection[(kind, Candidate)]]) -> PCollection[exemplar row].
 
     The worst `per_kind` images of each image flag, and the most confident
     images of each shortcut class among those whose CAM peaks where the
-    class's peaks crowd (the report's image grids); given the strategies
-    (`transforms.strategies.FindStrategies`' "models"), also the images
-    closest to each strategy's mean map (kind "strategy:<class>:<cluster>").
+    class's peaks crowd (the report's image grids); given further candidates
+    (`transforms.strategies.FindStrategies`' "exemplar_candidates": each map
+    with its distance to its strategy's mean), also the images closest to each
+    strategy's mean map (kind "strategy:<class>:<cluster>").
     """
 
     def __init__(self, *, method: str, target_layer: str, image_key: str = "image/encoded",
@@ -301,18 +332,18 @@ class SelectAuditExemplars(beam.PTransform):
         self._thresholds = thresholds
 
     def expand(self, inputs):
-        explained, class_stats, *strategies = inputs
+        explained, class_stats, *more = inputs
         cells = class_stats | "FindShortcutCells" >> beam.FlatMap(_shortcut_cell)
-        side = [beam.pvalue.AsDict(strategies[0])] if strategies else []
-        return (
+        candidates = (
             explained
-            # The strategies side input is ready only after every image is explained, so the runner
-            # holds this input until then: the slim ExemplarSource (rows, serialized record, boxes),
-            # never the model-input pixels. FormatHeatmapRows(exemplar_sources=True) makes them
-            # without formatting the rows twice; Explained images are formatted here.
+            # No side input on this path: it runs fused with FormatHeatmapRows (which makes the
+            # ExemplarSources without formatting the rows twice; Explained images are formatted
+            # here), so no image or record is held for later; only Top's accumulators move on.
             | "ToExemplarSources" >> beam.ParDo(ToExemplarSources(
                 method=self._method, target_layer=self._target_layer, thresholds=self._thresholds))
-            | "ProposeExemplars" >> beam.ParDo(ProposeExemplars(), *side)
-            | "SelectExemplars" >> SelectExemplars(self._per_kind, self._image_key, relabel=shortcut_relabel,
-                                                   relabel_input=beam.pvalue.AsDict(cells))
+            | "ProposeExemplars" >> beam.ParDo(ProposeExemplars())
         )
+        if more:
+            candidates = (candidates, *more)
+        return candidates | "SelectExemplars" >> SelectExemplars(
+            self._per_kind, self._image_key, relabel=shortcut_relabel, relabel_input=beam.pvalue.AsDict(cells))

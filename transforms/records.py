@@ -41,6 +41,7 @@ class ShardRecord(NamedTuple):
     source: str
     index: int
     data: bytes
+    offset: int = -1  # byte offset of the record's header in the (decompressed) shard; -1: not known
 
 
 class DamagedSpan(NamedTuple):
@@ -294,6 +295,22 @@ def open_shard(source: str):
     return io.BytesIO(data), len(data)
 
 
+def read_record_at(source: str, offset: int) -> bytes:
+    """The data of the record whose header starts at byte `offset` of a shard (`ShardRecord.offset`),
+    both CRCs checked: one seek and one read, for the few records a job fetches again (thumbnails).
+
+    Raises:
+      ValueError: no whole, intact record starts there (e.g. the shard changed since it was read).
+    """
+    handle, size = open_shard(source)
+    with handle:
+        handle.seek(offset)
+        checked = _check_record(handle, offset, size)
+    if not isinstance(checked, bytes):
+        raise ValueError(f"{source}: no intact record at byte {offset}: {checked}")
+    return checked
+
+
 def span_error(source: str, index: int, span: DamagedSpan, size: int, raw: bytes) -> dict:
     """The error row of a damaged span (stage "read", error "CorruptRecord")."""
     end = span.offset + span.length
@@ -332,7 +349,7 @@ class ReadShardRecords(beam.DoFn):
 
     def process(self, source: str):
         handle, size = open_shard(source)
-        index = 0
+        index = offset = 0
         with handle:
             for item in read_shard(handle, size):
                 if isinstance(item, DamagedSpan):
@@ -342,8 +359,10 @@ class ReadShardRecords(beam.DoFn):
                     yield beam.pvalue.TaggedOutput(ERRORS_TAG, span_error(source, index, item, size, raw))
                     self._bytes.inc(item.length)
                     tally(bytes_read=item.length)
+                    offset = item.offset + item.length
                 else:
-                    yield ShardRecord(source, index, item)
+                    yield ShardRecord(source, index, item, offset)
+                    offset += _HEADER + len(item) + _FOOTER
                     self._read.inc()
                     self._bytes.inc(len(item) + _HEADER + _FOOTER)
                     tally(records_read=1, bytes_read=len(item) + _HEADER + _FOOTER)

@@ -36,6 +36,7 @@ def heatmap_rows(
                 "image_id": image.image_id,
                 "source": image.source,
                 "record_index": image.record_index,
+                "record_offset": image.record_offset if image.record_offset >= 0 else None,
                 "label": image.label,
                 "predicted_class": result.predicted_class,
                 "predicted_score": result.predicted_score,

@@ -15,6 +15,7 @@ HEATMAP_SCHEMA = pa.schema(
         pa.field("image_id", pa.string(), nullable=False),
         pa.field("source", pa.string(), nullable=False),
         pa.field("record_index", pa.int64(), nullable=False),
+        pa.field("record_offset", pa.int64()),
         pa.field("label", pa.int64()),
         pa.field("predicted_class", pa.int64(), nullable=False),
         pa.field("predicted_score", pa.float32(), nullable=False),

@@ -62,6 +62,7 @@ import numpy as np
 from transforms.flags import CELL_NAMES, NUM_CELLS
 
 MEMBERS_TAG = "members"
+EXEMPLAR_CANDIDATES_TAG = "exemplar_candidates"
 EXEMPLARS = 6
 
 
@@ -203,6 +204,8 @@ class AssignStrategies(beam.DoFn):
     """Heatmap row -> the row with `cluster_id`; and ((class, cluster), member) to the members output."""
 
     def process(self, row: dict, models: dict):
+        from transforms.exemplars import candidate, strategy_kind
+
         found = nearest_strategy(row, models)
         if found is None:
             yield {**row, "cluster_id": None}
@@ -216,6 +219,9 @@ class AssignStrategies(beam.DoFn):
              (distance, row["image_id"], vector, row.get("box_concentration"), row.get("border_mass"),
               row.get("peak_cell"))),
         )
+        # The row as an exemplar of its strategy, closest first; its record is read again only if it wins.
+        yield beam.pvalue.TaggedOutput(
+            EXEMPLAR_CANDIDATES_TAG, (strategy_kind(int(row["target_class"]), cluster), candidate(row, -distance, b"")))
 
 
 @dataclasses.dataclass
@@ -355,7 +361,8 @@ def cluster_rows(class_id: int, clusters: list[tuple[int, dict]], model: Optiona
 
 class FindStrategies(beam.PTransform):
     """PCollection[heatmap row] -> {"heatmaps": rows with cluster_id, "clusters": clusters rows,
-    "models": (class, ClassStrategies)}."""
+    "models": (class, ClassStrategies), "exemplar_candidates": (strategy kind, exemplars.Candidate)
+    per assigned row, without record bytes}."""
 
     def __init__(self, settings: StrategySettings = DEFAULT_SETTINGS):
         super().__init__()
@@ -371,7 +378,7 @@ class FindStrategies(beam.PTransform):
         )
         assigned = rows | "AssignStrategies" >> beam.ParDo(
             AssignStrategies(), models=beam.pvalue.AsDict(models)
-        ).with_outputs(MEMBERS_TAG, main="rows")
+        ).with_outputs(MEMBERS_TAG, EXEMPLAR_CANDIDATES_TAG, main="rows")
         clusters = (
             assigned[MEMBERS_TAG]
             | "CombinePerCluster" >> beam.CombinePerKey(ClusterStatsFn(settings.exemplars))
@@ -382,7 +389,8 @@ class FindStrategies(beam.PTransform):
                 models=beam.pvalue.AsDict(models),
             )
         )
-        return {"heatmaps": assigned.rows, "clusters": clusters, "models": models}
+        return {"heatmaps": assigned.rows, "clusters": clusters, "models": models,
+                "exemplar_candidates": assigned[EXEMPLAR_CANDIDATES_TAG]}
 
 
 class AddStrategyColumns(beam.PTransform):
