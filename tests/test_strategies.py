@@ -54,6 +54,33 @@ def test_eigengap_picks_the_number_of_groups_and_rows_go_to_their_group(groups):
     assert purity(assigned, fresh_truth) >= 0.9
 
 
+def test_when_arpack_fails_the_spectrum_is_computed_densely(monkeypatch, caplog):
+    """ARPACK can fail on a class's sample ("error 3: No shifts could be applied", seen on a near-free
+    model's maps); that must not fail the job: the dense spectrum gives the same groups."""
+    import scipy.sparse.linalg
+    from sklearn.neighbors import kneighbors_graph
+
+    from transforms.strategies import eigengap_clusters
+
+    maps, _ = group_maps(400, 3, seed=3)
+    connectivity = kneighbors_graph(maps, n_neighbors=10, include_self=True)
+    affinity = 0.5 * (connectivity + connectivity.T)
+    k, gap, values = eigengap_clusters(affinity, 8)
+    assert eigengap_clusters(affinity, 8)[2].tolist() == values.tolist()  # a fixed start vector: repeatable
+
+    def failing(*args, **kwargs):
+        raise scipy.sparse.linalg.ArpackError(3)
+
+    monkeypatch.setattr(scipy.sparse.linalg, "eigsh", failing)
+    dense_k, dense_gap, dense_values = eigengap_clusters(affinity, 8)
+    assert "ARPACK failed on 400 maps" in caplog.text
+    assert (dense_k, k) == (3, 3)
+    np.testing.assert_allclose(dense_values, values, atol=1e-8)
+    assert dense_gap == pytest.approx(gap, abs=1e-8)
+    labels, _ = cluster_maps(maps)
+    assert len(np.unique(labels)) == 3
+
+
 def test_small_samples_are_one_strategy():
     maps, _ = group_maps(10, 2, seed=0)
     labels, gap = cluster_maps(maps, StrategySettings(min_sample=20))
