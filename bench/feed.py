@@ -15,8 +15,14 @@ over TFRecord shards of photo-like 500x375 JPEGs (`bench.photos`):
             pipeline_seconds(N)) as for P
   P 2 threads  the same, one process with two threads
             (--direct_num_workers=2 --direct_running_mode=multi_threading)
+  P 1 core  P 1 thread with the process pinned to one CPU (its affinity;
+            TensorFlow's pools follow it)
   feed ratio   P 2 threads / tf.data (both may use every core); scaling =
-            P 2 threads / P 1 thread
+            P 2 threads / P 1 thread; core scaling = P 1 thread / P 1 core
+            (does one process use the machine's cores? on 2 cores, one Beam
+            thread already keeps ~1.7 busy, so a second thread has little
+            left to add and the core scaling is the measure of "scales with
+            cores")
 
 and the per-image decode A/B on the same JPEGs, in this process, one caller
 thread: the previous eager per-record decode (parse, header, decode_image,
@@ -142,7 +148,8 @@ def measure_feed(workdir: str, n: int, *, repeats: int, log=print) -> dict:
     tf_data_pass(data[n]["pattern"], explainer)  # warm-up: trace, thread pools, page cache
     # The input path alone: the sampled checks (faithfulness, sanity) are off here.
     layer = ("--target_layer", FEED_TARGET_LAYER, "--faithfulness_sample", "0", "--sanity_images", "0")
-    configs = {"1 thread": layer, "2 threads": (*layer, *TWO_THREADS)}
+    configs = {"1 thread": layer, "2 threads": (*layer, *TWO_THREADS), "1 core": layer}
+    one_cpu = {min(os.sched_getaffinity(0))} if hasattr(os, "sched_getaffinity") else None
     runs: dict = {key: {n: [], 2 * n: []} for key in configs}
     tf_data: list = []
     tf_data_cpu: list = []
@@ -156,7 +163,8 @@ def measure_feed(workdir: str, n: int, *, repeats: int, log=print) -> dict:
         for key, extra in configs.items():
             for size in (n, 2 * n):
                 result = run_pipeline_process(data[size]["pattern"], model_path,
-                                              os.path.join(workdir, f"feed-{key[0]}-{size}-{r}"), extra_args=extra)
+                                              os.path.join(workdir, f"feed-{key.replace(' ', '-')}-{size}-{r}"),
+                                              extra_args=extra, cpus=one_cpu if key == "1 core" else None)
                 if result["images_explained"] != size:
                     # Beam 2.77's multi_threading FnApiRunner can drop an element (README, "Speed"):
                     # say so and leave the run out of the rates.
@@ -183,8 +191,10 @@ def measure_feed(workdir: str, n: int, *, repeats: int, log=print) -> dict:
                     "runs_n": runs[key][n], "runs_pair": runs[key][2 * n]}
     tf_rate = out["tf_data"]["median"]
     one, two = out["1 thread"]["steady_median"], out["2 threads"]["steady_median"]
+    pinned = out["1 core"]["steady_median"]
     out["ratios"] = {"feed ratio": two / tf_rate if two else None, "feed ratio 1 thread": one / tf_rate if one else None,
-                     "2-thread scaling": two / one if one and two else None}
+                     "2-thread scaling": two / one if one and two else None,
+                     "core scaling": one / pinned if one and pinned else None}
     out["targets"] = {key: {"value": out["ratios"][key], "target": f">= {minimum}",
                             "met": out["ratios"][key] is not None and out["ratios"][key] >= minimum}
                       for key, minimum in FEED_TARGETS.items()}
@@ -236,14 +246,16 @@ def feed_table(feed: dict) -> list[str]:
              f"(~{feed['bytes_per_image'] / 1000:.0f} kB), images/s, steady state {feed['images_n']} -> "
              f"{feed['images_pair']} images")
     lines = [title]
-    rows = [["tf.data", "P 1 thread", "P 2 threads", "feed ratio (2 threads)", "feed ratio (1 thread)",
-             "2-thread scaling"],
+    rows = [["tf.data", "P 1 thread", "P 2 threads", "P 1 core", "feed ratio (2 threads)", "feed ratio (1 thread)",
+             "2-thread scaling", "core scaling"],
             [fmt(feed["tf_data"]["median"]), fmt(feed["1 thread"]["steady_median"]),
-             fmt(feed["2 threads"]["steady_median"]), fmt(feed["ratios"]["feed ratio"], ".2f"),
-             fmt(feed["ratios"]["feed ratio 1 thread"], ".2f"), fmt(feed["ratios"]["2-thread scaling"], ".2f")]]
+             fmt(feed["2 threads"]["steady_median"]), fmt(feed["1 core"]["steady_median"]),
+             fmt(feed["ratios"]["feed ratio"], ".2f"), fmt(feed["ratios"]["feed ratio 1 thread"], ".2f"),
+             fmt(feed["ratios"]["2-thread scaling"], ".2f"), fmt(feed["ratios"]["core scaling"], ".2f")]]
     lines += _grid(rows)
     busy = {name: feed[key].get("cores_busy") for name, key in
-            (("tf.data", "tf_data"), ("P 1 thread", "1 thread"), ("P 2 threads", "2 threads"))}
+            (("tf.data", "tf_data"), ("P 1 thread", "1 thread"), ("P 2 threads", "2 threads"),
+             ("P 1 core", "1 core"))}
     lines.append("Cores kept busy (CPU-s per wall-s; for P the steady part): "
                  + ", ".join(f"{name} {fmt(value, '.2f')}" for name, value in busy.items()))
     lines.append(f"Decode per image ({ab['images']} JPEGs, one caller thread): eager per record "

@@ -17,7 +17,7 @@ For each model (keras.applications, random fixed weights, 224x224, batch 32):
 
 and once per run the feed measurement (`bench.feed`): the pipeline with a
 near-free model against tf.data feeding the same model from the same
-photo-like 500x375 JPEG shards, one process at 1 and 2 threads, and the
+photo-like 500x375 JPEG shards, one process at 1 and 2 threads and on 1 core, and the
 per-image decode A/B (eager per record vs batched). The JPEG shards for P
 are those photo-like 500x375 JPEGs too (resized to 224 by the pipeline).
 
@@ -177,8 +177,9 @@ def pipeline_flags() -> list[str]:
 
 def run_pipeline_process(pattern: str, model_name: str, output: str, *, levers=(), extra_args=(),
                          profile: str | None = None, profile_out: str | None = None,
-                         timeout: float = 1800) -> dict:
-    """Runs `bench.pipeline_worker` (-> pipeline.graph.run) in a fresh process."""
+                         timeout: float = 1800, cpus: set | None = None) -> dict:
+    """Runs `bench.pipeline_worker` (-> pipeline.graph.run) in a fresh process (on `cpus` only, if given:
+    its CPU affinity, which TensorFlow's thread pools follow)."""
     result_path = output.rstrip("/") + ".result.json"
     cmd = [sys.executable, "-m", "bench.pipeline_worker", "--result", result_path]
     for lever in levers:
@@ -192,7 +193,8 @@ def run_pipeline_process(pattern: str, model_name: str, output: str, *, levers=(
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     started = time.perf_counter()
     with open(output.rstrip("/") + ".log", "w") as log_file:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=pin)
         deadline = time.time() + timeout
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -506,7 +508,7 @@ def main(argv=None) -> dict:
     try:
         if "feed" not in skip:
             feed_n = args.feed_images or (64 if quick else 400)
-            log(f"feed: near-free model, tf.data vs the pipeline at 1 and 2 threads, N={feed_n}, 2N")
+            log(f"feed: near-free model, tf.data vs the pipeline at 1 and 2 threads and on 1 core, N={feed_n}, 2N")
             from bench.feed import measure_feed
 
             results["feed"] = measure_feed(workdir, feed_n, repeats=repeats, log=log)

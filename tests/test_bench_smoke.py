@@ -69,13 +69,14 @@ def test_run_bench_feed_part_writes_every_figure(tmp_path):
     assert feed["images_n"] == 32 and feed["image_size"] == "500x375"
     assert 20_000 < feed["bytes_per_image"] < 80_000
     assert _positive(feed["tf_data"]["median"])
-    for key in ("1 thread", "2 threads"):
+    for key in ("1 thread", "2 threads", "1 core"):
         runs = feed[key]["runs_n"] + feed[key]["runs_pair"]
         assert all(r["records_rejected"] == {"decode": 0, "compute": 0} for r in runs)
         assert isinstance(feed[key]["steady_median"], float)
     for step in ("eager_per_record", "batched"):
         assert _positive(feed["decode_ab"][step]["cpu_ms"])
     assert set(feed["targets"]) == {"feed ratio", "2-thread scaling"}
+    assert _positive(feed["ratios"]["core scaling"])
 
 
 def test_gpu_check_runs_its_cpu_table_without_a_gpu(tmp_path):
