@@ -465,7 +465,7 @@ def parse_args(argv):
     parser.add_argument("--skip", default="", help="Comma-separated parts to skip: peers,pipeline,feed,models "
                         "(models: F/K/P/N/V altogether)")
     parser.add_argument("--feed_images", type=int, default=None,
-                        help="N for the feed measurement (N and 2N images; default 400; --quick 64)")
+                        help="N for the feed measurement (N and 2N images; default 800; --quick 64)")
     parser.add_argument("--pipeline_args", default="", help="Extra pipeline/Beam flags for P, e.g. "
                         "'--direct_num_workers=2 --direct_running_mode=multi_threading'")
     parser.add_argument("--scale", default="", help="Also run the launcher scale rehearsal (bench.scale) at these "
@@ -507,7 +507,7 @@ def main(argv=None) -> dict:
     }
     try:
         if "feed" not in skip:
-            feed_n = args.feed_images or (64 if quick else 400)
+            feed_n = args.feed_images or (64 if quick else 800)
             log(f"feed: near-free model, tf.data vs the pipeline at 1 and 2 threads and on 1 core, N={feed_n}, 2N")
             from bench.feed import measure_feed
 
