@@ -411,7 +411,9 @@ def table(results: dict) -> str:
     lines.append("")
     lines.append("Targets")
     for key, t in (results.get("feed") or {}).get("targets", {}).items():
-        lines.append(f"  {'feed':13s} {key:16s} {t['value']:8.3f}  target {t['target']:7s}  "
+        # None: a steady rate that could not be measured (the 2N run no slower than the N run: noise)
+        value = "       -" if t["value"] is None else f"{t['value']:8.3f}"
+        lines.append(f"  {'feed':13s} {key:16s} {value}  target {t['target']:7s}  "
                      f"{'met' if t['met'] else 'MISSED'}")
     for name, m in models.items():
         for key, t in m["targets"].items():

@@ -150,9 +150,11 @@ def test_inputs_are_ranked_where_they_are_made_and_merged():
 
 def test_a_winner_without_bytes_is_read_again_at_its_offset(tmp_path):
     """A strategy candidate carries no record: its tile is drawn from the record read at its
-    record_offset, with the boxes the record holds, the same tile as from the bytes."""
+    record_offset, with the boxes the record holds, the same tile as from the bytes. A record that
+    cannot be read again (no offset, shard gone) leaves the map alone on the tile, not a failed job."""
     from transforms.exemplars import DrawThumbnails
     from transforms.records import ReadShardRecords
+    from transforms.thumbnails import overlay_tile
 
     explained = [fake_explained(i) for i in (1, 2, 3)]  # image 1 and 3 have a box
     path = write_shard(str(tmp_path), "s.tfrecord", [e.image.raw_record for e in explained])
@@ -167,9 +169,11 @@ def test_a_winner_without_bytes_is_read_again_at_its_offset(tmp_path):
             without = candidate(row, 1.0, b"")
             assert without.raw_record == b"" and without.boxes == ()
             assert draw._tile(without) == draw._tile(with_bytes)
+        cam_alone = overlay_tile(None, np.asarray(row["cam"], np.float32).reshape(row["cam_height"], row["cam_width"]))
+        os.remove(path)
+        assert draw._tile(candidate(row, 1.0, b"")) == cam_alone != draw._tile(with_bytes)
         row["record_offset"] = None
-        with pytest.raises(ValueError, match="no record bytes and no record_offset"):
-            draw._tile(candidate(row, 1.0, b""))
+        assert draw._tile(candidate(row, 1.0, b"")) == cam_alone
     finally:
         draw.teardown()
 

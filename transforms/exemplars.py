@@ -29,12 +29,15 @@ exemplar, so the report never reads the source shards.
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import apache_beam as beam
 import numpy as np
 
 from transforms.flags import DEFAULT_THRESHOLDS, FlagThresholds
+
+_LOG = logging.getLogger(__name__)
 
 PER_KIND = 8
 # Kinds that keep fewer: a strategy strip in the report shows its 3 images closest to the cluster's mean.
@@ -237,7 +240,12 @@ class DrawThumbnails(beam.DoFn):
 
         f = winner.fields
         cam = np.asarray(f["cam"], np.float32).reshape(f["cam_height"], f["cam_width"])
-        raw, boxes = record_and_boxes(winner)
+        try:
+            raw, boxes = record_and_boxes(winner)
+        except (OSError, ValueError) as exc:  # e.g. the shard was moved or rewritten since the job read it
+            _LOG.warning("exemplar %s (%s): its record could not be read again (%s); the tile shows the map alone",
+                         winner.image_id, f.get("source"), exc)
+            raw, boxes = b"", ()
         return overlay_tile(example_image(raw, self._image_key), cam, boxes)
 
     def process(self, keyed, totals, relabel_input=None):
