@@ -20,6 +20,10 @@ try a lever on a real pipeline run without editing the pipeline:
                    shapes without running the model: what is left of a run is
                    the pipeline's own cost per image (read, decode, batch,
                    rows, Parquet, Beam), to hold against 1 / F
+  null_decode      the batched decode returns zeros of the model's input
+                   shape (sizes from the headers): with null_model, what is
+                   left is the Python of the job per image
+  no_exemplar_sources  no exemplar proposals (what the exemplar step costs)
 """
 
 from __future__ import annotations
@@ -71,10 +75,6 @@ def apply_levers(names) -> None:
                 return [(np.zeros([len(items), *shape], np.float32), sizes, list(items))]
 
             decode._decode_bisecting = fake_decode
-        elif name == "no_exemplar_sources":
-            from transforms import exemplars
-
-            exemplars.ToExemplarSources.process = lambda self, item: iter(())
         elif name == "no_exemplar_sources":
             from transforms import exemplars
 
