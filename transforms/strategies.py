@@ -60,6 +60,7 @@ from typing import Iterable, Optional
 import apache_beam as beam
 import numpy as np
 
+from transforms.exemplars import candidate, strategy_kind
 from transforms.flags import CELL_NAMES, NUM_CELLS
 
 _LOG = logging.getLogger(__name__)
@@ -199,11 +200,10 @@ def _key_map(row: dict):
         yield int(row["target_class"]), ((int(row["cam_height"]), int(row["cam_width"])), vector)
 
 
-def nearest_strategy(row: dict, models: dict) -> Optional[tuple[int, float]]:
-    """(cluster, distance) of the row's map among its target class's strategies, or None
-    (class not clustered, map without mass, or of another size)."""
+def nearest_strategy(row: dict, vector: Optional[np.ndarray], models: dict) -> Optional[tuple[int, float]]:
+    """(cluster, distance) of the row's map (`vector`, its `normalised_map`) among its target class's
+    strategies, or None (class not clustered, map without mass, or of another size)."""
     model = models.get(int(row["target_class"]))
-    vector = normalised_map(row)
     if model is None or vector is None or (int(row["cam_height"]), int(row["cam_width"])) != model.shape:
         return None
     return model.assign(vector)
@@ -213,14 +213,12 @@ class AssignStrategies(beam.DoFn):
     """Heatmap row -> the row with `cluster_id`; and ((class, cluster), member) to the members output."""
 
     def process(self, row: dict, models: dict):
-        from transforms.exemplars import candidate, strategy_kind
-
-        found = nearest_strategy(row, models)
+        vector = normalised_map(row)
+        found = nearest_strategy(row, vector, models)
         if found is None:
             yield {**row, "cluster_id": None}
             return
         cluster, distance = found
-        vector = normalised_map(row)
         yield {**row, "cluster_id": cluster}
         yield beam.pvalue.TaggedOutput(
             MEMBERS_TAG,
