@@ -2,8 +2,8 @@
 
     shard paths -> ReadRecords -> DecodeImages (checks) -> ExplainImages (RunInference:
       batch decode + CAM)
-      -> MeasureFaithfulness (a sampled share) -> FormatHeatmapRows -> FindStrategies (SpRAy: cluster_id)
-           -> WriteHeatmaps; clusters -> WriteClusters
+      -> MeasureFaithfulness (a sampled share) -> FormatHeatmapRows -> FindStrategies (SpRAy: cluster_id,
+           assigned over Arrow batches of rows) -> WriteHeatmaps (from the batches); clusters -> WriteClusters
          -> ComputeClassStats -> AddStrategyColumns -> WriteClassStats
       -> SelectExemplars (Top.PerKey per flag / shortcut class / strategy, + class stats) -> WriteExemplars
       -> CheckSanity (a fixed small sample) --+
@@ -124,7 +124,8 @@ def read_class_names(path: Optional[str]) -> list[str]:
 
 
 class ExplainDataset(beam.PTransform):
-    """PCollection[shard path] -> {"heatmaps", "class_stats", "clusters", "errors", "exemplars": rows}."""
+    """PCollection[shard path] -> {"heatmaps": Arrow RecordBatches of rows, "class_stats", "clusters", "errors",
+    "exemplars": rows}."""
 
     def __init__(self, config: AuditConfig, info: ModelInfo, class_names: list[str]):
         super().__init__()
@@ -247,7 +248,7 @@ def build(pipeline: beam.Pipeline, config: AuditConfig, info: ModelInfo, files: 
         | "ListShards" >> beam.Create(files)
         | "ExplainDataset" >> ExplainDataset(config, info, class_names)
     )
-    outputs["heatmaps"] | "WriteHeatmaps" >> WriteParquetTable(config.output, "heatmaps", HEATMAP_SCHEMA)
+    outputs["heatmaps"] | "WriteHeatmaps" >> WriteParquetTable(config.output, "heatmaps", HEATMAP_SCHEMA, batches=True)
     outputs["class_stats"] | "WriteClassStats" >> WriteParquetTable(config.output, "class_stats", CLASS_STATS_SCHEMA)
     outputs["clusters"] | "WriteClusters" >> WriteParquetTable(config.output, "clusters", CLUSTER_SCHEMA)
     outputs["errors"] | "WriteErrors" >> WriteParquetTable(config.output, "errors", ERROR_SCHEMA)

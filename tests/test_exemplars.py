@@ -116,12 +116,16 @@ def test_top_per_kind_picks_the_worst_of_each_kind(tmp_path):
     assert read_parquet_dir(str(tmp_path / "exemplars")).num_rows == sum(len(ids) for ids, _ in want.values())
 
 
-@pytest.mark.parametrize("inputs", [1, 2])
+@pytest.mark.parametrize("inputs", [1, 2, "pre-selected"])
 def test_select_exemplars_takes_any_kind(inputs):
     """Another step's own kinds ("strategy:<class>:<cluster>") go through unchanged, no relabelling;
-    with two candidate inputs sharing the kinds, the winners and kind_total are those of the union."""
+    with two candidate inputs sharing the kinds, the winners and kind_total are those of the union;
+    a step that proposes only its best few of a kind (the first counting for those it left out,
+    `Candidate.count`) gives the same winners and totals."""
     rows = rank0_rows()[:10]
     pairs = [(f"strategy:0:{i % 2}", candidate(r, float(i), b"not an example")) for i, r in enumerate(rows)]
+    if inputs == "pre-selected":  # the 2 best of each kind; the best counts for the other 3
+        pairs = [(kind, c._replace(count=4 if c.score >= 8 else 1)) for kind, c in pairs if c.score >= 6]
 
     def check(got):
         ids = {(r["kind"], r["rank"]): r["image_id"] for r in got}
@@ -130,7 +134,7 @@ def test_select_exemplars_takes_any_kind(inputs):
         assert {r["kind_total"] for r in got} == {5}
 
     with TestPipeline() as p:
-        if inputs == 1:
+        if inputs != 2:
             candidates = p | beam.Create(pairs)
         else:
             candidates = (p | "First" >> beam.Create(pairs[:5]), p | "Second" >> beam.Create(pairs[5:]))

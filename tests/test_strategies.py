@@ -9,9 +9,11 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from transforms.schemas import CLUSTER_SCHEMA
 from transforms.strategies import (
+    AssignStrategies,
     ClusterStatsFn,
     FindStrategies,
     StrategySettings,
+    _members,
     cluster_maps,
     cluster_rows,
     strategies_of,
@@ -87,31 +89,41 @@ def test_small_samples_are_one_strategy():
     assert set(labels.tolist()) == {0} and gap is None
 
 
-def _member(i):
-    vector = np.full(4, float(i))
-    return (float(i), f"img-{i}", vector, 0.5 + i / 10, 0.2, i % 9)
+def _partial(items, exemplars=3):
+    """A batch's members as AssignStrategies sums them: items of (vector, distance, id, concentration, border, cell)."""
+    vectors, distances, ids, conc, border, cells = zip(*items, strict=True)
+    return _members(np.stack(vectors).astype(np.float32), np.array(distances), list(ids), np.array(conc, float),
+                    np.array(border, float), np.array(cells, np.int64), exemplars)
 
 
 def test_cluster_combiner_three_ways_agree():
+    """One partial for all members, partials of three chunks, one per member: the same cluster stats,
+    and those computed by hand (NaN / -1 = the column was null: left out of that mean / count)."""
     fn = ClusterStatsFn(exemplars=3)
-    items = [_member(i) for i in range(10)]
+    items = [(np.full(4, float(i)), float(i), f"img-{i}", 0.5 + i / 10, 0.2, i % 9) for i in range(10)]
+    items.append((np.full(4, 4.5), 20.0, "no-stats", np.nan, np.nan, -1))
 
-    def feed(chunk):
+    def feed(partials):
         acc = fn.create_accumulator()
-        for item in chunk:
-            acc = fn.add_input(acc, item)
+        for partial in partials:
+            acc = fn.add_input(acc, partial)
         return acc
 
-    one = fn.extract_output(feed(items))
-    merged = fn.extract_output(fn.merge_accumulators([feed(items[i::3]) for i in range(3)]))
-    singles = fn.extract_output(fn.merge_accumulators([feed([it]) for it in items]))
+    one = fn.extract_output(feed([_partial(items)]))
+    merged = fn.extract_output(fn.merge_accumulators([feed([_partial(items[i::3])]) for i in range(3)]))
+    singles = fn.extract_output(feed([_partial([it]) for it in items]))
     for out in (merged, singles):
-        assert out["size"] == one["size"] == 10
-        np.testing.assert_allclose(out["mean_map"], one["mean_map"])
-        assert out["mean_box_concentration"] == pytest.approx(one["mean_box_concentration"])
-        assert out["exemplar_ids"] == one["exemplar_ids"] == ["img-0", "img-1", "img-2"]
-    np.testing.assert_allclose(one["mean_map"], np.full(4, 4.5))
-    assert one["mean_box_concentration"] == pytest.approx(0.95)
+        assert out["size"] == one["size"] == 11
+        np.testing.assert_allclose(out["mean_map"], one["mean_map"], rtol=1e-12)
+        assert out["mean_box_concentration"] == pytest.approx(one["mean_box_concentration"], rel=1e-12)
+        assert out["mean_border_mass"] == pytest.approx(one["mean_border_mass"], rel=1e-12)
+        assert out["peak_cell"] == one["peak_cell"]
+        assert out["exemplar_ids"] == one["exemplar_ids"]
+    np.testing.assert_allclose(one["mean_map"], np.full(4, 4.5), rtol=1e-6)
+    assert one["mean_box_concentration"] == pytest.approx(0.95)  # the ten known values only
+    assert one["mean_border_mass"] == pytest.approx(0.2)
+    assert one["peak_cell"] == 0  # cells 0..8 and 0 again
+    assert one["exemplar_ids"] == ["img-0", "img-1", "img-2"]
 
 
 def _cluster(**kw):
@@ -165,20 +177,100 @@ def _rows(n: int, groups: int, seed: int, class_id: int):
     ]
 
 
+TEST_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("target_class", pa.int64()), ("cam", pa.list_(pa.float32())),
+    ("cam_height", pa.int32()), ("cam_width", pa.int32()), ("cam_max", pa.float32()),
+    ("box_concentration", pa.float32()), ("border_mass", pa.float32()), ("peak_cell", pa.int32()),
+    ("cluster_id", pa.int32()), ("truth", pa.int64()),
+])
+
+
+def test_assign_strategies_on_a_batch_equals_assigning_each_row():
+    """Numpy over a batch gives each row the cluster `ClassStrategies.assign` gives it alone; the
+    members' partial sums and the exemplar candidates are those of the rows one by one."""
+    from transforms.exemplars import ROW_FIELDS
+
+    rows = _rows(90, 2, seed=3, class_id=0) + _rows(40, 1, seed=4, class_id=1)
+    for row in rows[::7]:
+        row["cam_max"] = 2.0  # maps not already max-normalised
+        row["cam"] = [2.0 * v for v in row["cam"]]
+    rows[5]["box_concentration"] = None
+    rows += [
+        {**rows[0], "image_id": "empty", "cam": [0.0] * 64, "cam_max": 0.0},
+        {**rows[1], "image_id": "small", "cam": [1.0] * 16, "cam_height": 4, "cam_width": 4},
+        {**rows[2], "image_id": "unclustered", "target_class": 5},
+    ]
+    models = {c: strategies_of([((8, 8), np.asarray(r["cam"], np.float32) / r["cam_max"])
+                                for r in rows[:130] if r["target_class"] == c]) for c in (0, 1)}
+    batch = pa.RecordBatch.from_pylist(rows, schema=TEST_SCHEMA)
+    out = list(AssignStrategies(exemplars=3, per_kind=2).process(batch, models))
+    (assigned,) = [o for o in out if isinstance(o, pa.RecordBatch)]
+    tagged = {}
+    for o in out:
+        if not isinstance(o, pa.RecordBatch):
+            tagged.setdefault(o.tag, []).append(o.value)
+
+    expected, distances = [], {}
+    for r in rows:
+        model = models.get(r["target_class"])
+        if model is None or not r["cam_max"] or (r["cam_height"], r["cam_width"]) != model.shape:
+            expected.append(None)
+            continue
+        vector = np.asarray(r["cam"], np.float32) / np.float32(r["cam_max"])
+        cluster, distance = model.assign(vector)
+        expected.append(cluster)
+        distances.setdefault((r["target_class"], cluster), []).append((distance, r["image_id"], vector, r))
+    assert assigned.column("cluster_id").to_pylist() == expected
+    assert assigned.drop_columns(["cluster_id"]).equals(batch.drop_columns(["cluster_id"]))
+
+    members = dict(tagged["members"])
+    assert set(members) == set(distances) and len(members) == 3
+    for key, found in distances.items():
+        partial = members[key]
+        assert partial.count == len(found)
+        np.testing.assert_allclose(partial.sum_map, np.sum([v for _, _, v, _ in found], axis=0), rtol=1e-6)
+        known = [r["box_concentration"] for *_, r in found if r["box_concentration"] is not None]
+        assert partial.num_concentration == len(known)
+        assert partial.sum_concentration == pytest.approx(sum(known), rel=1e-6)
+        closest = sorted(found, key=lambda t: (t[0], t[1]))[:3]
+        assert sorted(i for _, i in partial.closest) == sorted(i for _, i, _, _ in closest)
+
+    candidates = {}
+    for kind, cand in tagged["exemplar_candidates"]:
+        candidates.setdefault(kind, []).append(cand)
+    assert set(candidates) == {f"strategy:{c}:{k}" for c, k in distances}
+    for (class_id, cluster), found in distances.items():
+        best = sorted(found, key=lambda t: (t[0], t[1]))[:2]
+        got = candidates[f"strategy:{class_id}:{cluster}"]
+        assert [c.image_id for c in got] == [i for _, i, _, _ in best]
+        assert [c.score for c in got] == pytest.approx([-d for d, *_ in best], rel=1e-6)
+        assert sum(c.count for c in got) == len(found)  # the kind's total survives the pre-selection
+        assert all(c.raw_record == b"" and set(c.fields) == set(ROW_FIELDS) for c in got)
+        assert got[0].fields["cam"] == pytest.approx(best[0][3]["cam"])
+
+
 def test_find_strategies_in_a_pipeline():
     """Class 0: two groups (one off the objects), class 1: one; every row gets its group's cluster."""
     rows = _rows(120, 2, seed=1, class_id=0) + _rows(60, 1, seed=2, class_id=1)
     rows.append({**rows[0], "image_id": "empty", "cam": [0.0] * 64, "cam_max": 0.0})
     with TestPipeline() as p:
-        out = p | beam.Create(rows) | FindStrategies(StrategySettings(sample_size=100))
+        out = p | beam.Create(rows) | FindStrategies(StrategySettings(sample_size=100), schema=TEST_SCHEMA,
+                                                     batch_rows=50)
         # Rows keep their fields and gain cluster_id (None without mass); groups map one-to-one to clusters.
-        pairs = (out["heatmaps"] | beam.Map(lambda r: (r["target_class"], r["truth"], r["cluster_id"]))
+        assigned = out["heatmaps"] | beam.FlatMap(lambda batch: batch.to_pylist())
+        assert_that(assigned | beam.Map(lambda r: r["image_id"]), equal_to([r["image_id"] for r in rows]),
+                    label="EveryRowOnce")
+        pairs = (assigned | beam.Map(lambda r: (r["target_class"], r["truth"], r["cluster_id"]))
                  | beam.Distinct())
         assert_that(pairs | beam.combiners.Count.Globally(), equal_to([4]), label="OneClusterPerGroup")
         summary = out["clusters"] | beam.Map(lambda r: (r["class_id"], r["size"], r["suspicious"]))
         assert_that(summary, equal_to([(0, 60, False), (0, 60, True), (1, 60, False)]), label="Clusters")
         fits = out["clusters"] | beam.Map(lambda r: pa.Table.from_pylist([r], schema=CLUSTER_SCHEMA).num_rows)
         assert_that(fits, equal_to([1, 1, 1]), label="FitSchema")
+        totals = (out["exemplar_candidates"] | beam.MapTuple(lambda kind, c: (kind, c.count))
+                  | beam.CombinePerKey(sum))
+        assert_that(totals, equal_to([("strategy:0:0", 60), ("strategy:0:1", 60), ("strategy:1:0", 60)]),
+                    label="CandidateTotals")
 
 
 # -- on the demo (tests/audit_fixtures.py: run 1 the shortcut model, run 2 a model trained without markers) ----

@@ -8,7 +8,7 @@ or anything another step proposes ("strategy:<class>:<cluster>").
     explained images -> ProposeExemplars -> (kind, Candidate)      one per kind an image belongs to
     (+ the strategy candidates of transforms.strategies, without record bytes)
       -> SelectExemplars: Top.PerKey(n) by (score, then image id) -+-> relabel / drop kinds (side input)
-                          Count.PerKey = kind_total  ------------ +-> DrawThumbnails -> exemplar rows
+                          CountCandidates = kind_total ----------- +-> DrawThumbnails -> exemplar rows
 
 Memory stays bounded whatever the dataset size: Beam lifts both combiners
 (each worker keeps at most n candidates per kind per bundle, then merges
@@ -81,6 +81,9 @@ class Candidate(NamedTuple):
         the strategy candidates, proposed after the clustering.
       boxes: ((ymin, xmin, ymax, xmax), ...) as fractions, drawn on the thumbnail (read from the
         record when it is read again).
+      count: the images of its kind it counts for in the kind's total: 1, or, when a step proposes
+        only its best few of a kind (`transforms.strategies.AssignStrategies`, per batch), the
+        first of them counts for the ones it leaves out.
     """
 
     score: float
@@ -88,6 +91,7 @@ class Candidate(NamedTuple):
     fields: dict
     raw_record: bytes
     boxes: tuple = ()
+    count: int = 1
 
 
 @functools.total_ordering
@@ -104,6 +108,22 @@ class _Descending:
 
     def __lt__(self, other) -> bool:
         return self.value > other.value
+
+
+class CountCandidates(beam.CombineFn):
+    """Candidates of a kind -> how many images they stand for (the sum of their `count`)."""
+
+    def create_accumulator(self) -> int:
+        return 0
+
+    def add_input(self, total: int, candidate: Candidate) -> int:
+        return total + candidate.count
+
+    def merge_accumulators(self, totals) -> int:
+        return sum(totals)
+
+    def extract_output(self, total: int) -> int:
+        return total
 
 
 def rank_key(candidate: Candidate) -> tuple:
@@ -285,12 +305,12 @@ class SelectExemplars(beam.PTransform):
 
     def expand(self, candidates):
         if not isinstance(candidates, tuple):
-            totals = candidates | "CountPerKind" >> beam.combiners.Count.PerKey()
+            totals = candidates | "CountPerKind" >> beam.CombinePerKey(CountCandidates())
             best = candidates | "TopPerKind" >> beam.combiners.Top.PerKey(self._per_kind, key=rank_key)
         else:
             counted, ranked = [], []
             for i, part in enumerate(candidates):
-                counted.append(part | f"CountPerKind{i}" >> beam.combiners.Count.PerKey())
+                counted.append(part | f"CountPerKind{i}" >> beam.CombinePerKey(CountCandidates()))
                 ranked.append(part | f"TopPerKind{i}" >> beam.combiners.Top.PerKey(self._per_kind, key=rank_key)
                               | f"Winners{i}" >> beam.FlatMapTuple(lambda kind, winners: ((kind, w) for w in winners)))
             totals = tuple(counted) | "AllCounts" >> beam.Flatten() | "CountPerKind" >> beam.CombinePerKey(sum)

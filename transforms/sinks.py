@@ -1,11 +1,16 @@
-"""Parquet sinks for the four tables (local or any Beam filesystem)."""
+"""Parquet sinks for the tables (local or any Beam filesystem), and dict rows <-> Arrow batches."""
 
 from __future__ import annotations
 
 import apache_beam as beam
 import pyarrow as pa
+from apache_beam.transforms import window
 
 TABLES = ("heatmaps", "class_stats", "clusters", "errors", "exemplars")
+
+# Arrow data a writer gathers per bundle before it makes one Parquet row group of it (as Beam's
+# WriteToParquet: 64 MiB).
+ROW_GROUP_BYTES = 64 * 1024 * 1024
 
 
 def table_prefix(output: str, table: str) -> str:
@@ -13,16 +18,72 @@ def table_prefix(output: str, table: str) -> str:
     return f"{output.rstrip('/')}/{table}/part"
 
 
-class WriteParquetTable(beam.PTransform):
-    """Writes dict rows to `<output>/<table>/part-SSSSS-of-NNNNN.parquet`."""
+class ToRecordBatches(beam.PTransform):
+    """PCollection[dict row] -> PCollection[pa.RecordBatch] of up to `rows` rows each (`schema`'s
+    columns; a key the schema lacks is dropped, a nullable column a row lacks is null).
 
-    def __init__(self, output: str, table: str, schema: pa.Schema, codec: str = "snappy"):
+    Batches are made within a bundle (Beam's BatchElements), so nothing waits for other workers."""
+
+    def __init__(self, schema: pa.Schema, rows: int = 512):
+        super().__init__()
+        self._schema = schema
+        self._rows = rows
+
+    def expand(self, rows):
+        schema = self._schema
+        return (
+            rows
+            | "Batch" >> beam.BatchElements(min_batch_size=self._rows, max_batch_size=self._rows)
+            | "ToArrow" >> beam.Map(lambda batch: pa.RecordBatch.from_pylist(batch, schema=schema))
+        )
+
+
+class _GatherTables(beam.DoFn):
+    """RecordBatches -> a pa.Table per ROW_GROUP_BYTES of them (and one with the rest of the bundle)."""
+
+    def __init__(self, schema: pa.Schema, limit: int = ROW_GROUP_BYTES):
+        self._schema = schema
+        self._limit = limit
+
+    def start_bundle(self):
+        self._batches, self._bytes = [], 0
+
+    def _table(self) -> pa.Table:
+        table = pa.Table.from_batches(self._batches, schema=self._schema)
+        self._batches, self._bytes = [], 0
+        return table
+
+    def process(self, batch: pa.RecordBatch):
+        if batch.num_rows:
+            self._batches.append(batch)
+            self._bytes += batch.nbytes
+        if self._bytes >= self._limit:
+            yield self._table()
+
+    def finish_bundle(self):
+        if self._batches:
+            yield window.GlobalWindows.windowed_value_at_end_of_window(self._table())
+
+
+class WriteParquetTable(beam.PTransform):
+    """Writes dict rows (or, with `batches`, Arrow RecordBatches of `schema`) to
+    `<output>/<table>/part-SSSSS-of-NNNNN.parquet`."""
+
+    def __init__(self, output: str, table: str, schema: pa.Schema, codec: str = "snappy", batches: bool = False):
         super().__init__()
         self._prefix = table_prefix(output, table)
         self._schema = schema
         self._codec = codec
+        self._batches = batches
 
     def expand(self, rows):
+        if self._batches:
+            return (
+                rows
+                | "GatherTables" >> beam.ParDo(_GatherTables(self._schema))
+                | "WriteToParquet" >> beam.io.WriteToParquetBatched(
+                    self._prefix, self._schema, codec=self._codec, file_name_suffix=".parquet")
+            )
         return rows | "WriteToParquet" >> beam.io.WriteToParquet(
             self._prefix,
             self._schema,

@@ -11,8 +11,9 @@ corner"), and a cluster that looks off the objects is a suspect.
     heatmap rows --KeyMapsByClass--> (class, max-normalised map)
       --SampleMapsPerClass (Sample.FixedSizePerKey, sample_size)--> (class, [maps])
       --ClusterClassMaps--> (class, ClassStrategies: cluster means, eigengap)
-    heatmap rows --AssignStrategies (side input: the cluster means)--> rows + cluster_id
-      --CombinePerCluster--> one `clusters` row per (class, cluster)
+    heatmap rows --BatchRows--> Arrow batches --AssignStrategies (side input: the cluster means,
+      numpy over each batch)--> batches + cluster_id (the heatmaps table)
+      --CombinePerCluster (each batch's members pre-summed)--> one `clusters` row per (class, cluster)
 
 Clustering (`cluster_maps`): a symmetric k-nearest-neighbour connectivity
 graph of the maps (what `sklearn.cluster.SpectralClustering(affinity=
@@ -59,8 +60,9 @@ from typing import Iterable, Optional
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 
-from transforms.exemplars import candidate, strategy_kind
+from transforms.exemplars import PER_KIND, ROW_FIELDS, Candidate, strategy_kind
 from transforms.flags import CELL_NAMES, NUM_CELLS
 
 _LOG = logging.getLogger(__name__)
@@ -68,6 +70,7 @@ _LOG = logging.getLogger(__name__)
 MEMBERS_TAG = "members"
 EXEMPLAR_CANDIDATES_TAG = "exemplar_candidates"
 EXEMPLARS = 6
+BATCH_ROWS = 512  # heatmap rows per Arrow batch between the explaining stage and the assignment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,35 +203,101 @@ def _key_map(row: dict):
         yield int(row["target_class"]), ((int(row["cam_height"]), int(row["cam_width"])), vector)
 
 
-def nearest_strategy(row: dict, vector: Optional[np.ndarray], models: dict) -> Optional[tuple[int, float]]:
-    """(cluster, distance) of the row's map (`vector`, its `normalised_map`) among its target class's
-    strategies, or None (class not clustered, map without mass, or of another size)."""
-    model = models.get(int(row["target_class"]))
-    if model is None or vector is None or (int(row["cam_height"]), int(row["cam_width"])) != model.shape:
-        return None
-    return model.assign(vector)
+def _cam_matrix(batch, rows: np.ndarray, size: int) -> np.ndarray:
+    """The `cam` lists of `rows` of an Arrow batch as one [len(rows), size] float32 matrix (each of length `size`)."""
+    cams = batch.column("cam")
+    offsets = np.asarray(cams.offsets)
+    values = cams.values.to_numpy(zero_copy_only=False)
+    return values[offsets[rows][:, None] + np.arange(size)[None, :]]
+
+
+def _column(batch, name: str, dtype=np.float64) -> np.ndarray:
+    """An Arrow column as numpy, nulls as NaN (floats) or -1 (ints)."""
+    column = batch.column(name)
+    fill = -1 if np.issubdtype(dtype, np.integer) else np.nan
+    return column.fill_null(fill).to_numpy(zero_copy_only=False).astype(dtype) if column.null_count else \
+        column.to_numpy(zero_copy_only=False).astype(dtype)
+
+
+def _row_fields(batch, rows: np.ndarray) -> list[dict]:
+    """The exemplar `ROW_FIELDS` of `rows` of an Arrow batch, as `exemplars.candidate` takes them from a row dict."""
+    names = [f for f in ROW_FIELDS if f in batch.schema.names]
+    found = batch.take(pa.array(rows, pa.int64())).select(names).to_pylist()
+    return [{f: row.get(f) for f in ROW_FIELDS} for row in found]
+
+
+def _members(vectors: np.ndarray, distances: np.ndarray, image_ids: list, concentration: np.ndarray,
+             border: np.ndarray, cells: np.ndarray, exemplars: int) -> "_ClusterAccumulator":
+    """One batch's members of one (class, cluster) as a partial `ClusterStatsFn` accumulator."""
+    acc = _ClusterAccumulator(count=len(vectors), sum_map=vectors.astype(np.float64).sum(axis=0))
+    known = ~np.isnan(concentration)
+    acc.sum_concentration, acc.num_concentration = float(concentration[known].sum()), int(known.sum())
+    known = ~np.isnan(border)
+    acc.sum_border, acc.num_border = float(border[known].sum()), int(known.sum())
+    acc.peak_cells = np.bincount(cells[cells >= 0], minlength=NUM_CELLS).astype(np.int64)
+    acc.closest = heapq.nlargest(exemplars, zip((-distances).tolist(), image_ids, strict=True))
+    heapq.heapify(acc.closest)
+    return acc
 
 
 class AssignStrategies(beam.DoFn):
-    """Heatmap row -> the row with `cluster_id`; and ((class, cluster), member) to the members output."""
+    """A batch of heatmap rows (Arrow RecordBatch) -> the batch with `cluster_id`, per (class, cluster)
+    its members as a partial `ClusterStatsFn` accumulator (MEMBERS_TAG), and its `per_kind` rows
+    closest to the cluster's mean as strategy exemplar candidates (EXEMPLAR_CANDIDATES_TAG; the
+    first carries the count of the batch's rows of that kind).
 
-    def process(self, row: dict, models: dict):
-        vector = normalised_map(row)
-        found = nearest_strategy(row, vector, models)
-        if found is None:
-            yield {**row, "cluster_id": None}
-            return
-        cluster, distance = found
-        yield {**row, "cluster_id": cluster}
-        yield beam.pvalue.TaggedOutput(
-            MEMBERS_TAG,
-            ((int(row["target_class"]), cluster),
-             (distance, row["image_id"], vector, row.get("box_concentration"), row.get("border_mass"),
-              row.get("peak_cell"))),
-        )
-        # The row as an exemplar of its strategy, closest first; its record is read again only if it wins.
-        yield beam.pvalue.TaggedOutput(
-            EXEMPLAR_CANDIDATES_TAG, (strategy_kind(int(row["target_class"]), cluster), candidate(row, -distance, b"")))
+    All per-row work is numpy over the batch: a row is assigned as `ClassStrategies.assign` would
+    assign it on its own (same float32 distances; nearest, the first on ties).
+    """
+
+    def __init__(self, exemplars: int = EXEMPLARS, per_kind: int = PER_KIND):
+        self._exemplars = exemplars
+        self._per_kind = per_kind
+
+    def process(self, batch, models: dict):
+        n = batch.num_rows
+        cluster_ids = np.full(n, -1, np.int32)
+        if n and models:
+            classes = _column(batch, "target_class", np.int64)
+            cam_max = _column(batch, "cam_max")
+            shapes = np.stack([_column(batch, "cam_height", np.int64), _column(batch, "cam_width", np.int64)], 1)
+            for class_id in np.unique(classes).tolist():
+                model = models.get(class_id)
+                if model is None:
+                    continue
+                rows = np.flatnonzero((classes == class_id) & (cam_max > 0) & np.all(shapes == model.shape, axis=1))
+                if not len(rows):
+                    continue
+                vectors = _cam_matrix(batch, rows, model.shape[0] * model.shape[1])
+                vectors = vectors / cam_max[rows].astype(np.float32)[:, None]
+                distances = np.linalg.norm(model.means[None, :, :] - vectors[:, None, :], axis=2)
+                nearest = np.argmin(distances, axis=1)
+                cluster_ids[rows] = nearest
+                yield from self._cluster_outputs(batch, class_id, rows, vectors, distances[np.arange(len(rows)), nearest],
+                                                 nearest)
+        column = pa.array(cluster_ids, pa.int32(), mask=cluster_ids < 0)
+        index = batch.schema.get_field_index("cluster_id")
+        yield pa.RecordBatch.from_arrays(
+            [column if i == index else batch.column(i) for i in range(batch.num_columns)], schema=batch.schema)
+
+    def _cluster_outputs(self, batch, class_id, rows, vectors, distances, nearest):
+        image_ids = batch.column("image_id").take(rows).to_pylist()
+        concentration = _column(batch, "box_concentration")[rows]
+        border = _column(batch, "border_mass")[rows]
+        cells = _column(batch, "peak_cell", np.int64)[rows]
+        for cluster in np.unique(nearest).tolist():
+            mine = np.flatnonzero(nearest == cluster)
+            ids = [image_ids[i] for i in mine]
+            yield beam.pvalue.TaggedOutput(MEMBERS_TAG, ((class_id, cluster), _members(
+                vectors[mine], distances[mine], ids, concentration[mine], border[mine], cells[mine], self._exemplars)))
+            # The closest rows as exemplars of their strategy (ties to the smallest image id); the winners'
+            # records are read again only at the end. The first stands for the batch's count of the kind.
+            best = sorted(range(len(mine)), key=lambda i: (distances[mine[i]], ids[i]))[: self._per_kind]
+            fields = _row_fields(batch, rows[mine[best]])
+            kind = strategy_kind(class_id, cluster)
+            for j, (i, row) in enumerate(zip(best, fields, strict=True)):
+                yield beam.pvalue.TaggedOutput(EXEMPLAR_CANDIDATES_TAG, (kind, Candidate(
+                    -float(distances[mine[i]]), ids[i], row, b"", (), len(mine) - len(best) + 1 if j == 0 else 1)))
 
 
 @dataclasses.dataclass
@@ -260,21 +329,9 @@ class ClusterStatsFn(beam.CombineFn):
         elif item > acc.closest[0]:
             heapq.heapreplace(acc.closest, item)
 
-    def add_input(self, acc: _ClusterAccumulator, member) -> _ClusterAccumulator:
-        distance, image_id, vector, concentration, border, cell = member
-        acc.count += 1
-        vector = np.asarray(vector, np.float64)
-        acc.sum_map = vector.copy() if acc.sum_map is None else acc.sum_map + vector
-        if concentration is not None:
-            acc.sum_concentration += concentration
-            acc.num_concentration += 1
-        if border is not None:
-            acc.sum_border += border
-            acc.num_border += 1
-        if cell is not None:
-            acc.peak_cells[cell] += 1
-        self._keep(acc, distance, image_id)
-        return acc
+    def add_input(self, acc: _ClusterAccumulator, members: _ClusterAccumulator) -> _ClusterAccumulator:
+        """`members`: a batch's members of the cluster, already summed (`AssignStrategies`)."""
+        return self.merge_accumulators([acc, members])
 
     def merge_accumulators(self, accumulators) -> _ClusterAccumulator:
         merged = _ClusterAccumulator()
@@ -367,15 +424,26 @@ def cluster_rows(class_id: int, clusters: list[tuple[int, dict]], model: Optiona
 
 
 class FindStrategies(beam.PTransform):
-    """PCollection[heatmap row] -> {"heatmaps": rows with cluster_id, "clusters": clusters rows,
-    "models": (class, ClassStrategies), "exemplar_candidates": (strategy kind, exemplars.Candidate)
-    per assigned row, without record bytes}."""
+    """PCollection[heatmap row] -> {"heatmaps": Arrow RecordBatches of the rows with cluster_id (`schema`),
+    "clusters": clusters rows, "models": (class, ClassStrategies), "exemplar_candidates": (strategy kind,
+    exemplars.Candidate), each batch's closest rows of each strategy, without record bytes}.
 
-    def __init__(self, settings: StrategySettings = DEFAULT_SETTINGS):
+    The rows wait for the cluster means (a side input made from all of them), so they cross a stage
+    boundary: they cross as Arrow batches of `batch_rows` rows (one pickled buffer each, not a pickled
+    dict per row), the assignment is numpy over a batch, and the heatmaps table is written from them.
+    """
+
+    def __init__(self, settings: StrategySettings = DEFAULT_SETTINGS, schema=None, batch_rows: int = BATCH_ROWS):
         super().__init__()
+        from transforms.schemas import HEATMAP_SCHEMA
+
         self._settings = settings
+        self._schema = schema if schema is not None else HEATMAP_SCHEMA
+        self._batch_rows = batch_rows
 
     def expand(self, rows):
+        from transforms.sinks import ToRecordBatches
+
         settings = self._settings
         models = (
             rows
@@ -383,9 +451,13 @@ class FindStrategies(beam.PTransform):
             | "SampleMapsPerClass" >> beam.combiners.Sample.FixedSizePerKey(settings.sample_size)
             | "ClusterClassMaps" >> beam.MapTuple(lambda cls, items: (cls, strategies_of(items, settings)))
         )
-        assigned = rows | "AssignStrategies" >> beam.ParDo(
-            AssignStrategies(), models=beam.pvalue.AsDict(models)
-        ).with_outputs(MEMBERS_TAG, EXEMPLAR_CANDIDATES_TAG, main="rows")
+        assigned = (
+            rows
+            | "BatchRows" >> ToRecordBatches(self._schema, self._batch_rows)
+            | "AssignStrategies" >> beam.ParDo(
+                AssignStrategies(settings.exemplars), models=beam.pvalue.AsDict(models)
+            ).with_outputs(MEMBERS_TAG, EXEMPLAR_CANDIDATES_TAG, main="batches")
+        )
         clusters = (
             assigned[MEMBERS_TAG]
             | "CombinePerCluster" >> beam.CombinePerKey(ClusterStatsFn(settings.exemplars))
@@ -396,7 +468,7 @@ class FindStrategies(beam.PTransform):
                 models=beam.pvalue.AsDict(models),
             )
         )
-        return {"heatmaps": assigned.rows, "clusters": clusters, "models": models,
+        return {"heatmaps": assigned.batches, "clusters": clusters, "models": models,
                 "exemplar_candidates": assigned[EXEMPLAR_CANDIDATES_TAG]}
 
 

@@ -1,0 +1,50 @@
+"""Dict rows -> Arrow batches (`ToRecordBatches`) and batches -> Parquet (`WriteParquetTable(batches=True)`)."""
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from tests.helpers import parquet_schema, read_parquet_dir
+from transforms.sinks import ToRecordBatches, WriteParquetTable, _GatherTables
+
+SCHEMA = pa.schema([
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("cam", pa.list_(pa.float32()), nullable=False),
+    pa.field("score", pa.float64()),
+])
+
+
+def _rows(n):
+    # Every 7th row lacks the nullable "score"; every row has a key the schema does not know.
+    return [{"image_id": f"im-{i:04d}", "cam": [float(i), 0.5], "extra": i,
+             **({} if i % 7 == 0 else {"score": i / 10})} for i in range(n)]
+
+
+def test_rows_become_batches_of_the_schema_and_are_written_as_one_table(tmp_path):
+    rows = _rows(300)
+    want = [{"image_id": r["image_id"], "cam": r["cam"], "score": r.get("score")} for r in rows]
+    with TestPipeline() as p:
+        batches = p | beam.Create(rows) | ToRecordBatches(SCHEMA, rows=64)
+        assert_that(batches | beam.Map(lambda b: b.schema.equals(SCHEMA) and 0 < b.num_rows <= 64) | beam.Distinct(),
+                    equal_to([True]), label="BatchesOfTheSchema")
+        assert_that(batches | beam.FlatMap(lambda b: b.to_pylist()), equal_to(want), label="EveryRowOnce")
+        batches | WriteParquetTable(str(tmp_path), "t", SCHEMA, batches=True)
+    assert parquet_schema(str(tmp_path / "t")).equals(SCHEMA)
+    table = read_parquet_dir(str(tmp_path / "t"))
+    assert sorted(table.to_pylist(), key=lambda r: r["image_id"]) == want
+
+
+def test_gather_tables_makes_a_table_per_limit_and_one_with_the_rest():
+    batches = [pa.RecordBatch.from_pylist(_rows(300)[i:i + 50], schema=SCHEMA) for i in range(0, 300, 50)]
+    empty = pa.RecordBatch.from_pylist([], schema=SCHEMA)
+    gather = _GatherTables(SCHEMA, limit=2 * batches[0].nbytes)  # a table every 2 batches
+    gather.start_bundle()
+    tables = [t for b in [batches[0], empty, *batches[1:]] for t in gather.process(b)]
+    rest = [wv.value for wv in gather.finish_bundle()]
+    assert [t.num_rows for t in tables] == [100, 100, 100] and rest == []
+    gather.start_bundle()
+    tables = [t for b in batches[:3] for t in gather.process(b)]
+    rest = [wv.value for wv in gather.finish_bundle()]
+    assert [t.num_rows for t in tables] == [100] and [t.num_rows for t in rest] == [50]
+    assert pa.concat_tables([*tables, *rest]).to_pylist() == pa.Table.from_batches(batches[:3]).to_pylist()
