@@ -9,7 +9,8 @@ the number of classes, not on the dataset's size. This measures that step
 alone on synthetic map sets (three groups of jittered blobs per class plus
 noise, max-normalised, like a class with three strategies), class after
 class in one process: total seconds and seconds per class, and the time to
-assign one row to its nearest cluster mean (the per-row cost in the job).
+assign a row to its nearest cluster mean (`AssignStrategies` over Arrow
+batches of 512 rows, as in the job: the per-row cost).
 Results go to bench/results/strategies.json.
 """
 
@@ -36,6 +37,31 @@ def synthetic_class(maps: int, shape: tuple[int, int], seed: int, groups: int = 
     return items
 
 
+def assign_microseconds(model, shape: tuple[int, int], seed: int, rows: int = 512, repeats: int = 20) -> float:
+    """Per-row microseconds of `AssignStrategies` over Arrow batches of `rows` rows of one class (as
+    the job assigns them: cluster ids, members summed per cluster, exemplar candidates), median of repeats."""
+    import pyarrow as pa
+
+    from transforms.strategies import AssignStrategies
+
+    schema = pa.schema([("image_id", pa.string()), ("target_class", pa.int64()), ("cam", pa.list_(pa.float32())),
+                        ("cam_height", pa.int32()), ("cam_width", pa.int32()), ("cam_max", pa.float32()),
+                        ("box_concentration", pa.float32()), ("border_mass", pa.float32()),
+                        ("peak_cell", pa.int32()), ("cluster_id", pa.int32())])
+    batch = pa.RecordBatch.from_pylist(
+        [{"image_id": f"im-{i}", "target_class": 0, "cam": v.tolist(), "cam_height": shape[0], "cam_width": shape[1],
+          "cam_max": 1.0, "box_concentration": 1.0, "border_mass": 0.2, "peak_cell": i % 9}
+         for i, (_, v) in enumerate(synthetic_class(rows, shape, seed=seed))], schema=schema)
+    assign, models = AssignStrategies(), {0: model}
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in assign.process(batch, models):
+            pass
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) / rows * 1e6
+
+
 def measure(classes: int = 100, maps: int = 1000, shape: tuple[int, int] = (7, 7)) -> dict:
     """Seconds to find the strategies of `classes` classes of `maps` maps each."""
     from transforms.strategies import strategies_of
@@ -49,11 +75,7 @@ def measure(classes: int = 100, maps: int = 1000, shape: tuple[int, int] = (7, 7
         model = strategies_of(items)
         seconds.append(time.perf_counter() - t0)
         found.append(len(model.means))
-    vectors = [v for _, v in synthetic_class(1000, shape, seed=classes)]
-    t0 = time.perf_counter()
-    for v in vectors:
-        model.assign(v)
-    assign_us = (time.perf_counter() - t0) / len(vectors) * 1e6
+    assign_us = assign_microseconds(model, shape, seed=classes)
     return {
         "classes": classes, "maps_per_class": maps, "shape": list(shape),
         "total_seconds": float(sum(seconds)), "seconds_per_class_median": float(np.median(seconds)),

@@ -97,3 +97,12 @@ def test_gpu_check_runs_its_cpu_table_without_a_gpu(tmp_path):
         assert row["bound"].split()[0] in ("feed", "model")
         assert _positive(row["forward_ips"])
         assert all(_positive(v) for v in row["cam_ips"].values())
+
+
+def test_a_run_past_the_memory_limit_is_stopped_not_left_to_the_oom_killer(tmp_path):
+    """The bench stops a measured run whose RSS passes its limit (by its PID) and says so."""
+    from bench.run_bench import RunawayMemory, run_pipeline_process
+
+    with pytest.raises(RunawayMemory, match="MB RSS"):
+        run_pipeline_process(str(tmp_path / "none-*.tfrecord"), "no-model.keras", str(tmp_path / "out"),
+                             max_rss_mb=1, timeout=120)
