@@ -42,12 +42,10 @@ def assign_microseconds(model, shape: tuple[int, int], seed: int, rows: int = 51
     the job assigns them: cluster ids, members summed per cluster, exemplar candidates), median of repeats."""
     import pyarrow as pa
 
-    from transforms.strategies import AssignStrategies
+    from transforms.schemas import HEATMAP_SCHEMA
+    from transforms.strategies import ASSIGN_COLUMNS, AssignStrategies
 
-    schema = pa.schema([("image_id", pa.string()), ("target_class", pa.int64()), ("cam", pa.list_(pa.float32())),
-                        ("cam_height", pa.int32()), ("cam_width", pa.int32()), ("cam_max", pa.float32()),
-                        ("box_concentration", pa.float32()), ("border_mass", pa.float32()),
-                        ("peak_cell", pa.int32()), ("cluster_id", pa.int32())])
+    schema = pa.schema([HEATMAP_SCHEMA.field(name) for name in ASSIGN_COLUMNS])
     batch = pa.RecordBatch.from_pylist(
         [{"image_id": f"im-{i}", "target_class": 0, "cam": v.tolist(), "cam_height": shape[0], "cam_width": shape[1],
           "cam_max": 1.0, "box_concentration": 1.0, "border_mass": 0.2, "peak_cell": i % 9}

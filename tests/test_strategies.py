@@ -7,8 +7,9 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from transforms.schemas import CLUSTER_SCHEMA
+from transforms.schemas import CLUSTER_SCHEMA, HEATMAP_SCHEMA
 from transforms.strategies import (
+    ASSIGN_COLUMNS,
     AssignStrategies,
     ClusterStatsFn,
     FindStrategies,
@@ -177,12 +178,8 @@ def _rows(n: int, groups: int, seed: int, class_id: int):
     ]
 
 
-TEST_SCHEMA = pa.schema([
-    ("image_id", pa.string()), ("target_class", pa.int64()), ("cam", pa.list_(pa.float32())),
-    ("cam_height", pa.int32()), ("cam_width", pa.int32()), ("cam_max", pa.float32()),
-    ("box_concentration", pa.float32()), ("border_mass", pa.float32()), ("peak_cell", pa.int32()),
-    ("cluster_id", pa.int32()), ("truth", pa.int64()),
-])
+# The heatmaps columns the assignment uses, with their job types, and the test's own "truth".
+TEST_SCHEMA = pa.schema([*(HEATMAP_SCHEMA.field(name) for name in ASSIGN_COLUMNS), pa.field("truth", pa.int64())])
 
 
 def test_assign_strategies_on_a_batch_equals_assigning_each_row():

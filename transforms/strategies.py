@@ -64,6 +64,8 @@ import pyarrow as pa
 
 from transforms.exemplars import PER_KIND, ROW_FIELDS, Candidate, strategy_kind
 from transforms.flags import CELL_NAMES, NUM_CELLS
+from transforms.schemas import HEATMAP_SCHEMA
+from transforms.sinks import ToRecordBatches
 
 _LOG = logging.getLogger(__name__)
 
@@ -71,6 +73,9 @@ MEMBERS_TAG = "members"
 EXEMPLAR_CANDIDATES_TAG = "exemplar_candidates"
 EXEMPLARS = 6
 BATCH_ROWS = 512  # heatmap rows per Arrow batch between the explaining stage and the assignment
+# The heatmaps columns AssignStrategies reads (and cluster_id, which it writes).
+ASSIGN_COLUMNS = ("image_id", "target_class", "cam", "cam_height", "cam_width", "cam_max", "box_concentration",
+                  "border_mass", "peak_cell", "cluster_id")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,9 +219,9 @@ def _cam_matrix(batch, rows: np.ndarray, size: int) -> np.ndarray:
 def _column(batch, name: str, dtype=np.float64) -> np.ndarray:
     """An Arrow column as numpy, nulls as NaN (floats) or -1 (ints)."""
     column = batch.column(name)
-    fill = -1 if np.issubdtype(dtype, np.integer) else np.nan
-    return column.fill_null(fill).to_numpy(zero_copy_only=False).astype(dtype) if column.null_count else \
-        column.to_numpy(zero_copy_only=False).astype(dtype)
+    if column.null_count:
+        column = column.fill_null(-1 if np.issubdtype(dtype, np.integer) else np.nan)
+    return column.to_numpy(zero_copy_only=False).astype(dtype)
 
 
 def _row_fields(batch, rows: np.ndarray) -> list[dict]:
@@ -261,6 +266,9 @@ class AssignStrategies(beam.DoFn):
             classes = _column(batch, "target_class", np.int64)
             cam_max = _column(batch, "cam_max")
             shapes = np.stack([_column(batch, "cam_height", np.int64), _column(batch, "cam_width", np.int64)], 1)
+            # The members' statistics, read from the batch once (not once per class in it).
+            stats = (_column(batch, "box_concentration"), _column(batch, "border_mass"),
+                     _column(batch, "peak_cell", np.int64))
             for class_id in np.unique(classes).tolist():
                 model = models.get(class_id)
                 if model is None:
@@ -274,17 +282,15 @@ class AssignStrategies(beam.DoFn):
                 nearest = np.argmin(distances, axis=1)
                 cluster_ids[rows] = nearest
                 yield from self._cluster_outputs(batch, class_id, rows, vectors, distances[np.arange(len(rows)), nearest],
-                                                 nearest)
+                                                 nearest, [column[rows] for column in stats])
         column = pa.array(cluster_ids, pa.int32(), mask=cluster_ids < 0)
         index = batch.schema.get_field_index("cluster_id")
         yield pa.RecordBatch.from_arrays(
             [column if i == index else batch.column(i) for i in range(batch.num_columns)], schema=batch.schema)
 
-    def _cluster_outputs(self, batch, class_id, rows, vectors, distances, nearest):
+    def _cluster_outputs(self, batch, class_id, rows, vectors, distances, nearest, stats):
         image_ids = batch.column("image_id").take(rows).to_pylist()
-        concentration = _column(batch, "box_concentration")[rows]
-        border = _column(batch, "border_mass")[rows]
-        cells = _column(batch, "peak_cell", np.int64)[rows]
+        concentration, border, cells = stats
         for cluster in np.unique(nearest).tolist():
             mine = np.flatnonzero(nearest == cluster)
             ids = [image_ids[i] for i in mine]
@@ -435,15 +441,11 @@ class FindStrategies(beam.PTransform):
 
     def __init__(self, settings: StrategySettings = DEFAULT_SETTINGS, schema=None, batch_rows: int = BATCH_ROWS):
         super().__init__()
-        from transforms.schemas import HEATMAP_SCHEMA
-
         self._settings = settings
         self._schema = schema if schema is not None else HEATMAP_SCHEMA
         self._batch_rows = batch_rows
 
     def expand(self, rows):
-        from transforms.sinks import ToRecordBatches
-
         settings = self._settings
         models = (
             rows
