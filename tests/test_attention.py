@@ -135,3 +135,66 @@ def test_statistics_equal_the_full_grid_on_random_maps():
         if boxes:
             assert stats["box_mass"] == pytest.approx(ref["box_mass"], abs=1e-12), trial
             assert stats["box_area"] == pytest.approx(ref["box_area"], abs=1e-12), trial
+
+
+def test_batch_statistics_equal_each_map_on_its_own():
+    """`attention_batch` (the explaining step's whole-batch numpy) against `attention_stats` map by map:
+    batches of one map size, images of a few shared sizes and of their own, 0-3 boxes, maps without
+    mass, signed maps and many ties. Every statistic within 1e-12 of the single map's (None where it
+    is None); the peak the same pixel, or with ties one whose upsampled value equals the maximum
+    within 1e-12 (the full grid's, `_grid_reference`)."""
+    from transforms.attention import GEOMETRY_KEYS, attention_batch
+
+    rng = np.random.default_rng(2)
+    shared_sizes = [(375, 500), (333, 500), (500, 375), (100, 60)]
+    checked = {"peak": 0, "box": 0, "none": 0}
+    for trial in range(40):
+        n, h, w = int(rng.integers(1, 40)), *(int(v) for v in rng.integers(1, 12, 2))
+        cams = rng.uniform(0, 1, (n, h, w)) ** rng.choice([1.0, 4.0, 0.2])
+        cams[rng.uniform(size=n) < 0.1] = 0.0  # no mass
+        cams[rng.uniform(size=n) < 0.1] -= 0.3  # signed
+        if trial % 5 == 0:
+            cams = np.round(cams * 3) / 3  # ties
+        sizes = [shared_sizes[int(rng.integers(4))] if rng.uniform() < 0.7
+                 else tuple(int(v) for v in rng.integers(20, 1200, 2)) for _ in range(n)]
+        boxes = []
+        for _ in range(n):
+            image_boxes = []
+            for _ in range(int(rng.choice(4, p=[0.3, 0.5, 0.1, 0.1]))):
+                y, x = np.sort(rng.uniform(0, 1, 2)), np.sort(rng.uniform(0, 1, 2))
+                image_boxes.append((float(y[0]), float(x[0]), float(y[1]), float(x[1])))
+            boxes.append(tuple(image_boxes))
+        batch = attention_batch(cams.astype(np.float32), sizes, boxes)
+        assert len(batch) == n
+        for i in range(n):
+            single = attention_stats(cams[i].astype(np.float32), boxes[i], image_size=sizes[i])
+            assert set(batch[i]) == set(GEOMETRY_KEYS), (trial, i)
+            for key in GEOMETRY_KEYS:
+                if single[key] is None:
+                    assert batch[i][key] is None, (trial, i, key)
+                    checked["none"] += 1
+                elif key in ("peak_y", "peak_x") and batch[i][key] != single[key]:
+                    ref = _grid_reference(cams[i].astype(np.float32).astype(np.float64), boxes[i], sizes[i])
+                    gh, gw = ref["grid"]
+                    row, col = round(batch[i]["peak_y"] * gh - 0.5), round(batch[i]["peak_x"] * gw - 0.5)
+                    assert ref["up"][row, col] == pytest.approx(ref["peak_value"], rel=1e-12), (trial, i)
+                else:
+                    assert batch[i][key] == pytest.approx(single[key], rel=1e-12, abs=1e-12), (trial, i, key)
+            checked["peak"] += single["peak_y"] is not None
+            checked["box"] += single["box_mass"] is not None
+    assert min(checked.values()) > 50, checked  # every kind of case was met
+
+
+def test_pointing_game_on_batch_statistics_equals_attention_stats():
+    from transforms.attention import attention_batch, pointing_game
+
+    cam = np.zeros((1, 5, 5), np.float32)
+    cam[0, 2, 2] = 1.0
+    for box, tolerance in [((0.4, 0.5125, 0.6, 0.9), 15.0), ((0.4, 0.525, 0.6, 0.9), 15.0),
+                           ((0.4, 0.525, 0.6, 0.9), 25.0)]:
+        stats = attention_batch(cam, [(600, 800)], [(box,)])[0]
+        expected = attention_stats(cam[0], [box], image_size=(600, 800), tolerance_px=tolerance)["peak_in_box"]
+        assert pointing_game(stats, [box], (600, 800), tolerance) is expected
+    assert pointing_game(attention_batch(cam, [(600, 800)], [()])[0], [], (600, 800)) is None
+    assert pointing_game(attention_batch(cam * 0, [(600, 800)], [((0.1, 0.1, 0.2, 0.2),)])[0],
+                         [(0.1, 0.1, 0.2, 0.2)], (600, 800)) is None

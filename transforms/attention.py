@@ -220,6 +220,103 @@ def attention_stats(
             box_mass=float(mass),
             box_area=float(area),
             box_concentration=float(mass) / area if area > 0 else None,
-            peak_in_box=any(distance_to_box_px(peak_y, peak_x, b, image_h, image_w) <= tolerance_px for b in boxes),
+            peak_in_box=pointing_game(result, boxes, (image_h, image_w), tolerance_px),
         )
     return result
+
+
+GEOMETRY_KEYS = tuple(key for key in STAT_KEYS if key != "peak_in_box")
+
+
+def pointing_game(stats: dict, boxes: Sequence, image_size: tuple[int, int],
+                  tolerance_px: float = POINTING_TOLERANCE_PX) -> Optional[bool]:
+    """`peak_in_box` from a map's peak (`stats`' peak_y, peak_x): within tolerance_px of a box at the
+    image's resolution; None without boxes or without a peak (no mass)."""
+    if not boxes or stats.get("peak_y") is None:
+        return None
+    image_h, image_w = image_size
+    return any(distance_to_box_px(stats["peak_y"], stats["peak_x"], b, image_h, image_w) <= tolerance_px
+               for b in boxes)
+
+
+def attention_batch(cams: np.ndarray, image_sizes: Sequence[tuple[int, int]], boxes: Sequence[Sequence], *,
+                    max_side: int = MAX_GRID_SIDE) -> list[dict]:
+    """`attention_stats` of N maps cam[N, h, w] at once, but `peak_in_box` (which takes the
+    pointing tolerance: `pointing_game`): a dict of `GEOMETRY_KEYS` per map.
+
+    The explaining step's batch of maps is one array, so the statistics are whole-array numpy: the
+    entropies in one pass, and per grid size (images of one size share it) the masses and peak
+    candidates as batched matrix products, single boxes too. Maps with a negative cell (clipped after
+    upsampling) and images with several boxes (a union) take `attention_stats` one by one. Results
+    equal `attention_stats`' within float rounding (the products are summed in another order).
+    """
+    cams = np.asarray(cams, np.float64)
+    n, height, width = cams.shape
+    results = [dict.fromkeys(GEOMETRY_KEYS) for _ in range(n)]
+    if n == 0:
+        return results
+    totals = cams.sum(axis=(1, 2))
+    with np.errstate(invalid="ignore"):
+        has_mass = np.isfinite(totals) & (totals > 0)
+        fast = has_mass & (cams.min(axis=(1, 2)) >= 0.0)
+    fast &= np.array([len(b) <= 1 for b in boxes])
+    for i in np.flatnonzero(has_mass & ~fast):
+        stats = attention_stats(cams[i], boxes[i], image_size=tuple(image_sizes[i]), max_side=max_side)
+        results[i] = {key: stats[key] for key in GEOMETRY_KEYS}
+    index = np.flatnonzero(fast)
+    if not len(index):
+        return results
+    cells = cams[index] / totals[index, None, None]
+    logs = np.log(np.where(cells > 0, cells, 1.0))
+    columns = {key: np.full(len(index), np.nan) for key in GEOMETRY_KEYS}
+    if height * width > 1:
+        columns["entropy"] = -(cells * logs).sum(axis=(1, 2)) / math.log(height * width)
+    else:
+        columns["entropy"][:] = 0.0
+    sizes = np.asarray(image_sizes, np.int64)[index].reshape(-1, 2)
+    scale = np.minimum(1.0, max_side / np.maximum(sizes.max(axis=1), 1))
+    grids = np.maximum(1, np.rint(sizes * scale[:, None])).astype(np.int64)
+    boxed = np.array([len(boxes[i]) == 1 for i in index])
+    inner = (BORDER_FRACTION, 1 - BORDER_FRACTION)
+    for grid_h, grid_w in sorted(set(map(tuple, grids.tolist()))):
+        members = np.flatnonzero((grids[:, 0] == grid_h) & (grids[:, 1] == grid_w))
+        maps = cams[index[members]]
+        up_total = _masses(maps, _band_weights(height, grid_h, 0.0, 1.0), _band_weights(width, grid_w, 0.0, 1.0))
+        columns["border_mass"][members] = 1.0 - _masses(
+            maps, _band_weights(height, grid_h, *inner), _band_weights(width, grid_w, *inner)) / up_total
+        rows, row_weights = _peak_candidates(height, grid_h)
+        cols, col_weights = _peak_candidates(width, grid_w)
+        values = np.matmul(np.matmul(row_weights, maps), col_weights.T).reshape(len(members), -1)
+        peak_r, peak_c = np.divmod(values.argmax(axis=1), len(cols))
+        columns["peak_y"][members] = (rows[peak_r] + 0.5) / grid_h
+        columns["peak_x"][members] = (cols[peak_c] + 0.5) / grid_w
+        with_box = boxed[members]
+        if with_box.any():
+            box = np.array([boxes[i][0] for i in index[members[with_box]]], np.float64).reshape(-1, 4)
+            mass, area = _single_box_masses(maps[with_box], box, grid_h, grid_w)
+            columns["box_mass"][members[with_box]] = mass / up_total[with_box]
+            columns["box_area"][members[with_box]] = area
+    with np.errstate(divide="ignore", invalid="ignore"):
+        columns["box_concentration"] = np.where(columns["box_area"] > 0,
+                                                columns["box_mass"] / columns["box_area"], np.nan)
+    values = [[None if v != v else v for v in columns[key].tolist()] for key in GEOMETRY_KEYS]  # NaN -> None
+    for i, row in zip(index.tolist(), zip(*values, strict=True), strict=True):
+        results[i] = dict(zip(GEOMETRY_KEYS, row, strict=True))
+    return results
+
+
+def _masses(maps: np.ndarray, row_weights: np.ndarray, col_weights: np.ndarray) -> np.ndarray:
+    """[N]: row_weights @ map @ col_weights of each map (band weights of one box, `_band_weights`)."""
+    return np.matmul(maps, col_weights) @ row_weights
+
+
+def _single_box_masses(maps: np.ndarray, box: np.ndarray, grid_h: int, grid_w: int):
+    """(mass, area) [M] of maps [M, h, w] with one box each [M, 4] on one grid: the upsampled map's
+    mass on the grid pixels whose centres lie in the box (`_box_mass`), and their share of the grid."""
+    ys, xs = (np.arange(grid_h) + 0.5) / grid_h, (np.arange(grid_w) + 0.5) / grid_w
+    in_rows = (ys >= box[:, :1]) & (ys <= box[:, 2:3])  # [M, grid_h]
+    in_cols = (xs >= box[:, 1:2]) & (xs <= box[:, 3:4])
+    row_weights = in_rows @ _interpolation_matrix(maps.shape[1], grid_h)  # [M, h]
+    col_weights = in_cols @ _interpolation_matrix(maps.shape[2], grid_w)  # [M, w]
+    mass = np.einsum("mh,mhw,mw->m", row_weights, maps, col_weights)
+    return mass, in_rows.mean(axis=1) * in_cols.mean(axis=1)

@@ -51,6 +51,7 @@ class Explained(NamedTuple):
     cam: np.ndarray  # [K, h, w] float32
     error: Optional[tuple[str, str]] = None  # (error, message) when the image failed
     error_stage: str = "compute"  # the errors table's stage of `error`: "decode" or "compute"
+    attention: Optional[list] = None  # [K] dicts of `attention.GEOMETRY_KEYS`, computed for the whole batch
 
 
 class CamWorker:
@@ -140,7 +141,17 @@ class KerasCamModelHandler(ModelHandler[DecodedImage, Explained, Any]):
         model: CamWorker,
         inference_args: Optional[dict[str, Any]] = None,
     ) -> Iterable[Explained]:
-        pixels, images, failed = decode_batch(model.decode, batch)
+        return self.explain_images(batch, self.decode_images(batch, model), model)
+
+    def decode_images(self, batch: Sequence[DecodedImage], model: CamWorker) -> tuple:
+        """The batch's one call of the decoder: (pixels, decoded images, [(image, RecordError)])
+        (`decode.decode_batch`); the first half of `run_inference`."""
+        return decode_batch(model.decode, batch)
+
+    def explain_images(self, batch: Sequence[DecodedImage], decoded: tuple, model: CamWorker) -> list[Explained]:
+        """The decoded batch's one call of the explainer, in the batch's order with an error for each image
+        that did not decode; the second half of `run_inference`."""
+        pixels, images, failed = decoded
         results = [_failed(item, exc.error, exc.message, stage="decode") for item, exc in failed]
         if images:
             results += explain_decoded(model, pixels, images)
@@ -180,9 +191,11 @@ def handler_tag(handler: KerasCamModelHandler) -> str:
 class ExplainBatches(beam.DoFn):
     """DecodedImage -> Explained, in batches of the handler's batch size, one batch in the background.
 
-    Each full batch goes to a one-thread executor that runs
-    `KerasCamModelHandler.run_inference` (batched decode + one call of the
-    compiled CAM function), while this thread goes on with the next elements;
+    Each full batch goes to two one-thread executors in turn, the halves of
+    `KerasCamModelHandler.run_inference`: one decodes it (`decode_images`), the
+    other explains it (`explain_images`, one call of the compiled CAM function),
+    so the next batch decodes while this one is explained (as tf.data's prefetch
+    overlaps input and model), while this thread goes on with the next elements;
     results are emitted as their batch finishes (at most `depth` batches in
     flight) and every remaining one at the end of the bundle. Elements must be
     in the global window (the job's are). A failure inside a batch is handled
@@ -200,6 +213,7 @@ class ExplainBatches(beam.DoFn):
         from concurrent.futures import ThreadPoolExecutor
 
         self._worker = acquire_worker(self._handler)
+        self._decoding = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="explain")
 
     def start_bundle(self):
@@ -218,13 +232,18 @@ class ExplainBatches(beam.DoFn):
         yield from self._finished(wait=True)
 
     def teardown(self):
-        executor = getattr(self, "_executor", None)
-        if executor is not None:
-            executor.shutdown(wait=True)
+        for name in ("_executor", "_decoding"):
+            executor = getattr(self, name, None)
+            if executor is not None:
+                executor.shutdown(wait=True)
 
     def _submit(self):
         batch, self._buffer = self._buffer, []
-        self._inflight.append(self._executor.submit(self._handler.run_inference, batch, self._worker))
+        decoded = self._decoding.submit(self._handler.decode_images, batch, self._worker)
+        self._inflight.append(self._executor.submit(self._explain, batch, decoded))
+
+    def _explain(self, batch: list, decoded) -> list[Explained]:
+        return self._handler.explain_images(batch, decoded.result(), self._worker)
 
     def _finished(self, wait: bool):
         while self._inflight and (wait or self._inflight[0].done() or len(self._inflight) > self._depth):
@@ -247,7 +266,27 @@ def explain_decoded(explainer, pixels: np.ndarray, images: Sequence[DecodedImage
         _LOG.warning("Batch of %d failed (%s); retrying image by image", len(images), exc)
         return [result for i in range(len(images))
                 for result in explain_decoded(explainer, pixels[i : i + 1], images[i : i + 1])]
-    return [_explained(item, out, i) for i, item in enumerate(images)]
+    attention = batch_attention(out, images)
+    return [_explained(item, out, i, attention) for i, item in enumerate(images)]
+
+
+def batch_attention(out: dict, images: Sequence[DecodedImage]) -> list:
+    """The attention statistics of every map of the batch (out["cam"] [B, K, h, w]) in one numpy
+    pass (`attention.attention_batch`): [B] lists of K dicts (None for an image with non-finite output)."""
+    from transforms.attention import attention_batch
+
+    cams = np.asarray(out["cam"], np.float32)
+    finite = np.flatnonzero(np.asarray(out["finite"], bool))
+    k = cams.shape[1]
+    stats = attention_batch(
+        cams[finite].reshape(-1, *cams.shape[2:]),
+        [(images[i].image_height, images[i].image_width) for i in finite for _ in range(k)],
+        [images[i].boxes for i in finite for _ in range(k)],
+    )
+    per_image: list = [None] * len(images)
+    for j, i in enumerate(finite.tolist()):
+        per_image[i] = stats[j * k : (j + 1) * k]
+    return per_image
 
 
 def _failed(item: DecodedImage, error: str, message: str, stage: str = "compute") -> Explained:
@@ -255,7 +294,7 @@ def _failed(item: DecodedImage, error: str, message: str, stage: str = "compute"
     return Explained(item, -1, float("nan"), empty, empty, empty, np.zeros([0, 0, 0]), (error, message), stage)
 
 
-def _explained(item: DecodedImage, out: dict, i: int) -> Explained:
+def _explained(item: DecodedImage, out: dict, i: int, attention: Optional[list] = None) -> Explained:
     if not out["finite"][i]:
         return _failed(item, "NonFiniteOutput", "the model's scores or the CAM hold NaN or Inf")
     return Explained(
@@ -266,4 +305,5 @@ def _explained(item: DecodedImage, out: dict, i: int) -> Explained:
         target_score=out["target_score"][i],
         target_logit=out["target_logit"][i],
         cam=out["cam"][i],
+        attention=attention[i] if attention is not None else None,
     )

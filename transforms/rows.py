@@ -5,7 +5,7 @@ from __future__ import annotations
 import apache_beam as beam
 import numpy as np
 
-from transforms.attention import attention_stats
+from transforms.attention import attention_stats, pointing_game
 from transforms.dead_letters import ERRORS_TAG, error_row
 from transforms.faithfulness import FAITHFULNESS_NULLS, unwrap
 from transforms.flags import DEFAULT_THRESHOLDS, FlagThresholds, image_flags
@@ -24,13 +24,17 @@ def heatmap_rows(
     faithfulness columns; they are null otherwise.
     """
     image = result.image
+    image_size = (image.image_height, image.image_width)
     rows = []
     for rank, cam in enumerate(result.cam):
         cam = np.asarray(cam, np.float32)
-        attention = attention_stats(
-            cam, image.boxes, image_size=(image.image_height, image.image_width),
-            tolerance_px=thresholds.pointing_tolerance_px,
-        )
+        if result.attention is not None:  # computed over the whole batch by the explaining step
+            attention = dict(result.attention[rank])
+            attention["peak_in_box"] = pointing_game(attention, image.boxes, image_size,
+                                                     thresholds.pointing_tolerance_px)
+        else:
+            attention = attention_stats(cam, image.boxes, image_size=image_size,
+                                        tolerance_px=thresholds.pointing_tolerance_px)
         rows.append(
             {
                 "image_id": image.image_id,
