@@ -2,9 +2,10 @@
 
     shard paths -> ReadRecords -> DecodeImages (checks) -> ExplainImages (RunInference:
       batch decode + CAM)
-      -> MeasureFaithfulness (a sampled share) -> FormatHeatmapRows -> FindStrategies (SpRAy: cluster_id,
-           assigned over Arrow batches of rows) -> WriteHeatmaps (from the batches); clusters -> WriteClusters
-         -> ComputeClassStats -> AddStrategyColumns -> WriteClassStats
+      -> MeasureFaithfulness (a sampled share) -> FormatHeatmapRows -> BatchRows (Arrow batches of rows)
+         -> FindStrategies (SpRAy: cluster_id, assigned over the batches) -> WriteHeatmaps (from the batches);
+            clusters -> WriteClusters
+         -> ComputeClassStats (numpy over the batches) -> AddStrategyColumns -> WriteClassStats
       -> SelectExemplars (Top.PerKey per flag / shortcut class / strategy, + class stats) -> WriteExemplars
       -> CheckSanity (a fixed small sample) --+
          heatmap rows -> SummariseFaithfulness -> WriteFaithfulnessSummary (faithfulness.json)
@@ -39,8 +40,8 @@ from transforms.model_handler import ExplainBatches, KerasCamModelHandler
 from transforms.records import FanOutRecords, ReadShardRecords
 from transforms.rows import EXEMPLAR_SOURCES_TAG, FormatHeatmapRows
 from transforms.schemas import CLASS_STATS_SCHEMA, CLUSTER_SCHEMA, ERROR_SCHEMA, EXEMPLAR_SCHEMA, HEATMAP_SCHEMA
-from transforms.sinks import TABLES, WriteParquetTable
-from transforms.strategies import AddStrategyColumns, FindStrategies
+from transforms.sinks import TABLES, ToRecordBatches, WriteParquetTable
+from transforms.strategies import BATCH_ROWS, AddStrategyColumns, FindStrategies
 
 _LOG = logging.getLogger(__name__)
 
@@ -189,9 +190,12 @@ class ExplainDataset(beam.PTransform):
             ).with_outputs(ERRORS_TAG, EXEMPLAR_SOURCES_TAG, main="rows")
         )
         errors = (read[ERRORS_TAG], decoded[ERRORS_TAG], rows[ERRORS_TAG]) | "CollectErrors" >> beam.Flatten()
-        strategies = rows.rows | "FindStrategies" >> FindStrategies(c.strategy_settings())
+        # Arrow batches of rows: what the strategies' assignment waits with (a stage boundary), what the
+        # class statistics are computed from in numpy, and what the heatmaps table is written from.
+        batches = rows.rows | "BatchRows" >> ToRecordBatches(HEATMAP_SCHEMA, BATCH_ROWS)
+        strategies = batches | "FindStrategies" >> FindStrategies(c.strategy_settings(), batched=True)
         stats = (
-            rows.rows
+            batches
             | "ComputeClassStats" >> ComputeClassStats(self._class_names, c.flag_thresholds())
             | "AddStrategyColumns" >> AddStrategyColumns(strategies["clusters"])
         )

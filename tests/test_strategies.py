@@ -13,10 +13,13 @@ from transforms.strategies import (
     AssignStrategies,
     ClusterStatsFn,
     FindStrategies,
+    SampleBatchMaps,
+    SampleMapsFn,
     StrategySettings,
     _members,
     cluster_maps,
     cluster_rows,
+    normalised_map,
     strategies_of,
     suspicion,
 )
@@ -244,6 +247,63 @@ def test_assign_strategies_on_a_batch_equals_assigning_each_row():
         assert sum(c.count for c in got) == len(found)  # the kind's total survives the pre-selection
         assert all(c.raw_record == b"" and set(c.fields) == set(ROW_FIELDS) for c in got)
         assert got[0].fields["cam"] == pytest.approx(best[0][3]["cam"])
+
+
+def _sampled(batches, n: int, seed: int, merge: str = "fold") -> dict:
+    """class -> [(shape, map)]: SampleBatchMaps over the batches, then SampleMapsFn, its accumulators
+    made one per batch and merged ("merge"), or every part added to one ("fold")."""
+    sampler, fn = SampleBatchMaps(n, seed=seed), SampleMapsFn(n)
+    sampler.setup()
+    parts: dict = {}
+    for batch in batches:
+        for class_id, part in sampler.process(batch):
+            parts.setdefault(class_id, []).append(part)
+    out = {}
+    for class_id, class_parts in parts.items():
+        if merge == "fold":
+            acc = fn.create_accumulator()
+            for part in class_parts:
+                acc = fn.add_input(acc, part)
+        else:
+            acc = fn.merge_accumulators([fn.add_input(fn.create_accumulator(), part) for part in class_parts[::-1]])
+        out[class_id] = fn.extract_output(acc)
+    return out
+
+
+@pytest.mark.parametrize("merge", ["fold", "merge"])
+def test_sampling_keeps_every_map_of_a_class_below_the_sample_size(merge):
+    """With fewer maps than the sample size, a class's sample is all its maps with mass, each exactly its
+    row's `normalised_map` with its size; maps of another size are kept under their own size."""
+    rows = _rows(90, 2, seed=5, class_id=0) + _rows(40, 1, seed=6, class_id=1)
+    for row in rows[::9]:
+        row["cam_max"], row["cam"] = 2.0, [2.0 * v for v in row["cam"]]
+    rows[3].update(cam=[0.0] * 64, cam_max=0.0)  # no mass: never sampled
+    rows[4].update(cam=[1.0, 0.5], cam_height=1, cam_width=2, cam_max=1.0)
+    batches = [pa.RecordBatch.from_pylist(rows[i : i + 50], schema=TEST_SCHEMA) for i in range(0, len(rows), 50)]
+    sample = _sampled(batches, 1000, seed=0, merge=merge)
+    for class_id in (0, 1):
+        want = sorted((((r["cam_height"], r["cam_width"]), normalised_map(r).tobytes()) for r in rows
+                       if r["target_class"] == class_id and r["cam_max"] > 0))
+        got = sorted((shape, m.astype(np.float32).tobytes()) for shape, m in sample[class_id])
+        assert got == want, class_id
+    assert ((1, 2), np.float32([1.0, 0.5]).tobytes()) in {(s, m.tobytes()) for s, m in sample[0]}
+
+
+def test_sampling_is_uniform_whatever_the_batches():
+    """10 maps of a class in batches of 7 and 3, a sample of 2, 4000 seeds: every map is in the sample
+    with probability 2/10 (within 4 standard deviations: 0.2 +- 0.025), whichever batch holds it."""
+    rows = _rows(10, 1, seed=7, class_id=0)
+    batches = [pa.RecordBatch.from_pylist(rows[:7], schema=TEST_SCHEMA),
+               pa.RecordBatch.from_pylist(rows[7:], schema=TEST_SCHEMA)]
+    index = {normalised_map(r).tobytes(): i for i, r in enumerate(rows)}
+    hits = np.zeros(10)
+    trials = 4000
+    for seed in range(trials):
+        sample = _sampled(batches, 2, seed=seed, merge="merge" if seed % 2 else "fold")[0]
+        assert len(sample) == 2
+        for _, m in sample:
+            hits[index[m.astype(np.float32).tobytes()]] += 1
+    np.testing.assert_allclose(hits / trials, 0.2, atol=0.025)
 
 
 def test_find_strategies_in_a_pipeline():

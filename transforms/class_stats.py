@@ -14,6 +14,7 @@ from typing import Iterable, Optional
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 
 from transforms.faithfulness import COLUMNS as FAITHFULNESS_COLUMNS
 from transforms.faithfulness import CURVE_COLUMNS
@@ -62,8 +63,130 @@ def class_contributions(row: dict) -> Iterable[tuple[int, tuple[str, dict]]]:
     yield int(row["target_class"]), ("target", row)
 
 
+def batch_accumulators(batch) -> list[tuple[int, "ClassAccumulator"]]:
+    """(class_id, ClassAccumulator) of every class an Arrow batch of heatmap rows contributes to:
+    what adding each row's `class_contributions` one by one gives (sums within float rounding),
+    computed with numpy over the whole batch (grouped by class with bincount), so a row costs no
+    Beam element per contribution and no Python dict walk. The few rows with faithfulness columns
+    (a sampled share) are added row by row; a batch whose maps differ in size goes row by row."""
+    from transforms.sinks import cam_matrix, numpy_column
+
+    n = batch.num_rows
+    accs: dict[int, ClassAccumulator] = {}
+
+    def acc(class_id) -> ClassAccumulator:
+        class_id = int(class_id)
+        if class_id not in accs:
+            accs[class_id] = ClassAccumulator()
+        return accs[class_id]
+
+    heights, widths = numpy_column(batch, "cam_height", np.int64), numpy_column(batch, "cam_width", np.int64)
+    if n == 0 or len(set(heights.tolist())) > 1 or len(set(widths.tolist())) > 1:
+        for row in batch.to_pylist():
+            for class_id, contribution in class_contributions(row):
+                ClassStatsFn.add_to(acc(class_id), contribution)
+        return list(accs.items())
+    rank0 = numpy_column(batch, "target_rank", np.int64) == 0
+    label = numpy_column(batch, "label", np.int64)  # null -> -1
+    has_label = ~batch.column("label").is_null().to_numpy(zero_copy_only=False)
+    predicted = numpy_column(batch, "predicted_class", np.int64)
+    target = numpy_column(batch, "target_class", np.int64)
+
+    # role "target": every row (first: these accumulators are made whole, the other roles add to them)
+    classes, inverse = np.unique(target, return_inverse=True)
+    k = len(classes)
+
+    def per_class(values: np.ndarray) -> np.ndarray:
+        return np.bincount(inverse, values, minlength=k)
+
+    def known(name: str):
+        """(known mask, values as float64 with 0 for nulls) of a nullable column (bools too)."""
+        column = batch.column(name)
+        mask = ~column.is_null().to_numpy(zero_copy_only=False)
+        values = column.cast(pa.float64()).fill_null(0.0).to_numpy(zero_copy_only=False)
+        return mask, values
+
+    cam_max = numpy_column(batch, "cam_max")
+    with_mass = np.flatnonzero(cam_max > 0)
+    sum_cam = np.zeros((k, int(heights[0]) * int(widths[0])))
+    np.add.at(sum_cam, inverse[with_mass],
+              cam_matrix(batch, with_mass, sum_cam.shape[1]).astype(np.float64) / cam_max[with_mass, None])
+    num_cam = np.bincount(inverse[with_mass], minlength=k)
+    columns = {"num_targeted": np.bincount(inverse, minlength=k),
+               "sum_target_score": per_class(numpy_column(batch, "target_score"))}
+    stat_counts, stat_sums = {}, {}
+    for key in _STATS:
+        mask, values = known(key)
+        stat_counts[key], stat_sums[key] = per_class(mask.astype(np.float64)), per_class(values)
+    mask, hits = known("peak_in_box")
+    pointing_total, pointing_hits = per_class(mask.astype(np.float64)), per_class(hits)
+    flag_counts, flag_hits, flagged = {}, {}, np.zeros(n, bool)
+    for flag in IMAGE_FLAGS:
+        mask, hits = known(flag)
+        flag_counts[flag], flag_hits[flag] = per_class(mask.astype(np.float64)), per_class(hits)
+        flagged |= hits > 0
+    num_flagged = per_class(flagged.astype(np.float64))
+    cells = {}
+    for name in ("peak_cell", "box_cell"):
+        mask, cell = known(name)
+        cells[name] = np.zeros((k, NUM_CELLS), np.int64)
+        np.add.at(cells[name], (inverse[mask], cell[mask].astype(np.int64)), 1)
+    shape = (int(heights[0]), int(widths[0]))
+    for j, class_id in enumerate(classes.tolist()):  # every field given: no default factory runs
+        a = ClassAccumulator(
+            num_targeted=int(columns["num_targeted"][j]), sum_target_score=float(columns["sum_target_score"][j]),
+            sum_cam=sum_cam[j].reshape(shape) if num_cam[j] else None, num_cam=int(num_cam[j]),
+            stat_sums={key: float(stat_sums[key][j]) for key in _STATS},
+            stat_counts={key: int(stat_counts[key][j]) for key in _STATS},
+            pointing_total=int(pointing_total[j]), pointing_hits=int(pointing_hits[j]),
+            confusions=collections.Counter(),
+            flag_counts={flag: int(flag_counts[flag][j]) for flag in IMAGE_FLAGS},
+            flag_hits={flag: int(flag_hits[flag][j]) for flag in IMAGE_FLAGS}, num_flagged=int(num_flagged[j]),
+            peak_cells=cells["peak_cell"][j], box_cells=cells["box_cell"][j],
+            faithfulness_sums=dict.fromkeys(FAITHFULNESS_COLUMNS, 0.0), curve_sums={},
+        )
+        accs[class_id] = a
+
+    # role "label": the rank-0 rows with a label
+    labelled = rank0 & has_label
+    right = labelled & (predicted == label)
+    for class_id, count in zip(*np.unique(label[labelled], return_counts=True), strict=True):
+        acc(class_id).num_labelled = int(count)
+    for class_id, count in zip(*np.unique(label[right], return_counts=True), strict=True):
+        acc(class_id).num_correct = int(count)
+    wrong = labelled & ~right
+    if wrong.any():
+        pairs, counts = np.unique(np.stack([label[wrong], predicted[wrong]], 1), axis=0, return_counts=True)
+        for (class_id, other), count in zip(pairs.tolist(), counts.tolist(), strict=True):
+            acc(class_id).confusions[other] += count
+
+    # role "predicted": every rank-0 row
+    classes, inverse = np.unique(predicted[rank0], return_inverse=True)
+    counts = np.bincount(inverse, minlength=len(classes))
+    with_label = np.bincount(inverse, has_label[rank0].astype(np.float64), minlength=len(classes))
+    scores = np.bincount(inverse, numpy_column(batch, "predicted_score")[rank0], minlength=len(classes))
+    for j, class_id in enumerate(classes.tolist()):
+        a = acc(class_id)
+        a.num_predicted, a.num_predicted_labelled = int(counts[j]), int(with_label[j])
+        a.sum_predicted_score = float(scores[j])
+    sampled = np.flatnonzero(known("faithfulness_gap")[0])
+    if len(sampled):
+        for i, row in zip(sampled.tolist(), batch.take(sampled).to_pylist(), strict=True):
+            _add_faithfulness(acc(target[i]), row)
+    return list(accs.items())
+
+
+def class_parts(item) -> Iterable[tuple[int, object]]:
+    """A heatmap row -> its (class_id, (role, row)) contributions; an Arrow batch of rows -> one
+    (class_id, ClassAccumulator) per class it contributes to (`batch_accumulators`)."""
+    if isinstance(item, dict):
+        return class_contributions(item)
+    return batch_accumulators(item)
+
+
 class ClassStatsFn(beam.CombineFn):
-    """Combines (role, heatmap row) contributions of one class into its stats."""
+    """Combines (role, heatmap row) contributions of one class, or partial accumulators of it
+    (`batch_accumulators`), into its stats."""
 
     def __init__(self, thresholds: FlagThresholds = DEFAULT_THRESHOLDS):
         super().__init__()
@@ -73,6 +196,13 @@ class ClassStatsFn(beam.CombineFn):
         return ClassAccumulator()
 
     def add_input(self, acc: ClassAccumulator, contribution) -> ClassAccumulator:
+        if isinstance(contribution, ClassAccumulator):  # a batch's partial (`batch_accumulators`)
+            return self.merge_into(acc, contribution)
+        return self.add_to(acc, contribution)
+
+    @staticmethod
+    def add_to(acc: ClassAccumulator, contribution) -> ClassAccumulator:
+        """Adds one (role, heatmap row) contribution to `acc`."""
         role, row = contribution
         if role == "label":
             acc.num_labelled += 1
@@ -119,24 +249,30 @@ class ClassStatsFn(beam.CombineFn):
     def merge_accumulators(self, accumulators) -> ClassAccumulator:
         merged = ClassAccumulator()
         for acc in accumulators:
-            for field in (
-                "num_labelled", "num_predicted", "num_predicted_labelled", "num_correct",
-                "sum_predicted_score", "num_targeted", "sum_target_score", "num_cam",
-                "pointing_hits", "pointing_total", "num_flagged",
-            ):
-                setattr(merged, field, getattr(merged, field) + getattr(acc, field))
-            if acc.sum_cam is not None:
-                merged.sum_cam = acc.sum_cam.copy() if merged.sum_cam is None else merged.sum_cam + acc.sum_cam
-            for key in _STATS:
-                merged.stat_sums[key] += acc.stat_sums[key]
-                merged.stat_counts[key] += acc.stat_counts[key]
-            merged.confusions.update(acc.confusions)
-            for flag in IMAGE_FLAGS:
-                merged.flag_hits[flag] += acc.flag_hits[flag]
-                merged.flag_counts[flag] += acc.flag_counts[flag]
-            merged.peak_cells = merged.peak_cells + acc.peak_cells
-            merged.box_cells = merged.box_cells + acc.box_cells
-            _merge_faithfulness(merged, acc)
+            self.merge_into(merged, acc)
+        return merged
+
+    @staticmethod
+    def merge_into(merged: ClassAccumulator, acc: ClassAccumulator) -> ClassAccumulator:
+        """Adds `acc` to `merged` (in place; `acc` is left unchanged and shares nothing with it)."""
+        for field in (
+            "num_labelled", "num_predicted", "num_predicted_labelled", "num_correct",
+            "sum_predicted_score", "num_targeted", "sum_target_score", "num_cam",
+            "pointing_hits", "pointing_total", "num_flagged",
+        ):
+            setattr(merged, field, getattr(merged, field) + getattr(acc, field))
+        if acc.sum_cam is not None:
+            merged.sum_cam = acc.sum_cam.copy() if merged.sum_cam is None else merged.sum_cam + acc.sum_cam
+        for key in _STATS:
+            merged.stat_sums[key] += acc.stat_sums[key]
+            merged.stat_counts[key] += acc.stat_counts[key]
+        merged.confusions.update(acc.confusions)
+        for flag in IMAGE_FLAGS:
+            merged.flag_hits[flag] += acc.flag_hits[flag]
+            merged.flag_counts[flag] += acc.flag_counts[flag]
+        merged.peak_cells = merged.peak_cells + acc.peak_cells
+        merged.box_cells = merged.box_cells + acc.box_cells
+        _merge_faithfulness(merged, acc)
         return merged
 
     def compact(self, acc: ClassAccumulator) -> ClassAccumulator:
@@ -210,7 +346,8 @@ def _faithfulness_output(acc: ClassAccumulator) -> dict:
 
 
 class ComputeClassStats(beam.PTransform):
-    """PCollection[heatmap row] -> PCollection[class_stats row], one per class."""
+    """PCollection[heatmap row] or PCollection[Arrow RecordBatch of heatmap rows] ->
+    PCollection[class_stats row], one per class."""
 
     def __init__(self, class_names: Optional[list[str]] = None, thresholds: FlagThresholds = DEFAULT_THRESHOLDS):
         super().__init__()
@@ -229,7 +366,7 @@ class ComputeClassStats(beam.PTransform):
 
         return (
             rows
-            | "SplitByClass" >> beam.FlatMap(class_contributions)
+            | "SplitByClass" >> beam.FlatMap(class_parts)
             | "CombinePerClass" >> beam.CombinePerKey(ClassStatsFn(self._thresholds))
             | "ToClassRow" >> beam.Map(to_row)
         )

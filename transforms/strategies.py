@@ -8,10 +8,11 @@ corner"), and a cluster that looks off the objects is a suspect.
 
 `FindStrategies` (a composite PTransform) does it with bounded cost:
 
-    heatmap rows --KeyMapsByClass--> (class, max-normalised map)
-      --SampleMapsPerClass (Sample.FixedSizePerKey, sample_size)--> (class, [maps])
+    heatmap rows --BatchRows--> Arrow batches
+      --SampleBatchMaps (max-normalised maps, random priorities)--> (class, maps of a batch)
+      --SampleMapsPerClass (SampleMapsFn: the sample_size highest priorities)--> (class, [maps])
       --ClusterClassMaps--> (class, ClassStrategies: cluster means, eigengap)
-    heatmap rows --BatchRows--> Arrow batches --AssignStrategies (side input: the cluster means,
+    Arrow batches --AssignStrategies (side input: the cluster means,
       numpy over each batch)--> batches + cluster_id (the heatmaps table)
       --CombinePerCluster (each batch's members pre-summed)--> one `clusters` row per (class, cluster)
 
@@ -65,7 +66,7 @@ import pyarrow as pa
 from transforms.exemplars import PER_KIND, ROW_FIELDS, Candidate, strategy_kind
 from transforms.flags import CELL_NAMES, NUM_CELLS
 from transforms.schemas import HEATMAP_SCHEMA
-from transforms.sinks import ToRecordBatches
+from transforms.sinks import ToRecordBatches, cam_matrix, numpy_column
 
 _LOG = logging.getLogger(__name__)
 
@@ -202,26 +203,81 @@ def strategies_of(
     return ClassStrategies(shape=tuple(shape), means=means, eigengap=gap, num_sampled=len(maps))
 
 
-def _key_map(row: dict):
-    vector = normalised_map(row)
-    if vector is not None:
-        yield int(row["target_class"]), ((int(row["cam_height"]), int(row["cam_width"])), vector)
+class SampleMapsFn(beam.CombineFn):
+    """A uniform sample of up to `n` max-normalised maps per class, from batches' parts.
+
+    Each map draws a random priority where it is made (`SampleBatchMaps`) and the `n` highest
+    priorities are kept, which merges in any order into a uniform sample of all the class's maps
+    (Beam's `Sample.FixedSizePerKey` does the same one element at a time). A part and the
+    accumulator hold float32 matrices: {(h, w): (priorities [m], maps [m, h*w])}, one pickled
+    buffer each instead of a pickled array per map.
+    """
+
+    def __init__(self, n: int):
+        self._n = n
+
+    def create_accumulator(self) -> dict:
+        return {}
+
+    def add_input(self, acc: dict, part: dict) -> dict:
+        for shape, (priorities, maps) in part.items():
+            self._add(acc, shape, priorities, maps)
+        return acc
+
+    def merge_accumulators(self, accumulators) -> dict:
+        merged: dict = {}
+        for acc in accumulators:
+            self.add_input(merged, acc)
+        return merged
+
+    def _add(self, acc: dict, shape, priorities: np.ndarray, maps: np.ndarray) -> None:
+        if shape in acc:
+            priorities = np.concatenate([acc[shape][0], priorities])
+            maps = np.concatenate([acc[shape][1], maps])
+        if len(priorities) > self._n:
+            keep = np.argpartition(-priorities, self._n - 1)[: self._n]
+            priorities, maps = priorities[keep], maps[keep]
+        acc[shape] = (priorities, maps)
+
+    def extract_output(self, acc: dict) -> list[tuple[tuple[int, int], np.ndarray]]:
+        """[(shape, map)]: the n highest priorities over every map size (what `strategies_of` takes)."""
+        items = [(float(p), shape, m) for shape, (priorities, maps) in acc.items()
+                 for p, m in zip(priorities.tolist(), maps, strict=True)]
+        items.sort(key=lambda item: -item[0])
+        return [(shape, m) for _, shape, m in items[: self._n]]
 
 
-def _cam_matrix(batch, rows: np.ndarray, size: int) -> np.ndarray:
-    """The `cam` lists of `rows` of an Arrow batch as one [len(rows), size] float32 matrix (each of length `size`)."""
-    cams = batch.column("cam")
-    offsets = np.asarray(cams.offsets)
-    values = cams.values.to_numpy(zero_copy_only=False)
-    return values[offsets[rows][:, None] + np.arange(size)[None, :]]
+class SampleBatchMaps(beam.DoFn):
+    """Arrow batch of heatmap rows -> (class, {(h, w): (priorities, maps)}): each row with CAM mass
+    as its max-normalised map (`normalised_map`, float32) with a random priority; per class and map
+    size at most `n` of a batch go on (those of the highest priorities: the sample keeps no others)."""
 
+    def __init__(self, n: int, seed: Optional[int] = None):
+        self._n = n
+        self._seed = seed  # tests only; a job's workers each draw their own
 
-def _column(batch, name: str, dtype=np.float64) -> np.ndarray:
-    """An Arrow column as numpy, nulls as NaN (floats) or -1 (ints)."""
-    column = batch.column(name)
-    if column.null_count:
-        column = column.fill_null(-1 if np.issubdtype(dtype, np.integer) else np.nan)
-    return column.to_numpy(zero_copy_only=False).astype(dtype)
+    def setup(self):
+        self._rng = np.random.default_rng(self._seed)
+
+    def process(self, batch):
+        cam_max = numpy_column(batch, "cam_max", np.float32)
+        rows = np.flatnonzero(cam_max > 0)
+        if not len(rows):
+            return
+        keys = np.stack([numpy_column(batch, name, np.int64)[rows]
+                         for name in ("target_class", "cam_height", "cam_width")], axis=1)
+        groups, inverse = np.unique(keys, axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        priorities = self._rng.random(len(rows))
+        order = np.argsort(inverse, kind="stable")
+        bounds = np.searchsorted(inverse[order], np.arange(len(groups) + 1))
+        for g, (class_id, height, width) in enumerate(groups.tolist()):
+            members = order[bounds[g] : bounds[g + 1]]
+            if len(members) > self._n:
+                members = members[np.argpartition(-priorities[members], self._n - 1)[: self._n]]
+            picked = rows[members]
+            maps = cam_matrix(batch, picked, height * width) / cam_max[picked, None]
+            yield class_id, {(height, width): (priorities[members], maps)}
 
 
 def _row_fields(batch, rows: np.ndarray) -> list[dict]:
@@ -263,12 +319,12 @@ class AssignStrategies(beam.DoFn):
         n = batch.num_rows
         cluster_ids = np.full(n, -1, np.int32)
         if n and models:
-            classes = _column(batch, "target_class", np.int64)
-            cam_max = _column(batch, "cam_max")
-            shapes = np.stack([_column(batch, "cam_height", np.int64), _column(batch, "cam_width", np.int64)], 1)
+            classes = numpy_column(batch, "target_class", np.int64)
+            cam_max = numpy_column(batch, "cam_max")
+            shapes = np.stack([numpy_column(batch, "cam_height", np.int64), numpy_column(batch, "cam_width", np.int64)], 1)
             # The members' statistics, read from the batch once (not once per class in it).
-            stats = (_column(batch, "box_concentration"), _column(batch, "border_mass"),
-                     _column(batch, "peak_cell", np.int64))
+            stats = (numpy_column(batch, "box_concentration"), numpy_column(batch, "border_mass"),
+                     numpy_column(batch, "peak_cell", np.int64))
             for class_id in np.unique(classes).tolist():
                 model = models.get(class_id)
                 if model is None:
@@ -276,7 +332,7 @@ class AssignStrategies(beam.DoFn):
                 rows = np.flatnonzero((classes == class_id) & (cam_max > 0) & np.all(shapes == model.shape, axis=1))
                 if not len(rows):
                     continue
-                vectors = _cam_matrix(batch, rows, model.shape[0] * model.shape[1])
+                vectors = cam_matrix(batch, rows, model.shape[0] * model.shape[1])
                 vectors = vectors / cam_max[rows].astype(np.float32)[:, None]
                 distances = np.linalg.norm(model.means[None, :, :] - vectors[:, None, :], axis=2)
                 nearest = np.argmin(distances, axis=1)
@@ -436,26 +492,30 @@ class FindStrategies(beam.PTransform):
 
     The rows wait for the cluster means (a side input made from all of them), so they cross a stage
     boundary: they cross as Arrow batches of `batch_rows` rows (one pickled buffer each, not a pickled
-    dict per row), the assignment is numpy over a batch, and the heatmaps table is written from them.
+    dict per row), the sampling and the assignment are numpy over a batch, and the heatmaps table is
+    written from them. With `batched`, the input already is such batches (the job batches its rows once,
+    for this and for the class statistics).
     """
 
-    def __init__(self, settings: StrategySettings = DEFAULT_SETTINGS, schema=None, batch_rows: int = BATCH_ROWS):
+    def __init__(self, settings: StrategySettings = DEFAULT_SETTINGS, schema=None, batch_rows: int = BATCH_ROWS,
+                 batched: bool = False):
         super().__init__()
         self._settings = settings
         self._schema = schema if schema is not None else HEATMAP_SCHEMA
         self._batch_rows = batch_rows
+        self._batched = batched
 
-    def expand(self, rows):
+    def expand(self, inputs):
+        batches = inputs if self._batched else inputs | "BatchRows" >> ToRecordBatches(self._schema, self._batch_rows)
         settings = self._settings
         models = (
-            rows
-            | "KeyMapsByClass" >> beam.FlatMap(_key_map)
-            | "SampleMapsPerClass" >> beam.combiners.Sample.FixedSizePerKey(settings.sample_size)
+            batches
+            | "SampleBatchMaps" >> beam.ParDo(SampleBatchMaps(settings.sample_size))
+            | "SampleMapsPerClass" >> beam.CombinePerKey(SampleMapsFn(settings.sample_size))
             | "ClusterClassMaps" >> beam.MapTuple(lambda cls, items: (cls, strategies_of(items, settings)))
         )
         assigned = (
-            rows
-            | "BatchRows" >> ToRecordBatches(self._schema, self._batch_rows)
+            batches
             | "AssignStrategies" >> beam.ParDo(
                 AssignStrategies(settings.exemplars), models=beam.pvalue.AsDict(models)
             ).with_outputs(MEMBERS_TAG, EXEMPLAR_CANDIDATES_TAG, main="batches")
