@@ -80,6 +80,11 @@ def test_candidates_of_one_row():
                      pytest.approx(0.7), cell_kind(2, 5): pytest.approx(0.9)}
     row.update(low_confidence=True, predicted_score=0.3)
     assert {k: c.score for k, c in audit_candidates(row, b"raw")}[flag_kind("low_confidence")] == pytest.approx(-0.3)
+    # The record's bytes travel with its candidates only when it cannot be read again at its offset.
+    boxes = ((0.1, 0.2, 0.3, 0.4),)
+    assert {(c.raw_record, c.boxes) for _, c in audit_candidates(row, b"raw", boxes)} == {(b"raw", boxes)}
+    row["record_offset"] = 1234
+    assert {(c.raw_record, c.boxes) for _, c in audit_candidates(row, b"raw", boxes)} == {(b"", ())}
 
 
 def test_top_per_kind_picks_the_worst_of_each_kind(tmp_path):

@@ -12,13 +12,13 @@ or anything another step proposes ("strategy:<class>:<cluster>").
 
 Memory stays bounded whatever the dataset size: Beam lifts both combiners
 (each worker keeps at most n candidates per kind per bundle, then merges
-those), a `Candidate` carries its serialized record (already held by the
-explained image, so nothing is copied before the combiner), and thumbnails
-are drawn only for the winners. The strategy candidates exist only after the
-clustering, i.e. after every image: they carry no record bytes (nothing of the
-dataset waits for the clustering), and a winner's record is read again from
-its shard at its `record_offset` (`record_and_boxes`) when its thumbnail is drawn. The "cell:<class>:<ninth>" kinds behind the
-shortcut exemplars number up to 9 per class (n records each per bundle);
+those), a `Candidate` carries its heatmap row's fields but no record bytes,
+and thumbnails are drawn only for the winners, whose records are read again
+from their shards at their `record_offset` (`record_and_boxes`). (Only a
+record of unknown offset travels with its candidates.) The strategy
+candidates exist only after the clustering, i.e. after every image (nothing
+of the dataset waits for it). The "cell:<class>:<ninth>" kinds behind the
+shortcut exemplars number up to 9 per class (n candidates each per bundle);
 the class statistics decide afterwards which of them become
 "shortcut:<class>" and the rest are dropped before any thumbnail is drawn.
 
@@ -141,8 +141,14 @@ def audit_candidates(row: dict, raw_record: bytes, boxes: Iterable = ()) -> Iter
     """The (kind, Candidate) pairs of one image's rank-0 heatmap row.
 
     One per flag set (ranked by `FLAG_RANKING`), and one "cell:<predicted class>:<peak ninth>"
-    ranked by predicted_score (the shortcut exemplars are chosen among these).
+    ranked by predicted_score (the shortcut exemplars are chosen among these). When the row
+    knows where its record lies in its shard (record_offset), the candidates carry no record
+    bytes: the few winners are read again when their tiles are drawn (`record_and_boxes`), and
+    the Top accumulators (up to n per kind, 9 cell kinds per predicted class: tens of thousands
+    for a 1000-class model) stay ~1 kB a candidate instead of an image's size.
     """
+    if row.get("record_offset") is not None:
+        raw_record, boxes = b"", ()
     boxes = tuple(boxes)
     for flag, (column, worst_is_largest) in FLAG_RANKING.items():
         value = row.get(column)
