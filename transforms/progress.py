@@ -7,7 +7,8 @@ launcher sets `PROGRESS_ENV` to a fresh folder and every worker process
 (in-process, threads or the multi-processing workers, which inherit the
 environment) adds to its own small JSON file there, at most every
 `FLUSH_SECONDS`; `pipeline.progress` sums the files. Without the variable
-(clusters, tests, non-terminal runs) `tally` costs one dictionary lookup.
+(clusters, tests, non-terminal runs) nothing is written; `tally` itself is a
+Counter update either way (the environment is read at flushes only).
 """
 
 from __future__ import annotations
@@ -23,46 +24,47 @@ PROGRESS_ENV = "GRADCAM_AUDIT_PROGRESS_DIR"
 FLUSH_SECONDS = 0.5
 
 _lock = threading.Lock()
-_counts: collections.Counter = collections.Counter()
+_counts: collections.Counter = collections.Counter()  # this run's totals (the progress folder's)
+_pending: collections.Counter = collections.Counter()  # tallied since the last flush
 _last_flush = 0.0
 _folder = None  # the folder `_counts` belongs to (a new run, a new folder: counts start again)
 _name = f"{uuid.uuid4().hex[:8]}.json"
 
 
 def tally(**counts: int) -> None:
-    """Adds `counts` (e.g. records_read=1) to this process's tally when a progress folder is set."""
-    folder = os.environ.get(PROGRESS_ENV)
-    if not folder:
-        return
-    global _folder
+    """Adds `counts` (e.g. records_read=1) to this process's tally; they reach the progress folder (when
+    one is set) at the next `flush`, at most `FLUSH_SECONDS` later. Per element this is a Counter
+    update: the environment is read only when flushing."""
     with _lock:
-        if folder != _folder:
-            _folder = folder
-            _counts.clear()
-        _counts.update(counts)
+        _pending.update(counts)
     if time.monotonic() - _last_flush >= FLUSH_SECONDS:
         flush()
 
 
 def flush() -> None:
-    """Writes this process's tally to `<progress folder>/<pid>-<random>.json` (atomically)."""
-    global _last_flush
+    """Writes this process's tally to `<progress folder>/<pid>-<random>.json` (atomically); without a
+    progress folder the pending counts are dropped."""
+    global _last_flush, _folder
     folder = os.environ.get(PROGRESS_ENV)
-    if not folder:
-        return
     with _lock:
-        if folder != _folder:
-            return
         _last_flush = time.monotonic()
+        pending = dict(_pending)
+        _pending.clear()
+        if not folder:
+            return
+        if folder != _folder:  # a new run, a new folder: its counts start at zero
+            _folder = folder
+            _counts.clear()
+        _counts.update(pending)
         snapshot = dict(_counts)
-        path = os.path.join(folder, f"{os.getpid()}-{_name}")
-        temp = f"{path}.{threading.get_ident()}.tmp"
-        try:
-            with open(temp, "w") as handle:
-                json.dump(snapshot, handle)
-            os.replace(temp, path)
-        except OSError:  # the launcher removed the folder: the run is over
-            pass
+    path = os.path.join(folder, f"{os.getpid()}-{_name}")
+    temp = f"{path}.{threading.get_ident()}.tmp"
+    try:
+        with open(temp, "w") as handle:
+            json.dump(snapshot, handle)
+        os.replace(temp, path)
+    except OSError:  # the launcher removed the folder: the run is over
+        pass
 
 
 def read_tallies(folder: str) -> collections.Counter:
