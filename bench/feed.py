@@ -9,7 +9,8 @@ over TFRecord shards of photo-like 500x375 JPEGs (`bench.photos`):
   tf.data   the usual input pipeline feeding the same model's compiled CAM
             step (`CamExplainer.__call__`): TFRecordDataset interleave,
             map(parse + decode_jpeg + resize, AUTOTUNE), batch(32), prefetch;
-            images/s over a whole pass of the 2N-image shards (after a warm-up)
+            images/s over a whole pass of the 2N-image shards (after a warm-up),
+            two passes per repeat; the ratios take its best pass
   P 1 thread   the whole job (`pipeline.graph.run`, FnApiRunner default: one
             worker, in memory), steady state N / (pipeline_seconds(2N) -
             pipeline_seconds(N)) as for P
@@ -17,7 +18,9 @@ over TFRecord shards of photo-like 500x375 JPEGs (`bench.photos`):
             (--direct_num_workers=2 --direct_running_mode=multi_threading)
   P 1 core  P 1 thread with the process pinned to one CPU (its affinity;
             TensorFlow's pools follow it)
-  feed ratio   P 2 threads / tf.data (both may use every core); scaling =
+  feed ratio   P 2 threads / tf.data (both may use every core); per CPU-s:
+            the same with images per CPU-second of each (the work each does per
+            image, whatever the cores it kept busy); scaling =
             P 2 threads / P 1 thread; core scaling = P 1 thread / P 1 core
             (does one process use the machine's cores? on 2 cores, one Beam
             thread already keeps ~1.7 busy, so a second thread has little
@@ -44,6 +47,10 @@ FEED_MODEL_NAME = "near_free.keras"
 FEED_TARGET_LAYER = "pool"
 TWO_THREADS = ("--direct_num_workers=2", "--direct_running_mode=multi_threading")
 FEED_TARGETS = {"feed ratio": 0.9, "2-thread scaling": 1.6}
+# tf.data's rate on this machine is bimodal from one pass to the next (~310 img/s with 1.2 cores busy or
+# ~480 with 1.9, whatever num_parallel_calls: AUTOTUNE, 2 or 4), so it runs two passes per repeat and
+# the ratios divide by its best pass: the pipeline's median against tf.data at its best.
+TF_DATA_PASSES = 2
 
 
 def near_free_model(path: str, size: int = 224, classes: int = 1000) -> str:
@@ -155,11 +162,12 @@ def measure_feed(workdir: str, n: int, *, repeats: int, log=print) -> dict:
     tf_data_cpu: list = []
     lost: list = []
     for r in range(repeats):
-        images, wall, cpu = tf_data_pass(data[2 * n]["pattern"], explainer)
-        if images != 2 * n:
-            raise RuntimeError(f"tf.data read {images} images, expected {2 * n}")
-        tf_data.append(images / wall)
-        tf_data_cpu.append(images / cpu)
+        for _ in range(TF_DATA_PASSES):
+            images, wall, cpu = tf_data_pass(data[2 * n]["pattern"], explainer)
+            if images != 2 * n:
+                raise RuntimeError(f"tf.data read {images} images, expected {2 * n}")
+            tf_data.append(images / wall)
+            tf_data_cpu.append(images / cpu)
         for key, extra in configs.items():
             for size in (n, 2 * n):
                 try:
@@ -179,29 +187,37 @@ def measure_feed(workdir: str, n: int, *, repeats: int, log=print) -> dict:
                     log(f"  ! {key}, {size} images: {result['images_explained']} explained; run left out")
                     continue
                 runs[key][size].append(result)
-        log(f"  feed repeat {r + 1}/{repeats}: tf.data {tf_data[-1]:.0f} img/s; "
+        log(f"  feed repeat {r + 1}/{repeats}: tf.data {', '.join(f'{v:.0f}' for v in tf_data[-TF_DATA_PASSES:])} img/s; "
             + ", ".join(f"P {key} {_fmt(_steady(runs[key], n, -1))}" for key in configs)
             + f" (load {os.getloadavg()[0]:.1f})")
     out: dict = {
         "images_n": n, "images_pair": 2 * n, "bytes_per_image": data[n]["bytes_per_image"], "lost_runs": lost,
         "image_size": data[n]["size"], "model": "Conv2D(8, 3x3, stride 2) + AveragePooling2D(16) (CAM here, 7x7) + GAP + Dense(1000), 224x224",
-        "tf_data": {"runs": tf_data, "median": median(tf_data), "cpu_runs": tf_data_cpu,
+        "tf_data": {"runs": tf_data, "median": median(tf_data), "best": max(tf_data), "cpu_runs": tf_data_cpu,
                     "cpu_median": median(tf_data_cpu)},
     }
     out["tf_data"]["cores_busy"] = median([w / c for w, c in zip(tf_data, tf_data_cpu, strict=True)])
+    best = tf_data.index(max(tf_data))
+    out["tf_data"]["best_cores_busy"] = tf_data[best] / tf_data_cpu[best]
     for key in configs:
         steady = [_steady(runs[key], n, r) for r in range(repeats)]
         kept = [v for v in steady if v is not None]
         busy = [b for b in (_cores_busy(runs[key], r) for r in range(repeats)) if b is not None]
+        per_cpu = [v for v in (_steady_per_cpu(runs[key], n, r) for r in range(repeats)) if v is not None]
         out[key] = {"steady_runs": steady, "steady_median": median(kept) if kept else None,
+                    "per_cpu_runs": per_cpu, "per_cpu_median": median(per_cpu) if per_cpu else None,
                     "cores_busy": median(busy) if busy else None,
                     "runs_n": runs[key][n], "runs_pair": runs[key][2 * n]}
-    tf_rate = out["tf_data"]["median"]
+    tf_rate = out["tf_data"]["best"]  # the reference: tf.data's best pass (see TF_DATA_PASSES)
     one, two = out["1 thread"]["steady_median"], out["2 threads"]["steady_median"]
     pinned = out["1 core"]["steady_median"]
     out["ratios"] = {"feed ratio": two / tf_rate if two else None, "feed ratio 1 thread": one / tf_rate if one else None,
                      "2-thread scaling": two / one if one and two else None,
                      "core scaling": one / pinned if one and pinned else None}
+    tf_cpu = out["tf_data"]["cpu_median"]
+    for key, name in (("1 thread", "feed ratio per CPU-s (1 thread)"), ("2 threads", "feed ratio per CPU-s")):
+        mine = out[key]["per_cpu_median"]
+        out["ratios"][name] = mine / tf_cpu if mine and tf_cpu else None
     out["targets"] = {key: {"value": out["ratios"][key], "target": f">= {minimum}",
                             "met": out["ratios"][key] is not None and out["ratios"][key] >= minimum}
                       for key, minimum in FEED_TARGETS.items()}
@@ -232,6 +248,18 @@ def _steady(pair: dict, n: int, r: int):
     return n / delta if delta > 0 else None
 
 
+def _steady_per_cpu(pair: dict, n: int, r: int):
+    """Images per CPU-second of the extra N images (2N run minus N run): the rate per core."""
+    try:
+        small, large = pair[n][r], pair[2 * n][r]
+    except IndexError:
+        return None
+    if large.get("pipeline_cpu_seconds") is None or small.get("pipeline_cpu_seconds") is None:
+        return None
+    delta = large["pipeline_cpu_seconds"] - small["pipeline_cpu_seconds"]
+    return n / delta if delta > 0 else None
+
+
 def _cores_busy(pair: dict, r: int):
     """CPU-seconds per second of the extra images' work (2N run minus N run): how many cores it kept busy."""
     try:
@@ -253,18 +281,27 @@ def feed_table(feed: dict) -> list[str]:
              f"(~{feed['bytes_per_image'] / 1000:.0f} kB), images/s, steady state {feed['images_n']} -> "
              f"{feed['images_pair']} images")
     lines = [title]
-    rows = [["tf.data", "P 1 thread", "P 2 threads", "P 1 core", "feed ratio (2 threads)", "feed ratio (1 thread)",
+    rows = [["tf.data best", "P 1 thread", "P 2 threads", "P 1 core", "feed ratio (2 threads)", "feed ratio (1 thread)",
              "2-thread scaling", "core scaling"],
-            [fmt(feed["tf_data"]["median"]), fmt(feed["1 thread"]["steady_median"]),
+            [(f'{fmt(feed["tf_data"].get("best", feed["tf_data"]["median"]))} '
+              f'(median {fmt(feed["tf_data"]["median"])})'), fmt(feed["1 thread"]["steady_median"]),
              fmt(feed["2 threads"]["steady_median"]), fmt(feed["1 core"]["steady_median"]),
              fmt(feed["ratios"]["feed ratio"], ".2f"), fmt(feed["ratios"]["feed ratio 1 thread"], ".2f"),
              fmt(feed["ratios"]["2-thread scaling"], ".2f"), fmt(feed["ratios"]["core scaling"], ".2f")]]
     lines += _grid(rows)
     busy = {name: feed[key].get("cores_busy") for name, key in
-            (("tf.data", "tf_data"), ("P 1 thread", "1 thread"), ("P 2 threads", "2 threads"),
+            (("tf.data (median)", "tf_data"), ("P 1 thread", "1 thread"), ("P 2 threads", "2 threads"),
              ("P 1 core", "1 core"))}
+    busy = {"tf.data best": feed["tf_data"].get("best_cores_busy"), **busy}
     lines.append("Cores kept busy (CPU-s per wall-s; for P the steady part): "
                  + ", ".join(f"{name} {fmt(value, '.2f')}" for name, value in busy.items()))
+    ratios = feed["ratios"]
+    lines.append("Images per CPU-second (the same work per core, blind to idle cores and to tf.data's "
+                 f"bimodal wall rate): tf.data {fmt(feed['tf_data']['cpu_median'])}, "
+                 f"P 1 thread {fmt(feed['1 thread'].get('per_cpu_median'))}, "
+                 f"P 2 threads {fmt(feed['2 threads'].get('per_cpu_median'))}: feed ratio per CPU-s "
+                 f"{fmt(ratios.get('feed ratio per CPU-s (1 thread)'), '.2f')} (1 thread), "
+                 f"{fmt(ratios.get('feed ratio per CPU-s'), '.2f')} (2 threads)")
     lines.append(f"Decode per image ({ab['images']} JPEGs, one caller thread): eager per record "
                  f"{ab['eager_per_record']['wall_ms']:.2f} ms ({ab['eager_per_record']['cpu_ms']:.2f} CPU-ms), "
                  f"checks + batched tf.function {ab['batched']['wall_ms']:.2f} ms "

@@ -73,6 +73,8 @@ def test_run_bench_feed_part_writes_every_figure(tmp_path):
         assert len(feed[key]["runs_n"]) == 1 == len(feed[key]["runs_pair"])
     assert 20_000 < feed["bytes_per_image"] < 80_000
     assert _positive(feed["tf_data"]["median"])
+    assert len(feed["tf_data"]["runs"]) == 2 and feed["tf_data"]["best"] == max(feed["tf_data"]["runs"])
+    assert "tf.data best" in results["table"] and "feed ratio per CPU-s" in results["table"]
     for key in ("1 thread", "2 threads", "1 core"):
         runs = feed[key]["runs_n"] + feed[key]["runs_pair"]
         assert all(r["records_rejected"] == {"decode": 0, "compute": 0} for r in runs)
@@ -82,7 +84,8 @@ def test_run_bench_feed_part_writes_every_figure(tmp_path):
     for step in ("eager_per_record", "batched"):
         assert _positive(feed["decode_ab"][step]["cpu_ms"])
     assert set(feed["targets"]) == {"feed ratio", "2-thread scaling"}
-    assert set(feed["ratios"]) == {"feed ratio", "feed ratio 1 thread", "2-thread scaling", "core scaling"}
+    assert set(feed["ratios"]) == {"feed ratio", "feed ratio 1 thread", "2-thread scaling", "core scaling",
+                                   "feed ratio per CPU-s", "feed ratio per CPU-s (1 thread)"}
 
 
 def test_gpu_check_runs_its_cpu_table_without_a_gpu(tmp_path):
