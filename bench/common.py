@@ -169,6 +169,27 @@ def median(values) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
+def forward_probe(model_name: str, *, min_seconds: float, batch: int = BATCH_SIZE, seed: int = 0):
+    """A callable that measures F once more (images/s wall, images per CPU-second), for P's repeats.
+
+    P's pairs run for minutes and F moves with the machine (MobileNetV2 read
+    32 and 42 img/s on one afternoon here), so each P repeat is divided by
+    the F measured right before and after it (`bench.run_bench.measure_pipeline`).
+    """
+    from transforms.cam.explainer import CamExplainer
+
+    images = natural_images(batch, seed=seed).astype(np.float32)
+    explainer = CamExplainer(load_model(model_name))
+    explainer.forward(images).numpy()  # trace once
+
+    def probe() -> tuple[float, float]:
+        cpu: list = []
+        wall = images_per_second(lambda: explainer.forward(images).numpy(), batch, min_seconds=min_seconds, cpu=cpu)
+        return wall, cpu[0]
+
+    return probe
+
+
 def measure_forward_and_cams(model_name: str, methods, *, repeats: int, min_seconds: float,
                              batch: int = BATCH_SIZE, seed: int = 0, jit_compile: bool = False,
                              log=print) -> dict:

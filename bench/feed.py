@@ -26,6 +26,11 @@ over TFRecord shards of photo-like 500x375 JPEGs (`bench.photos`):
             thread already keeps ~1.7 busy, so a second thread has little
             left to add and the core scaling is the measure of "scales with
             cores")
+  P 1 thread, model off the CPU   P 1 thread with `bench.levers`' null_model
+            (outputs of the right shapes, no model call; reading, checks,
+            decode, rows, statistics and Parquet all run) against tf.data's
+            decoded batches without the model: what the CPUs of a GPU
+            worker, whose model runs on the device, can feed it
 
 and the per-image decode A/B on the same JPEGs, in this process, one caller
 thread: the previous eager per-record decode (parse, header, decode_image,
@@ -51,6 +56,10 @@ FEED_TARGETS = {"feed ratio": 0.9, "2-thread scaling": 1.6}
 # ~480 with 1.9, whatever num_parallel_calls: AUTOTUNE, 2 or 4), so it runs two passes per repeat and
 # the ratios divide by its best pass: the pipeline's median against tf.data at its best.
 TF_DATA_PASSES = 2
+# What a GPU worker's CPUs do: everything but the model. P runs with bench.levers' null_model (outputs of
+# the right shapes, no model call: reading, checks, decode, rows, statistics, Parquet all run) against
+# tf.data's decoded batches alone.
+NO_MODEL = "1 thread, model off the CPU"
 
 
 def near_free_model(path: str, size: int = 224, classes: int = 1000) -> str:
@@ -69,7 +78,9 @@ def near_free_model(path: str, size: int = 224, classes: int = 1000) -> str:
 
 
 def tf_data_pass(pattern: str, explainer, size: int = 224) -> tuple[int, float, float]:
-    """One pass of the usual tf.data input pipeline into the explainer: (images, wall s, CPU s)."""
+    """One pass of the usual tf.data input pipeline into the explainer: (images, wall s, CPU s).
+
+    explainer None: the decoded batches only (the model is elsewhere, as on a GPU worker)."""
     import tensorflow as tf
 
     features = {"image/encoded": tf.io.FixedLenFeature([], tf.string)}
@@ -87,7 +98,8 @@ def tf_data_pass(pattern: str, explainer, size: int = 224) -> tuple[int, float, 
     images = 0
     started, cpu_started = time.perf_counter(), time.process_time()
     for batch in dataset:
-        explainer(batch)  # the pipeline's target: the predicted class
+        if explainer is not None:
+            explainer(batch)  # the pipeline's target: the predicted class
         images += int(batch.shape[0])
     return images, time.perf_counter() - started, time.process_time() - cpu_started
 
@@ -155,11 +167,12 @@ def measure_feed(workdir: str, n: int, *, repeats: int, log=print) -> dict:
     tf_data_pass(data[n]["pattern"], explainer)  # warm-up: trace, thread pools, page cache
     # The input path alone: the sampled checks (faithfulness, sanity) are off here.
     layer = ("--target_layer", FEED_TARGET_LAYER, "--faithfulness_sample", "0", "--sanity_images", "0")
-    configs = {"1 thread": layer, "2 threads": (*layer, *TWO_THREADS), "1 core": layer}
+    configs = {"1 thread": layer, "2 threads": (*layer, *TWO_THREADS), "1 core": layer, NO_MODEL: layer}
     one_cpu = {min(os.sched_getaffinity(0))} if hasattr(os, "sched_getaffinity") else None
     runs: dict = {key: {n: [], 2 * n: []} for key in configs}
     tf_data: list = []
     tf_data_cpu: list = []
+    bare: dict = {"runs": [], "cpu_runs": []}  # tf.data without the model (NO_MODEL's reference)
     lost: list = []
     for r in range(repeats):
         for _ in range(TF_DATA_PASSES):
@@ -168,12 +181,16 @@ def measure_feed(workdir: str, n: int, *, repeats: int, log=print) -> dict:
                 raise RuntimeError(f"tf.data read {images} images, expected {2 * n}")
             tf_data.append(images / wall)
             tf_data_cpu.append(images / cpu)
+            images, wall, cpu = tf_data_pass(data[2 * n]["pattern"], None)
+            bare["runs"].append(images / wall)
+            bare["cpu_runs"].append(images / cpu)
         for key, extra in configs.items():
             for size in (n, 2 * n):
                 try:
                     result = run_pipeline_process(data[size]["pattern"], model_path,
                                                   os.path.join(workdir, f"feed-{key.replace(' ', '-')}-{size}-{r}"),
-                                                  extra_args=extra, cpus=one_cpu if key == "1 core" else None)
+                                                  extra_args=extra, cpus=one_cpu if key == "1 core" else None,
+                                                  levers=("null_model",) if key == NO_MODEL else ())
                 except RunawayMemory as exc:
                     # Seen once with Beam 2.77's multi_threading runner (24 GB at 1600 images, 1.2 GB in
                     # the same run repeated): say so and leave the run out of the rates.
@@ -197,6 +214,9 @@ def measure_feed(workdir: str, n: int, *, repeats: int, log=print) -> dict:
                     "cpu_median": median(tf_data_cpu)},
     }
     out["tf_data"]["cores_busy"] = median([w / c for w, c in zip(tf_data, tf_data_cpu, strict=True)])
+    out["tf_data_no_model"] = {**bare, "median": median(bare["runs"]), "best": max(bare["runs"]),
+                               "cpu_median": median(bare["cpu_runs"]),
+                               "cores_busy": median([w / c for w, c in zip(bare["runs"], bare["cpu_runs"], strict=True)])}
     best = tf_data.index(max(tf_data))
     out["tf_data"]["best_cores_busy"] = tf_data[best] / tf_data_cpu[best]
     for key in configs:
@@ -214,6 +234,10 @@ def measure_feed(workdir: str, n: int, *, repeats: int, log=print) -> dict:
     out["ratios"] = {"feed ratio": two / tf_rate if two else None, "feed ratio 1 thread": one / tf_rate if one else None,
                      "2-thread scaling": two / one if one and two else None,
                      "core scaling": one / pinned if one and pinned else None}
+    bare_rate, bare_cpu = out["tf_data_no_model"]["best"], out["tf_data_no_model"]["cpu_median"]
+    off, off_cpu = out[NO_MODEL]["steady_median"], out[NO_MODEL]["per_cpu_median"]
+    out["ratios"]["feed ratio, model off the CPU"] = off / bare_rate if off else None
+    out["ratios"]["feed ratio per CPU-s, model off the CPU"] = off_cpu / bare_cpu if off_cpu else None
     tf_cpu = out["tf_data"]["cpu_median"]
     for key, name in (("1 thread", "feed ratio per CPU-s (1 thread)"), ("2 threads", "feed ratio per CPU-s")):
         mine = out[key]["per_cpu_median"]
@@ -302,6 +326,15 @@ def feed_table(feed: dict) -> list[str]:
                  f"P 2 threads {fmt(feed['2 threads'].get('per_cpu_median'))}: feed ratio per CPU-s "
                  f"{fmt(ratios.get('feed ratio per CPU-s (1 thread)'), '.2f')} (1 thread), "
                  f"{fmt(ratios.get('feed ratio per CPU-s'), '.2f')} (2 threads)")
+    if NO_MODEL in feed:  # results written before this row existed have none
+        bare, off = feed["tf_data_no_model"], feed[NO_MODEL]
+        lines.append("Model off the CPU (what a GPU worker's cores do; P with bench.levers' null_model, tf.data "
+                     f"without the model): tf.data best {fmt(bare['best'])} (median {fmt(bare['median'])}, "
+                     f"{fmt(bare['cpu_median'])} per CPU-s), P 1 thread {fmt(off['steady_median'])} "
+                     f"({fmt(off.get('per_cpu_median'))} per CPU-s): feed ratio "
+                     f"{fmt(ratios.get('feed ratio, model off the CPU'), '.2f')}, per CPU-s "
+                     f"{fmt(ratios.get('feed ratio per CPU-s, model off the CPU'), '.2f')}; cores busy "
+                     f"tf.data {fmt(bare['cores_busy'], '.2f')}, P {fmt(off.get('cores_busy'), '.2f')}")
     lines.append(f"Decode per image ({ab['images']} JPEGs, one caller thread): eager per record "
                  f"{ab['eager_per_record']['wall_ms']:.2f} ms ({ab['eager_per_record']['cpu_ms']:.2f} CPU-ms), "
                  f"checks + batched tf.function {ab['batched']['wall_ms']:.2f} ms "

@@ -52,6 +52,7 @@ import numpy as np
 from bench.common import (
     BATCH_SIZE,
     METHOD_NAMES,
+    forward_probe,
     load_model,
     measure_forward_and_cams,
     median,
@@ -250,7 +251,7 @@ def run_pipeline_process(pattern: str, model_name: str, output: str, *, levers=(
 
 
 def measure_pipeline(model_name: str, n: int, workdir: str, *, repeats: int, formats=FORMATS,
-                     pair_factor: int = 2, rss_factor: int = 4, levers=(), extra_args=()) -> dict:
+                     pair_factor: int = 2, rss_factor: int = 4, levers=(), extra_args=(), forward=None) -> dict:
     """P for each format and the RSS check at rss_factor * N (JPEG).
 
     Steady state per repeat: (f - 1) * N / (pipeline_seconds(f * N) - pipeline_seconds(N)),
@@ -260,6 +261,11 @@ def measure_pipeline(model_name: str, n: int, workdir: str, *, repeats: int, for
     with f = pair_factor (the same from CPU seconds of the whole process for
     the CPU-based figure). When pair_factor == rss_factor the JPEG pair's large
     runs double as the RSS runs.
+
+    forward: a `bench.common.forward_probe`; F is then measured in this process
+    right before and after each pair, and each repeat's P is divided by the
+    mean of the two (`pf_runs`, `pf_median`, `pf_cpu_median`): P and F side by
+    side, whatever the machine does between repeats.
     """
     out: dict = {}
     for fmt in formats:
@@ -268,7 +274,9 @@ def measure_pipeline(model_name: str, n: int, workdir: str, *, repeats: int, for
         datasets = {size: make_shards(os.path.join(workdir, f"data-{fmt}-{size}"), size, fmt, seed=size)
                     for size in sizes}
         runs = {n: [], big_n: []}
+        beside: list = []  # (F wall, F per CPU-s) around each pair
         for r in range(repeats):
+            before = forward() if forward else None
             for size in (n, big_n):
                 result = run_pipeline_process(
                     datasets[size]["pattern"], model_name,
@@ -280,6 +288,10 @@ def measure_pipeline(model_name: str, n: int, workdir: str, *, repeats: int, for
                 runs[size].append(result)
             small, large = runs[n][-1], runs[big_n][-1]
             delta = large["pipeline_seconds"] - small["pipeline_seconds"]
+            if forward:
+                after = forward()
+                beside.append(((before[0] + after[0]) / 2, (before[1] + after[1]) / 2))
+                log(f"  {model_name} F beside repeat {r + 1}: {before[0]:.1f} before, {after[0]:.1f} after")
             log(
                 f"  {model_name} {fmt} repeat {r + 1}/{repeats}: run({n}) {small['run_seconds']:.1f} s, "
                 f"run({big_n}) {large['run_seconds']:.1f} s -> steady "
@@ -309,6 +321,14 @@ def measure_pipeline(model_name: str, n: int, workdir: str, *, repeats: int, for
             "end_to_end_images_per_second_n": n / whole,
             "maxrss_mb_n": median(r["maxrss_mb"] for r in runs[n]),
         }
+        if beside:
+            entry["forward_beside"] = [f for f, _ in beside]
+            entry["pf_runs"] = [p / f if p else None for p, (f, _) in zip(steady, beside, strict=True)]
+            entry["pf_cpu_runs"] = [p / f if p else None for p, (_, f) in zip(steady_cpu, beside, strict=True)]
+            kept = [v for v in entry["pf_runs"] if v is not None]
+            kept_cpu = [v for v in entry["pf_cpu_runs"] if v is not None]
+            entry["pf_median"] = median(kept) if kept else None
+            entry["pf_cpu_median"] = median(kept_cpu) if kept_cpu else None
         if fmt == "jpeg":
             if rss_factor == pair_factor:
                 big = {"maxrss_mb": median(r["maxrss_mb"] for r in runs[big_n]),
@@ -357,7 +377,9 @@ def ratios_and_targets(name: str, m: dict) -> None:
     n_ips = m["keras_io"].get("median")
     v_ips = m["tf_keras_vis"].get("median")
     for fmt, p in m["pipeline"].items():
-        ratios[f"P/F {fmt}"] = p["steady_median"] / f
+        # P/F: each repeat's P over the F measured beside it, when the bench did (medians of those);
+        # else the medians' ratio (F from the F/K round robin, minutes before P).
+        ratios[f"P/F {fmt}"] = p["pf_median"] if p.get("pf_median") else p["steady_median"] / f
         ratios[f"P/N {fmt}"] = p["steady_median"] / n_ips if n_ips else None
         ratios[f"P/V {fmt}"] = p["steady_median"] / v_ips if v_ips else None
     for method in m["cam"]:
@@ -368,7 +390,7 @@ def ratios_and_targets(name: str, m: dict) -> None:
     fc = m["forward"]["cpu_median"]
     cpu = {f"K/F {method}": m["cam"][method]["cpu_median"] / fc for method in m["cam"]}
     for key, p in m["pipeline"].items():
-        cpu[f"P/F {key}"] = p["steady_cpu_median"] / fc
+        cpu[f"P/F {key}"] = p["pf_cpu_median"] if p.get("pf_cpu_median") else p["steady_cpu_median"] / fc
         n_cpu = m["keras_io"].get("cpu_median")
         cpu[f"P/N {key}"] = p["steady_cpu_median"] / n_cpu if n_cpu else None
     m["cpu_ratios"] = cpu
@@ -419,6 +441,13 @@ def table(results: dict) -> str:
         rows.append([name, *[fmt(m.get("cpu_ratios", {}).get(k), ".2f") for k in rkeys[: len(methods) + 4]]])
     lines.append("Same ratios from images per CPU-second (robust to other load; blind to idle cores)")
     lines += _grid(rows)
+    for name, m in models.items():
+        for key, p in m["pipeline"].items():
+            if p.get("forward_beside"):
+                lines.append(f"P/F {key} {name}: each repeat's P over the F measured beside it (mean of before "
+                             f"and after): P {', '.join(fmt(v) for v in p['steady_runs'])}, F "
+                             f"{', '.join(fmt(v) for v in p['forward_beside'])} -> "
+                             f"{', '.join(fmt(v, '.2f') for v in p['pf_runs'])}")
     lines.append("")
     lines.append("Whole runs and memory (pipeline, JPEG)")
     rows = [["model", "N", "run(N) s", "process(N) s", "startup s", "N/run(N) img/s",
@@ -567,8 +596,9 @@ def main(argv=None) -> dict:
             gc.collect()
             if "pipeline" not in skip:
                 log(f"{name}: P (pipeline.graph.run, FnApiRunner) N={n}, 2N, 4N")
+                probe = forward_probe(name, min_seconds=min_seconds)
                 m["pipeline"] = measure_pipeline(name, n, workdir, repeats=repeats, formats=formats,
-                                                 pair_factor=4 if quick else 2,
+                                                 pair_factor=4 if quick else 2, forward=probe,
                                                  extra_args=args.pipeline_args.split(),
                                                  levers=[x for x in args.levers.split(",") if x])
             else:

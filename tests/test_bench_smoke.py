@@ -58,6 +58,12 @@ def test_run_bench_quick_writes_every_figure(tmp_path):
     for key in ("K/F gradcam", "P/F jpeg", "P/N jpeg"):
         assert _positive(m["cpu_ratios"][key]), key
     assert "P/F jpeg" in m["ratios"]
+    # F measured beside each P repeat, and P/F the median of the per-repeat ratios
+    assert len(p["forward_beside"]) == 1 and _positive(p["forward_beside"][0])
+    assert p["pf_runs"][0] is None or math.isclose(p["pf_runs"][0], p["steady_runs"][0] / p["forward_beside"][0])
+    assert m["ratios"]["P/F jpeg"] == p["pf_median"] or p["pf_median"] is None
+    assert _positive(p["pf_cpu_median"]) and m["cpu_ratios"]["P/F jpeg"] == p["pf_cpu_median"]
+    assert "measured beside it" in results["table"]
     assert {"K/F gradcam", "P/F jpeg", "RSS growth"} <= set(m["targets"])
     assert "K/F gradcam" in results["table"]
 
@@ -75,7 +81,10 @@ def test_run_bench_feed_part_writes_every_figure(tmp_path):
     assert _positive(feed["tf_data"]["median"])
     assert len(feed["tf_data"]["runs"]) == 2 and feed["tf_data"]["best"] == max(feed["tf_data"]["runs"])
     assert "tf.data best" in results["table"] and "feed ratio per CPU-s" in results["table"]
-    for key in ("1 thread", "2 threads", "1 core"):
+    # The model-off-the-CPU row: tf.data without the model, two passes a repeat; P with the null_model lever.
+    assert len(feed["tf_data_no_model"]["runs"]) == 2 and _positive(feed["tf_data_no_model"]["best"])
+    assert "Model off the CPU" in results["table"]
+    for key in ("1 thread", "2 threads", "1 core", "1 thread, model off the CPU"):
         runs = feed[key]["runs_n"] + feed[key]["runs_pair"]
         assert all(r["records_rejected"] == {"decode": 0, "compute": 0} for r in runs)
         # At 32 -> 64 images the steady-state difference can be within the runs' noise: then None
@@ -85,7 +94,8 @@ def test_run_bench_feed_part_writes_every_figure(tmp_path):
         assert _positive(feed["decode_ab"][step]["cpu_ms"])
     assert set(feed["targets"]) == {"feed ratio", "2-thread scaling"}
     assert set(feed["ratios"]) == {"feed ratio", "feed ratio 1 thread", "2-thread scaling", "core scaling",
-                                   "feed ratio per CPU-s", "feed ratio per CPU-s (1 thread)"}
+                                   "feed ratio per CPU-s", "feed ratio per CPU-s (1 thread)",
+                                   "feed ratio, model off the CPU", "feed ratio per CPU-s, model off the CPU"}
 
 
 def test_gpu_check_runs_its_cpu_table_without_a_gpu(tmp_path):
