@@ -170,20 +170,17 @@ def measure_feed(workdir: str, n: int, *, repeats: int, log=print) -> dict:
     configs = {"1 thread": layer, "2 threads": (*layer, *TWO_THREADS), "1 core": layer, NO_MODEL: layer}
     one_cpu = {min(os.sched_getaffinity(0))} if hasattr(os, "sched_getaffinity") else None
     runs: dict = {key: {n: [], 2 * n: []} for key in configs}
-    tf_data: list = []
-    tf_data_cpu: list = []
-    bare: dict = {"runs": [], "cpu_runs": []}  # tf.data without the model (NO_MODEL's reference)
+    # tf.data's passes, images/s and images per CPU-s: with the model, and without it (NO_MODEL's reference)
+    passes: dict = {True: ([], []), False: ([], [])}
     lost: list = []
     for r in range(repeats):
         for _ in range(TF_DATA_PASSES):
-            images, wall, cpu = tf_data_pass(data[2 * n]["pattern"], explainer)
-            if images != 2 * n:
-                raise RuntimeError(f"tf.data read {images} images, expected {2 * n}")
-            tf_data.append(images / wall)
-            tf_data_cpu.append(images / cpu)
-            images, wall, cpu = tf_data_pass(data[2 * n]["pattern"], None)
-            bare["runs"].append(images / wall)
-            bare["cpu_runs"].append(images / cpu)
+            for with_model, (rates, cpu_rates) in passes.items():
+                images, wall, cpu = tf_data_pass(data[2 * n]["pattern"], explainer if with_model else None)
+                if images != 2 * n:
+                    raise RuntimeError(f"tf.data read {images} images, expected {2 * n}")
+                rates.append(images / wall)
+                cpu_rates.append(images / cpu)
         for key, extra in configs.items():
             for size in (n, 2 * n):
                 try:
@@ -204,21 +201,14 @@ def measure_feed(workdir: str, n: int, *, repeats: int, log=print) -> dict:
                     log(f"  ! {key}, {size} images: {result['images_explained']} explained; run left out")
                     continue
                 runs[key][size].append(result)
-        log(f"  feed repeat {r + 1}/{repeats}: tf.data {', '.join(f'{v:.0f}' for v in tf_data[-TF_DATA_PASSES:])} img/s; "
+        log(f"  feed repeat {r + 1}/{repeats}: tf.data {', '.join(f'{v:.0f}' for v in passes[True][0][-TF_DATA_PASSES:])} img/s; "
             + ", ".join(f"P {key} {_fmt(_steady(runs[key], n, -1))}" for key in configs)
             + f" (load {os.getloadavg()[0]:.1f})")
     out: dict = {
         "images_n": n, "images_pair": 2 * n, "bytes_per_image": data[n]["bytes_per_image"], "lost_runs": lost,
         "image_size": data[n]["size"], "model": "Conv2D(8, 3x3, stride 2) + AveragePooling2D(16) (CAM here, 7x7) + GAP + Dense(1000), 224x224",
-        "tf_data": {"runs": tf_data, "median": median(tf_data), "best": max(tf_data), "cpu_runs": tf_data_cpu,
-                    "cpu_median": median(tf_data_cpu)},
+        "tf_data": _passes_summary(*passes[True]), "tf_data_no_model": _passes_summary(*passes[False]),
     }
-    out["tf_data"]["cores_busy"] = median([w / c for w, c in zip(tf_data, tf_data_cpu, strict=True)])
-    out["tf_data_no_model"] = {**bare, "median": median(bare["runs"]), "best": max(bare["runs"]),
-                               "cpu_median": median(bare["cpu_runs"]),
-                               "cores_busy": median([w / c for w, c in zip(bare["runs"], bare["cpu_runs"], strict=True)])}
-    best = tf_data.index(max(tf_data))
-    out["tf_data"]["best_cores_busy"] = tf_data[best] / tf_data_cpu[best]
     for key in configs:
         steady = [_steady(runs[key], n, r) for r in range(repeats)]
         kept = [v for v in steady if v is not None]
@@ -282,6 +272,14 @@ def _steady_per_cpu(pair: dict, n: int, r: int):
         return None
     delta = large["pipeline_cpu_seconds"] - small["pipeline_cpu_seconds"]
     return n / delta if delta > 0 else None
+
+
+def _passes_summary(rates: list, cpu_rates: list) -> dict:
+    """tf.data's passes: images/s (runs, median, best) and per CPU-second, and the cores they kept busy."""
+    busy = [w / c for w, c in zip(rates, cpu_rates, strict=True)]
+    best = rates.index(max(rates))
+    return {"runs": rates, "median": median(rates), "best": rates[best], "cpu_runs": cpu_rates,
+            "cpu_median": median(cpu_rates), "cores_busy": median(busy), "best_cores_busy": busy[best]}
 
 
 def _cores_busy(pair: dict, r: int):
