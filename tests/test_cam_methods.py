@@ -13,49 +13,9 @@ import pytest
 import tensorflow as tf
 
 from tests.helpers import nested_sequential, random_images, small_functional
+from tests.references import reference
 from transforms.cam.explainer import CamExplainer
 from transforms.cam.targets import parse_target
-
-
-def _relu(x):
-    return np.maximum(x, 0.0)
-
-
-def ref_weights_map(method: str, a: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """The published formulas on one image: a, g are [h, w, C] float64."""
-    if method == "gradcam":
-        return _relu((a * g.mean(axis=(0, 1))).sum(-1))
-    if method == "hirescam":
-        return _relu((a * g).sum(-1))
-    if method == "layercam":
-        return _relu((a * _relu(g)).sum(-1))
-    if method == "xgradcam":
-        w = (a * g).sum(axis=(0, 1)) / (a.sum(axis=(0, 1)) + 1e-7)
-        return _relu((a * w).sum(-1))
-    if method == "gradcampp":
-        g2, g3 = g**2, g**3
-        denom = 2 * g2 + a.sum(axis=(0, 1)) * g3
-        alpha = np.where((denom != 0) & (g != 0), g2 / np.where(denom != 0, denom, 1.0), 0.0)
-        w = (alpha * _relu(g)).sum(axis=(0, 1))
-        return _relu((a * w).sum(-1))
-    raise AssertionError(method)
-
-
-def reference(features, head, images, targets_per_image, method):
-    """Eager per-image reference: [B, K, h, w]."""
-    out = []
-    for image, targets in zip(images, targets_per_image, strict=True):
-        maps = []
-        for target in targets:
-            with tf.GradientTape() as tape:
-                a = features(image[None])
-                tape.watch(a)
-                logits = head(a)
-                score = logits[0, int(target)]
-            g = tape.gradient(score, a)
-            maps.append(ref_weights_map(method, a.numpy()[0].astype(np.float64), g.numpy()[0].astype(np.float64)))
-        out.append(maps)
-    return np.array(out)
 
 
 def functional_split(model):
