@@ -130,6 +130,11 @@ def add_audit_arguments(parser) -> None:
     add("--strategy_max_concentration", type=_non_negative_float, default=0.9,
         help="Strategies: a cluster whose mean box_concentration is at most this looks off the objects "
         "(1 = a flat map)")
+    add("--strategy_min_miss_share", type=_share, default=0.5,
+        help="Strategies: a cluster of boxed images is also suspicious when at least this share of its members "
+        "peak off their own boxes (pointing game, --pointing_tolerance) and ...")
+    add("--strategy_max_box_mass", type=_share, default=0.5,
+        help="... their maps' mean box_mass (share of the mass inside the boxes) is below this")
     add("--strategy_min_share", type=_non_negative_float, default=0.05,
         help="Strategies: a cluster with at least this share of its class can be suspicious")
     add("--faithfulness_sample", type=_share, default=0.02,
@@ -211,6 +216,8 @@ class AuditConfig:
     strategy_max_clusters: int
     strategy_min_share: float
     strategy_max_concentration: float
+    strategy_min_miss_share: float
+    strategy_max_box_mass: float
     max_images_change: float
     max_accuracy_drop: float
     max_score_change: float
@@ -246,7 +253,9 @@ class AuditConfig:
 
         return StrategySettings(sample_size=self.strategy_sample_size, max_clusters=self.strategy_max_clusters,
                                 min_share=self.strategy_min_share,
-                                max_concentration=self.strategy_max_concentration)
+                                max_concentration=self.strategy_max_concentration,
+                                min_miss_share=self.strategy_min_miss_share,
+                                max_box_mass=self.strategy_max_box_mass)
 
     def as_json(self) -> dict:
         out = dataclasses.asdict(self)

@@ -134,6 +134,8 @@ def strategies_section(run_dir: str, names: dict, exemplars: Optional[dict[str, 
             )
             why = (f"<div class='why bad'>{_esc(c['reason'])}</div>" if c["suspicious"]
                    else f"<div class=why>in-box concentration {_fmt(c['mean_box_concentration'])}, "
+                        f"peaks off their boxes {_fmt(c.get('miss_share'), '.0%')}, "
+                        f"mass in the boxes {_fmt(c.get('mean_box_mass'), '.0%')}, "
                         f"border mass {_fmt(c['mean_border_mass'])}</div>")
             parts.append(
                 f"<div class='strategy{' suspicious' if c['suspicious'] else ''}' data-class='{class_id}' "

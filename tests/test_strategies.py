@@ -94,18 +94,21 @@ def test_small_samples_are_one_strategy():
 
 
 def _partial(items, exemplars=3):
-    """A batch's members as AssignStrategies sums them: items of (vector, distance, id, concentration, border, cell)."""
-    vectors, distances, ids, conc, border, cells = zip(*items, strict=True)
+    """A batch's members as AssignStrategies sums them: items of (vector, distance, id, concentration, box mass,
+    border, cell, peak_in_box as 1.0 / 0.0 / NaN)."""
+    vectors, distances, ids, conc, mass, border, cells, hits = zip(*items, strict=True)
     return _members(np.stack(vectors).astype(np.float32), np.array(distances), list(ids), np.array(conc, float),
-                    np.array(border, float), np.array(cells, np.int64), exemplars)
+                    np.array(mass, float), np.array(border, float), np.array(cells, np.int64), np.array(hits, float),
+                    exemplars)
 
 
 def test_cluster_combiner_three_ways_agree():
     """One partial for all members, partials of three chunks, one per member: the same cluster stats,
     and those computed by hand (NaN / -1 = the column was null: left out of that mean / count)."""
     fn = ClusterStatsFn(exemplars=3)
-    items = [(np.full(4, float(i)), float(i), f"img-{i}", 0.5 + i / 10, 0.2, i % 9) for i in range(10)]
-    items.append((np.full(4, 4.5), 20.0, "no-stats", np.nan, np.nan, -1))
+    items = [(np.full(4, float(i)), float(i), f"img-{i}", 0.5 + i / 10, i / 20, 0.2, i % 9, float(i % 4 == 0))
+             for i in range(10)]
+    items.append((np.full(4, 4.5), 20.0, "no-stats", np.nan, np.nan, np.nan, -1, np.nan))
 
     def feed(partials):
         acc = fn.create_accumulator()
@@ -121,11 +124,15 @@ def test_cluster_combiner_three_ways_agree():
         np.testing.assert_allclose(out["mean_map"], one["mean_map"], rtol=1e-12)
         assert out["mean_box_concentration"] == pytest.approx(one["mean_box_concentration"], rel=1e-12)
         assert out["mean_border_mass"] == pytest.approx(one["mean_border_mass"], rel=1e-12)
+        assert out["miss_share"] == one["miss_share"]
+        assert out["mean_box_mass"] == pytest.approx(one["mean_box_mass"], rel=1e-12)
         assert out["peak_cell"] == one["peak_cell"]
         assert out["exemplar_ids"] == one["exemplar_ids"]
     np.testing.assert_allclose(one["mean_map"], np.full(4, 4.5), rtol=1e-6)
     assert one["mean_box_concentration"] == pytest.approx(0.95)  # the ten known values only
     assert one["mean_border_mass"] == pytest.approx(0.2)
+    assert one["miss_share"] == pytest.approx(7 / 10)  # hits at 0, 4, 8 of the ten with boxes
+    assert one["mean_box_mass"] == pytest.approx(45 / 200)
     assert one["peak_cell"] == 0  # cells 0..8 and 0 again
     assert one["exemplar_ids"] == ["img-0", "img-1", "img-2"]
 
@@ -144,6 +151,17 @@ def test_the_suspicious_rule():
     assert suspicion(_cluster(mean_box_concentration=2.5), None, s) == (False, None)
     assert suspicion(_cluster(mean_box_concentration=0.9), None, s)[0]  # at the limit (0.9)
     assert not suspicion(_cluster(mean_box_concentration=0.95), None, s)[0]  # diffuse, about flat: not called off
+    # ... or when most members peak off their own boxes and most of the mass lies outside them, whatever the
+    # concentration: a corner-marker strategy at 1.06 or 2.8 (the object draws some mass), beside a diffuse
+    # one that points at its objects.
+    for concentration in (1.06, 2.8):
+        flagged, reason = suspicion(_cluster(mean_box_concentration=concentration, miss_share=0.68,
+                                             mean_box_mass=0.2), None, s)
+        assert flagged and "68% of them peak off their own boxes (limit 50%), 80% of the mass lies outside" in reason
+    assert suspicion(_cluster(mean_box_concentration=1.2, miss_share=0.5, mean_box_mass=0.49), None, s)[0]
+    assert not suspicion(_cluster(mean_box_concentration=1.06, miss_share=0.29, mean_box_mass=0.2), None, s)[0]
+    assert not suspicion(_cluster(mean_box_concentration=1.2, miss_share=0.9, mean_box_mass=0.5), None, s)[0]
+    assert not suspicion(_cluster(mean_box_concentration=1.06, miss_share=None, mean_box_mass=None), None, s)[0]
     # Too small a share, or too few maps: never.
     assert not suspicion(_cluster(mean_box_concentration=0.4, share=0.04), None, s)[0]
     assert not suspicion(_cluster(mean_box_concentration=0.4, size=4), None, s)[0]
@@ -175,8 +193,9 @@ def _rows(n: int, groups: int, seed: int, class_id: int):
     maps, truth = group_maps(n, groups, seed)
     return [
         {"image_id": f"c{class_id}-{i}", "target_class": class_id, "cam": m.tolist(), "cam_height": 8,
-         "cam_width": 8, "cam_max": 1.0, "box_concentration": 2.0 if t == 0 else 0.2, "border_mass": 0.3,
-         "peak_cell": 4, "truth": int(t)}
+         "cam_width": 8, "cam_max": 1.0, "box_concentration": 2.0 if t == 0 else 0.2,
+         "box_mass": 0.5 if t == 0 else 0.05, "border_mass": 0.3,
+         "peak_cell": 4, "peak_in_box": bool(t == 0 or i % 5 == 0), "truth": int(t)}
         for i, (m, t) in enumerate(zip(maps, truth, strict=True))
     ]
 
@@ -195,6 +214,7 @@ def test_assign_strategies_on_a_batch_equals_assigning_each_row():
         row["cam_max"] = 2.0  # maps not already max-normalised
         row["cam"] = [2.0 * v for v in row["cam"]]
     rows[5]["box_concentration"] = None
+    rows[6]["peak_in_box"] = None  # no box
     rows += [
         {**rows[0], "image_id": "empty", "cam": [0.0] * 64, "cam_max": 0.0},
         {**rows[1], "image_id": "small", "cam": [1.0] * 16, "cam_height": 4, "cam_width": 4},
@@ -232,6 +252,9 @@ def test_assign_strategies_on_a_batch_equals_assigning_each_row():
         known = [r["box_concentration"] for *_, r in found if r["box_concentration"] is not None]
         assert partial.num_concentration == len(known)
         assert partial.sum_concentration == pytest.approx(sum(known), rel=1e-6)
+        assert partial.sum_box_mass == pytest.approx(sum(r["box_mass"] for *_, r in found), rel=1e-6)
+        pointed = [r["peak_in_box"] for *_, r in found if r["peak_in_box"] is not None]
+        assert (partial.num_pointed, partial.misses) == (len(pointed), pointed.count(False))
         closest = sorted(found, key=lambda t: (t[0], t[1]))[:3]
         assert sorted(i for _, i in partial.closest) == sorted(i for _, i, _, _ in closest)
 
