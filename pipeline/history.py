@@ -315,5 +315,6 @@ def _compare_with_previous(config, manifest: dict, work_dir: str) -> Optional[di
         manifest["comparison"] = {"baseline_run_id": previous["run_id"], "flagged": None,
                                   "exit_code": compare.EXIT_FAILED, "message": str(exc)}
         return None
-    manifest["comparison"] = {**compare.brief(result), "exit_code": compare.exit_code(result)}
+    flagged_exit_code = getattr(config, "flagged_exit_code", compare.EXIT_FLAGGED)
+    manifest["comparison"] = {**compare.brief(result), "exit_code": compare.exit_code(result, flagged_exit_code)}
     return result
