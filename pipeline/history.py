@@ -166,6 +166,7 @@ def index_entry(manifest: dict) -> dict:
         "started_at": manifest.get("started_at"),
         "finished_at": manifest.get("finished_at"),
         "state": manifest.get("state"),
+        "job": manifest.get("job"),
         "records_read": counts.get("records_read"),
         "images_explained": counts.get("images_explained"),
         "records_rejected": sum((counts.get("records_rejected") or {}).values()),
