@@ -1,7 +1,8 @@
 """Command line entry point and its exit status.
 
     0    the audit ran (nothing flagged)
-    1    something flagged (--compare_with_previous): for nightly jobs
+    1    something flagged (--compare_with_previous): for nightly jobs; --flagged_exit_code N
+         makes it N (e.g. 0 for a scheduler that retries on any non-zero status)
     2    bad option, input or model: one line on stderr, nothing was run
     3    the job failed unexpectedly (the traceback is logged on stderr), or the runner lost
          records (its records_read counter exceeds what the tables account for)
@@ -62,9 +63,9 @@ def _main(argv) -> None:
         )
         sys.exit(EXIT_JOB_FAILED)
     comparison = manifest.get("comparison") or {}
-    if comparison.get("exit_code"):  # --compare_with_previous: 1 flagged, 2 could not compare
-        if comparison["exit_code"] == EXIT_BAD_INPUT:
-            sys.stderr.write(f"error: {comparison['message']}\n")
+    if comparison.get("flagged") is None and comparison.get("exit_code") == EXIT_BAD_INPUT:  # could not compare
+        sys.stderr.write(f"error: {comparison['message']}\n")
+    if comparison.get("exit_code"):  # --compare_with_previous: --flagged_exit_code (1) flagged, 2 could not compare
         sys.exit(comparison["exit_code"])
 
 

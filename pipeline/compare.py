@@ -6,8 +6,10 @@ RUN_DIR is a run folder (`<output>/run=<id>`, local or gs://). The
 comparison is written to `<current>/comparison.json` and
 `<current>/comparison.parquet` (schema `transforms.schemas.COMPARISON_SCHEMA`).
 
-Exit status: 0 nothing flagged, 1 something flagged, 2 the comparison could
-not run (a missing run folder or table, a bad option), with one line on stderr.
+Exit status: 0 nothing flagged, 1 something flagged (--flagged_exit_code N:
+N), 2 the comparison could not run (a missing run folder or table, a bad
+option), with one line on stderr. Boolean options take the bare flag,
+`=true` or `=false` (pipeline/argtypes.py).
 
 Per class (class_stats of both runs), with the default thresholds:
 
@@ -66,6 +68,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
+from pipeline.argtypes import add_boolean, exit_status
 from transforms.schemas import COMPARISON_SCHEMA
 
 COMPARISON_JSON = "comparison.json"
@@ -119,8 +122,7 @@ def add_threshold_arguments(parser) -> None:
     """Adds one --<threshold> option per CompareThresholds field."""
     for field in dataclasses.fields(CompareThresholds):
         if field.type in (bool, "bool"):
-            parser.add_argument(f"--{field.name}", action="store_true", default=field.default,
-                                help=_THRESHOLD_HELP[field.name])
+            add_boolean(parser, f"--{field.name}", default=field.default, help=_THRESHOLD_HELP[field.name])
             continue
         parser.add_argument(
             f"--{field.name}",
@@ -128,6 +130,14 @@ def add_threshold_arguments(parser) -> None:
             default=field.default,
             help=_THRESHOLD_HELP[field.name],
         )
+
+
+def add_flagged_exit_code_argument(parser) -> None:
+    """--flagged_exit_code: the exit status when something is flagged (for schedulers that retry on any
+    non-zero status, e.g. 0, or a status of their own)."""
+    parser.add_argument("--flagged_exit_code", type=exit_status, default=EXIT_FLAGGED, metavar="N",
+                        help="Exit status when the comparison flags something (0-255; e.g. 0 for a scheduler "
+                        "that retries every non-zero status: what was flagged is written all the same)")
 
 
 def thresholds_from(namespace) -> CompareThresholds:
@@ -457,8 +467,10 @@ def comparison_text(comparison: dict) -> str:
     return "\n".join(lines)
 
 
-def exit_code(comparison: dict) -> int:
-    return EXIT_FLAGGED if comparison["flagged"] else EXIT_OK
+def exit_code(comparison: dict, flagged_exit_code: int = EXIT_FLAGGED) -> int:
+    """The exit status of a comparison: `flagged_exit_code` (--flagged_exit_code, default 1) when it flagged
+    something, else 0."""
+    return flagged_exit_code if comparison["flagged"] else EXIT_OK
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -471,15 +483,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(
         prog="python -m pipeline.compare",
         description="Compare two audit runs class by class. Exit status: 0 nothing flagged, "
-        "1 something flagged, 2 the comparison could not run.",
+        "1 something flagged (--flagged_exit_code N: N), 2 bad option or the comparison could not run. "
+        "Boolean options take the bare flag, =true or =false.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--baseline", required=True, help="The earlier run folder (<output>/run=<id>, local or gs://)")
     parser.add_argument("--current", required=True, help="The run folder to check (local or gs://)")
     parser.add_argument("--write_to", default=None,
                         help="Folder for comparison.json/.parquet (default: the --current folder)")
-    parser.add_argument("--no_write", action="store_true", help="Only print, write nothing")
-    parser.add_argument("--quiet", action="store_true", help="Print nothing but errors")
+    add_boolean(parser, "--no_write", help="Only print, write nothing")
+    add_boolean(parser, "--quiet", help="Print nothing but errors")
+    add_flagged_exit_code_argument(parser)
     add_threshold_arguments(parser)
     return parser
 
@@ -500,7 +514,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_FAILED
     if not args.quiet:
         print(comparison_text(comparison))
-    return exit_code(comparison)
+    return exit_code(comparison, args.flagged_exit_code)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,10 @@ def _forward(read_fd: int, write_fd: int) -> None:
 
 
 def wants_verbose(argv: list[str]) -> bool:
-    return "--verbose" in argv
+    """--verbose, --verbose=true (read before the parser runs: it decides the console's set-up)."""
+    from pipeline.argtypes import flag_value
+
+    return flag_value(argv, "--verbose")
 
 
 @contextlib.contextmanager

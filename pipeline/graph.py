@@ -10,7 +10,7 @@
       -> CheckSanity (a fixed small sample) --+
          heatmap rows -> SummariseFaithfulness -> WriteFaithfulnessSummary (faithfulness.json)
     errors of every step -> CollectErrors -> WriteErrors
-    after the run: counts read back from the tables -> run_manifest.json
+    after the run: counts read back from the tables -> run_manifest.json (with the runner's job id)
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.options import AuditConfig, parse_args
 from pipeline.progress import show_progress
-from pipeline.runners import only_builds_job
+from pipeline.runners import job_identity, log_job, only_builds_job
 from transforms.class_stats import ComputeClassStats
 from transforms.dead_letters import ERRORS_TAG
 from transforms.decode import DecodeImageExamples
@@ -345,6 +345,8 @@ def run(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipeline]
         pipeline_started = time.time()
         with show_progress(beam_args, files):  # a progress line on a terminal, local runners only
             result = pipeline.run()
+            job = job_identity(result, beam_args)  # the runner's job id, logged even in the quiet mode
+            log_job(job, _LOG)
             result.wait_until_finish()
         finished = time.time()
         manifest = write_manifest(
@@ -360,6 +362,7 @@ def run(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipeline]
             run={"run_id": config.run_id, "run_dir": history.run_dir(config.output, config.run_id),
                  "started_at": started_at},
             write_to=work_dir,
+            job=job,
         )
         manifest = history.finish_run(config, manifest, work_dir)
     except BaseException:

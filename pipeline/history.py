@@ -166,6 +166,7 @@ def index_entry(manifest: dict) -> dict:
         "started_at": manifest.get("started_at"),
         "finished_at": manifest.get("finished_at"),
         "state": manifest.get("state"),
+        "job": manifest.get("job"),
         "records_read": counts.get("records_read"),
         "images_explained": counts.get("images_explained"),
         "records_rejected": sum((counts.get("records_rejected") or {}).values()),
@@ -315,5 +316,6 @@ def _compare_with_previous(config, manifest: dict, work_dir: str) -> Optional[di
         manifest["comparison"] = {"baseline_run_id": previous["run_id"], "flagged": None,
                                   "exit_code": compare.EXIT_FAILED, "message": str(exc)}
         return None
-    manifest["comparison"] = {**compare.brief(result), "exit_code": compare.exit_code(result)}
+    flagged_exit_code = getattr(config, "flagged_exit_code", compare.EXIT_FLAGGED)
+    manifest["comparison"] = {**compare.brief(result), "exit_code": compare.exit_code(result, flagged_exit_code)}
     return result

@@ -182,7 +182,7 @@ def faithfulness_summary(output: str) -> Optional[dict]:
 
 
 def write_manifest(config, info, files, result, *, beam_args, timings, run: Optional[dict] = None,
-                   write_to: Optional[str] = None) -> dict:
+                   write_to: Optional[str] = None, job: Optional[dict] = None) -> dict:
     """Writes `<write_to>/run_manifest.json` and returns it.
 
     Args:
@@ -191,6 +191,8 @@ def write_manifest(config, info, files, result, *, beam_args, timings, run: Opti
         name that final folder.
       write_to: the folder the tables were written to and the manifest goes
         to (the run's temp folder); default `config.output`.
+      job: {"runner", "id", "url"}: which runner job made the run
+        (`pipeline.runners.job_identity`; "id" None for in-process runners).
     """
     write_to = (write_to or config.output).rstrip("/")
     run = run or {}
@@ -205,6 +207,7 @@ def write_manifest(config, info, files, result, *, beam_args, timings, run: Opti
         "started_at": run.get("started_at"),
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "state": str(getattr(result, "state", "")),
+        "job": job,
         "output": final,
         "output_root": config.output,
         "run_dir": final,

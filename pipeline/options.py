@@ -15,7 +15,8 @@ from typing import Optional
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.compare import add_threshold_arguments
+from pipeline.argtypes import add_boolean
+from pipeline.compare import add_flagged_exit_code_argument, add_threshold_arguments
 from pipeline.runners import RUNNER_DESTS, add_runner_arguments, runner_of, translate_runner_args
 from transforms.cam.methods import METHODS
 from transforms.cam.preprocess import PRESETS, parse_image_size
@@ -91,7 +92,7 @@ def add_audit_arguments(parser) -> None:
         help="HEIGHTxWIDTH every image is resized to, e.g. 224x224: required for a model whose input "
         "size is dynamic (None, None, C); must match a fixed one")
     add("--weights", default=None, help="Weights file for a keras.applications --model (random but fixed weights when omitted; nothing is downloaded)")
-    add("--unsafe_model", action="store_true", default=False, help="Load the model with Keras safe mode OFF (runs code stored in the file: only for files you trust)")
+    add_boolean(parser, "--unsafe_model", help="Load the model with Keras safe mode OFF (runs code stored in the file: only for files you trust)")
     add("--target_layer", default=None, help="Layer whose activations are explained (default: the last layer with a 4-D spatial output before the head; nested models as outer/inner)")
     add("--target", type=_target, default="predicted", help=f"Class each CAM explains: {TARGET_HELP} (topk:K writes K rows per image)")
     add("--method", choices=list(METHODS), default="gradcam", help="CAM method")
@@ -103,21 +104,23 @@ def add_audit_arguments(parser) -> None:
     add("--preprocess", choices=list(PRESETS), default="none", help="Input scaling: none = float32 pixels 0-255, scale_0_1, or a keras.applications preset")
     add("--batch_size", type=_positive_int, default=32, help="Images per model call")
     add("--max_image_pixels", type=_positive_int, default=40_000_000, help="Images with more pixels (width x height, read from the header) are rejected before decoding")
-    add("--jit_compile", action="store_true", default=False, help="Compile the CAM function with XLA (slower for some models on CPU; try on GPU)")
+    add_boolean(parser, "--jit_compile", help="Compile the CAM function with XLA (slower for some models on CPU; try on GPU)")
     add("--mixed_precision", choices=list(MIXED_PRECISION), default="off",
         help="Run the model's layers in float16 or bfloat16 (GPU speed-up; the CAM and scores stay float32)")
-    add("--large_model", action="store_true", default=False, help="Share one model across the worker processes of a machine (RunInference large_model)")
+    add_boolean(parser, "--large_model", help="Share one model across the worker processes of a machine (RunInference large_model)")
     add("--demo_dir", default=os.environ.get("GRADCAM_AUDIT_DEMO_DIR", ".demo"), help="Where the demo keeps its data, model and output")
-    add("--quiet", action="store_true", default=False, help="Do not print the summary")
+    add_boolean(parser, "--quiet", help="Do not print the summary")
     add("--run_id", type=_run_id, default=None,
         help="Name of this run: outputs go to <output>/run=<run_id>/ (a re-run of an id replaces it; "
         "default: today's date in UTC, YYYY-MM-DD)")
-    add("--compare_with_previous", action="store_true", default=False,
-        help="Compare with the run listed just before this one in <output>/runs.json; exit status 1 when "
-        "something is flagged (thresholds below, see pipeline/compare.py)")
-    add("--report", dest="report", action="store_true", default=True,
-        help="Write <run>/report.html, a self-contained visual report (default)")
-    add("--no_report", dest="report", action="store_false", help="Do not write report.html")
+    add_boolean(parser, "--compare_with_previous",
+                help="Compare with the run listed just before this one in <output>/runs.json; exit status "
+                "--flagged_exit_code (1) when something is flagged (thresholds below, see pipeline/compare.py)")
+    add_flagged_exit_code_argument(parser)
+    add_boolean(parser, "--report", default=True,
+                help="Write <run>/report.html, a self-contained visual report (default)")
+    add_boolean(parser, "--no_report", dest="report", negate=True, default=argparse.SUPPRESS,  # --report's
+                help="Do not write report.html (the same as --report=false)")
     add("--outside_box_concentration", type=_non_negative_float, default=1.0,
         help="attention_outside_box: set when the CAM peak misses every box and box_mass / box_area is at most "
         "this (1 = what a flat map gives the boxes)")
@@ -148,8 +151,8 @@ def add_audit_arguments(parser) -> None:
         help="Spread the records of every shard over all workers (a shuffle after reading; costs one "
         "shuffle of the raw records). auto = on for cluster runners (Flink, Dataflow, portable), off for "
         "the local in-process runners, which would hold the whole dataset in memory")
-    add("--verbose", action="store_true", default=False,
-        help="Keep TensorFlow/absl/gRPC start-up logging (hidden by default) and Beam's INFO logging")
+    add_boolean(parser, "--verbose",
+                help="Keep TensorFlow/absl/gRPC start-up logging (hidden by default) and Beam's INFO logging")
     add_threshold_arguments(parser)
 
 
@@ -209,6 +212,7 @@ class AuditConfig:
     quiet: bool
     run_id: Optional[str]
     compare_with_previous: bool
+    flagged_exit_code: int
     report: bool
     outside_box_concentration: float
     pointing_tolerance: float
@@ -274,9 +278,10 @@ MODELS_HELP = (
     "without Keras metadata (export with model.save instead)."
 )
 EXIT_CODES_HELP = (
-    "Exit status: 0 done; 1 something flagged (--compare_with_previous); 2 bad option, input or model "
-    "(one line on stderr, nothing run); 3 the job failed unexpectedly (traceback on stderr); "
-    "130 interrupted."
+    "Exit status: 0 done; 1 something flagged (--compare_with_previous; --flagged_exit_code N gives N "
+    "instead); 2 bad option, input or model (one line on stderr, nothing run); 3 the job failed "
+    "unexpectedly (traceback on stderr); 130 interrupted. Boolean options take the bare flag, "
+    "=true or =false."
 )
 
 

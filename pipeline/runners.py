@@ -246,3 +246,61 @@ def only_builds_job(beam_args: list) -> bool:
     dry = option_values(beam_args, "--dry_run")
     dry_run = bool(dry) and dry[-1].strip().lower() not in _FALSE
     return dry_run or bool(option_values(beam_args, "--template_location"))
+
+
+# --- which job a run is ---------------------------------------------------------------
+
+DATAFLOW_CONSOLE = "https://console.cloud.google.com/dataflow/jobs/{region}/{job_id}?project={project}"
+
+
+def _result_job_id(result) -> Optional[str]:
+    """The runner's id of the job: `result.job_id()` (Dataflow), the job service's id (portable runners:
+    Flink, Spark, Prism, Beam's job servers), None for the in-process runners (FnApiRunner, DirectRunner)."""
+    try:
+        job_id = result.job_id() if callable(getattr(result, "job_id", None)) else getattr(result, "_job_id", None)
+    except Exception:  # noqa: BLE001 - e.g. a Dataflow result without a job (template builds)
+        return None
+    return str(job_id) if job_id else None
+
+
+def _gcp_setting(result, beam_args: list, name: str) -> Optional[str]:
+    """--project / --region as the Dataflow result's options hold them (Beam may have filled in a
+    default), else as given."""
+    options = getattr(result, "_options", None)
+    if options is not None:
+        try:
+            from apache_beam.options.pipeline_options import GoogleCloudOptions
+
+            value = getattr(options.view_as(GoogleCloudOptions), name, None)
+            if value:
+                return str(value)
+        except Exception:  # noqa: BLE001 - the given arguments below are good enough
+            pass
+    values = option_values(beam_args, f"--{name}")
+    return values[-1] if values else None
+
+
+def job_identity(result, beam_args: list) -> dict:
+    """{"runner", "id", "url"} of the job behind `result` (a PipelineResult), for the log, the manifest and
+    runs.json: the runner as given (--runner), the runner's job id (None for in-process runners) and, on
+    Dataflow, the job's console URL."""
+    runner = runner_of(beam_args)
+    job_id = _result_job_id(result)
+    url = None
+    if job_id and canonical_runner(runner) == "dataflow":
+        project, region = _gcp_setting(result, beam_args, "project"), _gcp_setting(result, beam_args, "region")
+        if project and region:
+            url = DATAFLOW_CONSOLE.format(region=region, job_id=job_id, project=project)
+    return {"runner": runner, "id": job_id, "url": url}
+
+
+def log_job(job: dict, logger: logging.Logger) -> None:
+    """Logs the job's id (and console URL) at INFO on the project's logger, which the quiet console mode
+    keeps (it only silences Beam's own INFO lines, where Beam says the same). The wording of Beam's
+    Dataflow line, "Created job with id: [ID]", is what Airflow's Dataflow hook looks for."""
+    if job.get("id"):
+        logger.info("%s: Created job with id: [%s]", job.get("runner"), job["id"])
+    else:
+        logger.info("%s: the job runs in this process (no job id)", job.get("runner"))
+    if job.get("url"):
+        logger.info("Console URL: %s", job["url"])

@@ -1,8 +1,8 @@
 """Session fixture: three nightly runs of the demo into one output.
 
     run=2026-01-01  the demo model (learnt the marker of class 2 "triangle")
-    run=2026-01-02  a model trained without the marker, --compare_with_previous
-    run=2026-01-03  the demo model again, --compare_with_previous
+    run=2026-01-02  a model trained without the marker, --compare_with_previous=true
+    run=2026-01-03  the demo model again, --compare_with_previous --flagged_exit_code=75
 
 The audited shards are the same demo shards every time (class 2 carries its
 marker), so only the model changes. Costs two trainings (the demo's, 8
@@ -73,8 +73,8 @@ def demo_runs(tmp_path_factory) -> DemoRuns:
     manifests, codes = {}, {}
     for run_id, model, extra in (
         (RUN_IDS[0], demo.model_path, []),
-        (RUN_IDS[1], plain, ["--compare_with_previous"]),
-        (RUN_IDS[2], demo.model_path, ["--compare_with_previous"]),
+        (RUN_IDS[1], plain, ["--compare_with_previous=true"]),  # as schedulers and templates pass booleans
+        (RUN_IDS[2], demo.model_path, ["--compare_with_previous", "--flagged_exit_code=75"]),
     ):
         codes[run_id], manifests[run_id] = audit_cli([*common, "--model", model, "--run_id", run_id, *extra])
     return DemoRuns(root, output, demo, plain, manifests, codes)

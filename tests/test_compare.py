@@ -94,7 +94,8 @@ def test_the_changed_model_is_flagged_on_the_shortcut_class(demo_runs):
     brief = demo_runs.manifests[RUN_IDS[1]]["comparison"]
     assert brief["baseline_run_id"] == RUN_IDS[0] and brief["exit_code"] == 1
     # The shortcut model again: class 2 becomes a shortcut again, class 3 gets new suspicious strategies.
-    assert demo_runs.exit_codes[RUN_IDS[2]] == 1
+    assert demo_runs.exit_codes[RUN_IDS[2]] == 75  # run with --flagged_exit_code=75
+    assert demo_runs.manifests[RUN_IDS[2]]["comparison"]["exit_code"] == 75
     again = json.load(open(os.path.join(demo_runs.run_dir(RUN_IDS[2]), compare.COMPARISON_JSON)))
     assert SHORTCUT_CLASS in again["flagged_classes"] and MOVING_SHORTCUT_CLASS in again["flagged_classes"]
     assert any("shortcut" in r for r in again["classes"][SHORTCUT_CLASS]["reasons"])
@@ -122,6 +123,9 @@ def test_flagged_comparison_exits_1_from_the_command_line(demo_runs, capsys):
     out = capsys.readouterr().out
     assert [line.split(":")[0] for line in out.splitlines() if line.startswith("!")] == [
         "! class 0 circle", "! class 1 square", "! class 2 triangle", "! class 3 cross"]
+    code = compare.main(["--baseline", demo_runs.run_dir(RUN_IDS[0]), "--current", demo_runs.run_dir(RUN_IDS[1]),
+                         "--no_write=true", "--quiet=true", "--flagged_exit_code=0"])
+    assert code == 0 and capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize("which", ["baseline", "current"])

@@ -149,6 +149,8 @@ def test_plain_output_has_no_noise_and_no_progress(plain_run):
     assert done.returncode == 0, done.stderr
     text = done.stdout + done.stderr
     assert "Explained 6 of 6 records" in done.stdout
+    # The job line passes the quiet mode, which silences Beam's own INFO logging.
+    assert "INFO pipeline.graph: FnApiRunner: the job runs in this process (no job id)" in done.stderr
     for marker in ("cuInit", "E0000", "I0000", "W0000", "absl::InitializeLog"):
         assert marker not in text, text
     assert not PROGRESS.search(text) and "\r" not in text

@@ -88,6 +88,7 @@ def test_demo_runs_keep_history(demo_runs):
     fingerprints = [r["model_fingerprint"] for r in index["runs"]]
     assert fingerprints[0] == fingerprints[2] != fingerprints[1]
     for entry in index["runs"]:
+        assert entry["job"] == {"runner": "FnApiRunner", "id": None, "url": None}  # in-process: no job id
         assert entry["images_explained"] == 400 and entry["records_read"] == 403 and entry["records_rejected"] == 3
         assert entry["started_at"] <= entry["finished_at"]
     assert [r["compared_with"] for r in index["runs"]] == [None, RUN_IDS[0], RUN_IDS[1]]
@@ -96,6 +97,7 @@ def test_demo_runs_keep_history(demo_runs):
         manifest = json.load(open(os.path.join(folder, MANIFEST_NAME)))
         assert manifest["run_id"] == run_id and manifest["output"] == folder == manifest["run_dir"]
         assert manifest["output_root"] == demo_runs.output
+        assert manifest["job"] == {"runner": "FnApiRunner", "id": None, "url": None}
         assert manifest["tables"]["heatmaps"] == f"{folder}/heatmaps/"
         assert {"heatmaps", "class_stats", "errors", MANIFEST_NAME, "report.html"} <= set(os.listdir(folder))
 

@@ -94,6 +94,7 @@ def test_manifest_on_disk(audited):
     assert on_disk["counts"] == manifest["counts"]
     assert {"apache_beam", "tensorflow", "keras", "pyarrow"} <= set(on_disk["versions"])
     assert on_disk["timings"]["pipeline_seconds"] > 0
+    assert on_disk["job"] == manifest["job"] == {"runner": "FnApiRunner", "id": None, "url": None}
 
 
 def test_topk_writes_k_rows_per_image(dataset, model_path, tmp_path):
