@@ -1,6 +1,6 @@
 """Command line entry point and its exit status.
 
-    0    the audit ran (nothing flagged)
+    0    the audit ran (nothing flagged); with --wait=false: the job was submitted
     1    something flagged (--compare_with_previous): for nightly jobs; --flagged_exit_code N
          makes it N (e.g. 0 for a scheduler that retries on any non-zero status)
     2    bad option, input or model: one line on stderr, nothing was run
@@ -56,6 +56,9 @@ def _main(argv) -> None:
         sys.stderr.write(f"error: the job failed ({type(exc).__name__}); exit status {EXIT_JOB_FAILED}\n")
         sys.exit(EXIT_JOB_FAILED)
     if manifest.get("job_only"):  # Dataflow --dry_run / --template_location (pipeline/graph.build_job_only)
+        print(manifest["message"])
+        return
+    if manifest.get("submitted"):  # --wait=false: the job finalises its run on its own
         print(manifest["message"])
         return
     if not manifest["options"]["quiet"]:

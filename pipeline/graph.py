@@ -344,7 +344,8 @@ def run(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipeline]
 
     The job writes the run to a temp folder beside `<output>/run=<run_id>/` and its last stage
     finalises it (`pipeline.finalize`): manifest, comparison, report, `_SUCCESS`, the move into place,
-    the runs.json entry. This returns the manifest the job wrote.
+    the runs.json entry. Waiting (the default), this returns the manifest the job wrote; with
+    --wait=false it returns once the job is submitted, with {"submitted": True, "job": ..., "message"}.
     """
     import uuid
 
@@ -369,6 +370,8 @@ def run(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipeline]
             job = job_identity(result, beam_args)  # the runner's job id, logged even in the quiet mode
             log_job(job, _LOG)
             finalize.record_job(work_dir, job)  # for the job's last stage, which cannot ask the runner
+            if not config.wait:
+                return result, submitted(config, job)
             result.wait_until_finish()
     except BaseException:
         if finalize.started_stage(work_dir):  # every table was written: keep them for pipeline.finalize
@@ -382,3 +385,15 @@ def run(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipeline]
     if history.folder_exists(work_dir):  # only a job-id note written after the job had moved the run
         history.delete_folder(work_dir)
     return result, manifest
+
+
+def submitted(config: AuditConfig, job: dict) -> dict:
+    """What `run` returns with --wait=false: the job, where its run will appear."""
+    from pipeline import history
+
+    final = history.run_dir(config.output, config.run_id)
+    where = f"job {job['id']} on {job['runner']}" if job.get("id") else f"the job ({job.get('runner')}, in this process)"
+    return {"submitted": True, "job": job, "run_id": config.run_id, "output": final,
+            "options": config.as_json(),
+            "message": f"Submitted {where}; it finalises run {config.run_id} into {final}/ and "
+                       f"{config.output}/runs.json on its own."}
