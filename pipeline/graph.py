@@ -10,7 +10,9 @@
       -> CheckSanity (a fixed small sample) --+
          heatmap rows -> SummariseFaithfulness -> WriteFaithfulnessSummary (faithfulness.json)
     errors of every step -> CollectErrors -> WriteErrors
-    after the run: counts read back from the tables -> run_manifest.json (with the runner's job id)
+    records read -> CountRecordsRead --+
+    every write's files (side inputs) -+-> FinalizeRun (pipeline/finalize.py): counts read back from the
+      tables -> run_manifest.json, comparison, report.html, _SUCCESS, the run moved into place, runs.json
 """
 
 from __future__ import annotations
@@ -204,7 +206,9 @@ class ExplainDataset(beam.PTransform):
             thresholds=c.flag_thresholds(),
         )
         outputs = {"heatmaps": strategies["heatmaps"], "class_stats": stats, "clusters": strategies["clusters"],
-                   "errors": errors, "exemplars": exemplars}
+                   "errors": errors, "exemplars": exemplars,
+                   # the job's own count of what it read: the tables must account for every record
+                   "records_read": read.records | "CountRecordsRead" >> beam.combiners.Count.Globally()}
         if c.faithfulness_sample > 0 or c.sanity_images > 0:
             outputs["faithfulness"] = self.check_maps(explained, rows.rows)
         return outputs
@@ -245,27 +249,39 @@ def clear_outputs(output: str, run_id: Optional[str] = None) -> None:
         FileSystems.delete(stale)
 
 
-def build(pipeline: beam.Pipeline, config: AuditConfig, info: ModelInfo, files: list[str], class_names: list[str]):
-    """Adds the whole audit to `pipeline`; returns the output PCollections."""
+def build(pipeline: beam.Pipeline, config: AuditConfig, info: ModelInfo, files: list[str], class_names: list[str],
+          finalize: Optional[dict] = None):
+    """Adds the whole audit to `pipeline`; returns the output PCollections.
+
+    With `finalize` (`pipeline.finalize.launch_settings`), the last stage finalises the run once every
+    table is written (`pipeline.finalize.FinalizeRun`)."""
     outputs = (
         pipeline
         | "ListShards" >> beam.Create(files)
         | "ExplainDataset" >> ExplainDataset(config, info, class_names)
     )
-    outputs["heatmaps"] | "WriteHeatmaps" >> WriteParquetTable(config.output, "heatmaps", HEATMAP_SCHEMA, batches=True)
-    outputs["class_stats"] | "WriteClassStats" >> WriteParquetTable(config.output, "class_stats", CLASS_STATS_SCHEMA)
-    outputs["clusters"] | "WriteClusters" >> WriteParquetTable(config.output, "clusters", CLUSTER_SCHEMA)
-    outputs["errors"] | "WriteErrors" >> WriteParquetTable(config.output, "errors", ERROR_SCHEMA)
-    outputs["exemplars"] | "WriteExemplars" >> WriteParquetTable(config.output, "exemplars", EXEMPLAR_SCHEMA)
+    written = [
+        outputs["heatmaps"] | "WriteHeatmaps" >> WriteParquetTable(config.output, "heatmaps", HEATMAP_SCHEMA,
+                                                                   batches=True),
+        outputs["class_stats"] | "WriteClassStats" >> WriteParquetTable(config.output, "class_stats",
+                                                                        CLASS_STATS_SCHEMA),
+        outputs["clusters"] | "WriteClusters" >> WriteParquetTable(config.output, "clusters", CLUSTER_SCHEMA),
+        outputs["errors"] | "WriteErrors" >> WriteParquetTable(config.output, "errors", ERROR_SCHEMA),
+        outputs["exemplars"] | "WriteExemplars" >> WriteParquetTable(config.output, "exemplars", EXEMPLAR_SCHEMA),
+    ]
     if "faithfulness" in outputs:
         name, suffix = FAITHFULNESS_SUMMARY.rsplit(".", 1)
-        (
+        written.append(
             outputs["faithfulness"]
             | "SummaryToJson" >> beam.Map(lambda summary: json.dumps(summary, default=str))
             | "WriteFaithfulnessSummary" >> beam.io.WriteToText(
                 f"{config.output}/{name}", file_name_suffix=f".{suffix}", num_shards=1, shard_name_template=""
             )
         )
+    if finalize is not None:
+        from pipeline.finalize import FinalizeRun
+
+        outputs["finalized"] = pipeline | "FinalizeRun" >> FinalizeRun(finalize, written, outputs["records_read"])
     return outputs
 
 
@@ -291,18 +307,21 @@ def prepare(config: AuditConfig):
     return files, info, read_class_names(config.class_names)
 
 
-def build_job_only(config: AuditConfig, beam_args: list, info: ModelInfo, files: list, class_names: list):
+def build_job_only(config: AuditConfig, beam_args: list, info: ModelInfo, files: list, class_names: list,
+                   settings: dict):
     """Builds (and for a template, saves) the Dataflow job without running it; nothing is written or deleted.
 
-    The job writes its tables straight into the run folder: a template launched
-    later has no launcher to swap a temp folder in or to write the manifest.
+    The job is the same as a launched one: tables into the run's temp folder, then its last stage
+    (FinalizeRun) writes the manifest, the comparison and the report and moves the run into place, with
+    no launcher. A classic template freezes the run id and the shard list of the build.
     Returns (PipelineResult or None, a short description instead of a manifest).
     """
     from pipeline import history
 
-    final = dataclasses.replace(config, output=history.run_dir(config.output, config.run_id))
+    work = dataclasses.replace(config, output=settings["work_dir"])
+    final = history.run_dir(config.output, config.run_id)
     pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
-    build(pipeline, final, info, files, class_names)
+    build(pipeline, work, info, files, class_names, finalize=settings)
     result = pipeline.run()
     template = PipelineOptions(beam_args).get_all_options().get("template_location")
     return result, {
@@ -310,9 +329,9 @@ def build_job_only(config: AuditConfig, beam_args: list, info: ModelInfo, files:
         "state": str(getattr(result, "state", "")),
         "template_location": template,
         "message": f"Dataflow job built, not run ({'template saved to ' + template if template else 'dry run'}); "
-                   f"its tables would go to {final.output}/.",
-        "output": final.output,
-        "tables": {t: f"{final.output}/{t}/" for t in TABLES},
+                   f"it would write its tables to {settings['work_dir']}/ and finalise them into {final}/.",
+        "output": final,
+        "tables": {t: f"{final}/{t}/" for t in TABLES},
         "shards": files,
         "model": {"uri": config.model, "fingerprint": info.fingerprint, **info.as_json()},
         "options": config.as_json(),
@@ -323,49 +342,58 @@ def build_job_only(config: AuditConfig, beam_args: list, info: ModelInfo, files:
 def run(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipeline] = None):
     """Runs the audit; returns (PipelineResult, manifest dict).
 
-    The run is written to a temp folder beside `<output>/run=<run_id>/` and
-    swapped in when complete (see `pipeline.history`); the manifest's
-    "output" is the final run folder.
+    The job writes the run to a temp folder beside `<output>/run=<run_id>/` and its last stage
+    finalises it (`pipeline.finalize`): manifest, comparison, report, `_SUCCESS`, the move into place,
+    the runs.json entry. Waiting (the default), this returns the manifest the job wrote; with
+    --wait=false it returns once the job is submitted, with {"submitted": True, "job": ..., "message"}.
     """
-    from pipeline import history
-    from pipeline.manifest import write_manifest
+    import uuid
+
+    from pipeline import finalize, history
 
     config, beam_args = parse_args(argv)
     started = time.time()
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     files, info, class_names = prepare(config)
-    if only_builds_job(beam_args):  # Dataflow --dry_run / --template_location: build the job only
-        return build_job_only(config, beam_args, info, files, class_names)
-    clear_outputs(config.output, config.run_id)
     work_dir = history.temp_dir(config.output, config.run_id)
+    settings = finalize.launch_settings(config, info, files, beam_args, work_dir=work_dir, started_at=started_at,
+                                        started=started, attempt=uuid.uuid4().hex)
+    if only_builds_job(beam_args):  # Dataflow --dry_run / --template_location: build the job only
+        return build_job_only(config, beam_args, info, files, class_names, settings)
+    clear_outputs(config.output, config.run_id)
     work = dataclasses.replace(config, output=work_dir)
     pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
-    build(pipeline, work, info, files, class_names)
+    build(pipeline, work, info, files, class_names, finalize=settings)
     try:
-        pipeline_started = time.time()
         with show_progress(beam_args, files):  # a progress line on a terminal, local runners only
-            result = pipeline.run()
+            result = pipeline.run()  # in-process runners (FnApiRunner, DirectRunner) run the whole job here
             job = job_identity(result, beam_args)  # the runner's job id, logged even in the quiet mode
             log_job(job, _LOG)
+            finalize.record_job(work_dir, job)  # for the job's last stage, which cannot ask the runner
+            if not config.wait:
+                return result, submitted(config, job)
             result.wait_until_finish()
-        finished = time.time()
-        manifest = write_manifest(
-            config,
-            info,
-            files,
-            result,
-            beam_args=beam_args,
-            timings={
-                "startup_seconds": round(pipeline_started - started, 3),
-                "pipeline_seconds": round(finished - pipeline_started, 3),
-            },
-            run={"run_id": config.run_id, "run_dir": history.run_dir(config.output, config.run_id),
-                 "started_at": started_at},
-            write_to=work_dir,
-            job=job,
-        )
-        manifest = history.finish_run(config, manifest, work_dir)
     except BaseException:
-        history.delete_folder(work_dir)
+        if finalize.started_stage(work_dir):  # every table was written: keep them for pipeline.finalize
+            _LOG.error("The job failed in its last stage; the tables are complete in %s: `python -m "
+                       "pipeline.finalize --output %s --run_id %s` finishes the run", work_dir, config.output,
+                       config.run_id)
+        else:
+            history.delete_folder(work_dir)
         raise
+    manifest = finalize.read_finalised(config.output, config.run_id, settings["attempt"])
+    if history.folder_exists(work_dir):  # only a job-id note written after the job had moved the run
+        history.delete_folder(work_dir)
     return result, manifest
+
+
+def submitted(config: AuditConfig, job: dict) -> dict:
+    """What `run` returns with --wait=false: the job, where its run will appear."""
+    from pipeline import history
+
+    final = history.run_dir(config.output, config.run_id)
+    where = f"job {job['id']} on {job['runner']}" if job.get("id") else f"the job ({job.get('runner')}, in this process)"
+    return {"submitted": True, "job": job, "run_id": config.run_id, "output": final,
+            "options": config.as_json(),
+            "message": f"Submitted {where}; it finalises run {config.run_id} into {final}/ and "
+                       f"{config.output}/runs.json on its own."}

@@ -117,6 +117,12 @@ def add_audit_arguments(parser) -> None:
                 help="Compare with the run listed just before this one in <output>/runs.json; exit status "
                 "--flagged_exit_code (1) when something is flagged (thresholds below, see pipeline/compare.py)")
     add_flagged_exit_code_argument(parser)
+    add_boolean(parser, "--wait", default=True,
+                help="Wait for the job, print the summary and exit with its status (default). --wait=false "
+                "submits the job, logs its id and exits 0: the job's last stage finalises the run on its own "
+                "(manifest, comparison, report, runs.json). The in-process runners (FnApiRunner, DirectRunner) "
+                "run the whole job inside this command, so there it still returns only when the run is done; "
+                "on PortableRunner/Flink the workers must not be LOOPBACK (they live in this process)")
     add_boolean(parser, "--report", default=True,
                 help="Write <run>/report.html, a self-contained visual report (default)")
     add_boolean(parser, "--no_report", dest="report", negate=True, default=argparse.SUPPRESS,  # --report's
@@ -239,6 +245,7 @@ class AuditConfig:
     max_gap_drop: float = 0.1
     reshuffle_records: str = "auto"
     verbose: bool = False
+    wait: bool = True
 
     @property
     def is_demo(self) -> bool:
@@ -278,7 +285,7 @@ MODELS_HELP = (
     "without Keras metadata (export with model.save instead)."
 )
 EXIT_CODES_HELP = (
-    "Exit status: 0 done; 1 something flagged (--compare_with_previous; --flagged_exit_code N gives N "
+    "Exit status: 0 done (with --wait=false: submitted); 1 something flagged (--compare_with_previous; --flagged_exit_code N gives N "
     "instead); 2 bad option, input or model (one line on stderr, nothing run); 3 the job failed "
     "unexpectedly (traceback on stderr); 130 interrupted. Boolean options take the bare flag, "
     "=true or =false."
