@@ -305,3 +305,36 @@ def test_a_staging_error_becomes_the_error_it_wraps():
 
     text = "in user code:\n\n    File \"model.py\", line 3, in call\n        x = y\n\n    AttributeError: 'NoneType' object has no attribute 'shape'\n"
     assert one_line(StagingError(text)) == "AttributeError: 'NoneType' object has no attribute 'shape'"
+
+
+def test_job_on_a_two_output_model_needs_model_output(tmp_path, capsys):
+    from pipeline import cli
+    from tests.helpers import write_shard
+
+    path = str(tmp_path / "two_heads.keras")
+    vit(0, "gap", extra_output=True).save(path)
+    records = shape_records(4, seed=1)
+    rows, manifest = audit(tmp_path, records, path, "--model_output", "head")
+    assert manifest["model"]["output"] == {"index": 1, "name": "head", "count": 2}
+    assert manifest["model"]["target_layer"] == "block1_out" and len(rows) == 4
+    shard = write_shard(str(tmp_path), "again-00000.tfrecord", records)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--input", shard, "--model", path, "--output", str(tmp_path / "o2"), "--no_report"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any("model has 2 outputs (0='box' (None, 4), 1='head' (None, 4)): pass --model_output" in line
+               for line in err)
+
+
+def test_token_options_parse_and_bad_values_exit_2(capsys):
+    from pipeline.options import parse_args
+
+    config, _ = parse_args(["--input", "x", "--model", "y", "--token_grid", "14X14", "--prefix_tokens", "1",
+                            "--model_output", "logits"])
+    assert (config.token_grid, config.prefix_tokens, config.model_output) == ((14, 14), 1, "logits")
+    assert config.as_json()["token_grid"] == "14x14"
+    for bad in (["--token_grid", "14"], ["--prefix_tokens", "-1"]):
+        with pytest.raises(SystemExit) as info:
+            parse_args(["--input", "x", "--model", "y", *bad])
+        assert info.value.code == 2
+    assert "--token_grid: expected ROWSxCOLUMNS" in capsys.readouterr().err

@@ -133,14 +133,16 @@ def block_input_layer(model) -> tuple[str, str]:
     if not attention:
         raise AuditError(f"model {model.name!r} has no attention layer")
     last_path = layers[attention[-1]][0]
-    candidates = [
-        i for i in range(attention[-1])
+    candidates = [  # after the first attention: never a layer that runs before all attention
+        i for i in range(attention[0] + 1, attention[-1])
         if (is_spatial(layers[i][1]) or is_tokens(layers[i][1])) and not _is_skipped(layers[i][1])
     ]
     if not candidates:
         raise AuditError(
-            f"model {model.name!r}: no layer with a token or spatial output runs before its last attention "
-            f"layer {last_path!r}; pass --target_layer NAME"
+            f"model {model.name!r}: its head reads only the prefix (class) token(s), so the patch tokens of "
+            f"the last attention block's output get zero gradient, and no layer between its attention blocks "
+            f"is reachable (the last attention is in {last_path!r}); pass --target_layer NAME naming the input "
+            "of the last block, or explain a model whose head pools the patch tokens"
         )
     adds = [i for i in candidates if _is_add(layers[i][1])]
     chosen = adds[-1] if adds else candidates[-1]
