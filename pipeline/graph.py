@@ -63,6 +63,11 @@ class ModelInfo:
 
         km = keras_module(explainer.model)
         self.target_layer = explainer.target_layer
+        self.target_layer_reason = explainer.target_layer_reason
+        layout = explainer.token_layout
+        self.token_layout = layout.as_json() if layout is not None else None
+        self.output = {"index": explainer.output_index, "name": explainer.output_name,
+                       "count": len(explainer.model.outputs)}
         self.input_shape = explainer.input_shape
         self.input_dtype = explainer.input_dtype
         self.cam_shape = explainer.cam_shape
@@ -70,6 +75,24 @@ class ModelInfo:
         self.head = explainer.head
         self.keras = f"{km.__name__} {km.__version__}"
         self.fingerprint = fingerprint
+
+    @property
+    def token_grid(self):
+        """(h, w) of the patch grid the launcher found for a token target layer, else None."""
+        return (self.token_layout["height"], self.token_layout["width"]) if self.token_layout else None
+
+    @property
+    def prefix_tokens(self):
+        return self.token_layout["prefix"] if self.token_layout else None
+
+    @property
+    def token_layout_text(self) -> str:
+        t = self.token_layout
+        return f"{t['prefix']} prefix token(s) + {t['height']}x{t['width']} patch grid ({t['source']})" if t else ""
+
+    def explainer_options(self) -> dict:
+        """What a worker's CamExplainer needs beyond the layer to explain exactly what the launcher checked."""
+        return {"token_grid": self.token_grid, "prefix_tokens": self.prefix_tokens, "output": self.output["index"]}
 
     def as_json(self) -> dict:
         return dict(vars(self))
@@ -111,6 +134,9 @@ def inspect_model(config: AuditConfig) -> ModelInfo:
             target=config.target,
             preprocess=config.preprocess,
             image_size=config.image_size,
+            token_grid=config.token_grid,
+            prefix_tokens=config.prefix_tokens,
+            output=config.model_output,
         )
     except AuditError:
         raise
@@ -147,6 +173,7 @@ class ExplainDataset(beam.PTransform):
             target=c.target,
             preprocess=c.preprocess,
             image_size=self._info.input_shape[:2],
+            **self._info.explainer_options(),
             batch_size=c.batch_size,
             jit_compile=c.jit_compile,
             large_model=c.large_model,
@@ -216,14 +243,41 @@ class ExplainDataset(beam.PTransform):
     def check_maps(self, explained, rows):
         """The sanity check and the run's faithfulness summary: a PCollection of one dict."""
         c = self._config
+        missing = []
         if c.sanity_images > 0:
             settings = {"model_uri": c.model, "weights": c.weights, "safe_mode": not c.unsafe_model,
                         "target_layer": self._info.target_layer, "method": c.method, "preprocess": c.preprocess,
                         "image_size": tuple(self._info.input_shape[:2])}
+            settings, missing = _sanity_settings(settings, self._info)
+        if c.sanity_images > 0 and not missing:
             sanity = explained | "CheckSanity" >> CheckSanity(settings, c.sanity_images, c.max_sanity_correlation)
         else:
+            if c.sanity_images > 0:
+                _LOG.warning("Sanity check skipped: its explainer cannot be given %s", ", ".join(missing))
             sanity = explained.pipeline | "NoSanityCheck" >> beam.Create([])
         return (rows, sanity) | "SummariseFaithfulness" >> SummariseFaithfulness(c.faithfulness_sample)
+
+
+def _sanity_settings(settings: dict, info: ModelInfo) -> tuple[dict, list]:
+    """Adds the token layout and the output to the sanity explainer's settings where
+    `load_sanity_explainer` takes them; returns (settings, the names of those it needs but cannot take).
+
+    Without them the sanity explainer infers the token layout again from the
+    model (the same answer unless --token_grid/--prefix_tokens were needed)
+    and needs a model with one output.
+    """
+    import inspect
+
+    from transforms.faithfulness import load_sanity_explainer
+
+    needed = {}
+    if info.token_layout and str(info.token_layout["source"]).startswith("options"):
+        needed.update(token_grid=info.token_grid, prefix_tokens=info.prefix_tokens)
+    if info.output["count"] > 1:
+        needed["output"] = info.output["index"]
+    accepted = inspect.signature(load_sanity_explainer).parameters
+    missing = [key for key in needed if key not in accepted]
+    return {**settings, **{k: v for k, v in needed.items() if k in accepted}}, missing
 
 
 def clear_outputs(output: str, run_id: Optional[str] = None) -> None:
@@ -303,7 +357,8 @@ def prepare(config: AuditConfig):
         config.run_id = default_run_id()
     files = match_shards(config.input)
     info = inspect_model(config)
-    _LOG.info("Target layer: %s, maps of %dx%d", info.target_layer, *info.cam_shape)
+    _LOG.info("Target layer: %s (%s), maps of %dx%d%s", info.target_layer, info.target_layer_reason,
+              *info.cam_shape, f"; tokens: {info.token_layout_text}" if info.token_layout else "")
     return files, info, read_class_names(config.class_names)
 
 
