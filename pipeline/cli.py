@@ -1,11 +1,12 @@
 """Command line entry point and its exit status.
 
-    0    the audit ran (nothing flagged)
+    0    the audit ran (nothing flagged); with --wait=false: the job was submitted
     1    something flagged (--compare_with_previous): for nightly jobs; --flagged_exit_code N
          makes it N (e.g. 0 for a scheduler that retries on any non-zero status)
     2    bad option, input or model: one line on stderr, nothing was run
     3    the job failed unexpectedly (the traceback is logged on stderr), or the runner lost
-         records (its records_read counter exceeds what the tables account for)
+         records (the job's count of the records it read exceeds what the tables account for), or
+         the job ended without finalising its run (`python -m pipeline.finalize` finishes it)
     130  interrupted (Ctrl-C)
 
 An unexpected failure must never exit 1 (Python's own status for an uncaught
@@ -34,6 +35,7 @@ def main(argv=None) -> None:
 
 
 def _main(argv) -> None:
+    from pipeline.finalize import RunNotFinalised
     from pipeline.graph import run
     from pipeline.summary import summary_text
     from transforms.errors import AuditError
@@ -43,6 +45,9 @@ def _main(argv) -> None:
     except AuditError as exc:
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(EXIT_BAD_INPUT)
+    except RunNotFinalised as exc:  # the tables are there; the run is not in place
+        sys.stderr.write(f"error: {exc}; exit status {EXIT_JOB_FAILED}\n")
+        sys.exit(EXIT_JOB_FAILED)
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
         sys.exit(EXIT_INTERRUPTED)
@@ -53,12 +58,15 @@ def _main(argv) -> None:
     if manifest.get("job_only"):  # Dataflow --dry_run / --template_location (pipeline/graph.build_job_only)
         print(manifest["message"])
         return
+    if manifest.get("submitted"):  # --wait=false: the job finalises its run on its own
+        print(manifest["message"])
+        return
     if not manifest["options"]["quiet"]:
         print(summary_text(manifest))
     counts = manifest.get("counts", {})
     if counts.get("balanced") is False:  # the runner read more records than the tables account for
         sys.stderr.write(
-            f"error: the runner read {counts['records_read_by_runner']} records but the tables account for "
+            f"error: the job read {counts['records_read_by_runner']} records but the tables account for "
             f"{counts['records_read']}: records were lost by the runner; exit status {EXIT_JOB_FAILED}\n"
         )
         sys.exit(EXIT_JOB_FAILED)

@@ -13,7 +13,9 @@
       -> SelectExemplars (Top.PerKey per flag / shortcut class / strategy, + class stats) -> WriteExemplars
          score rows + sanity -> SummariseFaithfulness -> WriteFaithfulnessSummary (faithfulness.json)
     errors of every step -> CollectErrors -> WriteErrors
-    after the run: counts read back from the tables -> run_manifest.json (with the runner's job id)
+    records read -> CountRecordsRead --+
+    every write's files (side inputs) -+-> FinalizeRun (pipeline/finalize.py): counts read back from the
+      tables -> run_manifest.json, comparison, report.html, _SUCCESS, the run moved into place, runs.json
 """
 
 from __future__ import annotations
@@ -72,6 +74,11 @@ class ModelInfo:
 
         km = keras_module(explainer.model)
         self.target_layer = explainer.target_layer
+        self.target_layer_reason = explainer.target_layer_reason
+        layout = explainer.token_layout
+        self.token_layout = layout.as_json() if layout is not None else None
+        self.output = {"index": explainer.output_index, "name": explainer.output_name,
+                       "count": len(explainer.model.outputs)}
         self.input_shape = explainer.input_shape
         self.input_dtype = explainer.input_dtype
         self.cam_shape = explainer.cam_shape
@@ -79,6 +86,24 @@ class ModelInfo:
         self.head = explainer.head
         self.keras = f"{km.__name__} {km.__version__}"
         self.fingerprint = fingerprint
+
+    @property
+    def token_grid(self):
+        """(h, w) of the patch grid the launcher found for a token target layer, else None."""
+        return (self.token_layout["height"], self.token_layout["width"]) if self.token_layout else None
+
+    @property
+    def prefix_tokens(self):
+        return self.token_layout["prefix"] if self.token_layout else None
+
+    @property
+    def token_layout_text(self) -> str:
+        t = self.token_layout
+        return f"{t['prefix']} prefix token(s) + {t['height']}x{t['width']} patch grid ({t['source']})" if t else ""
+
+    def explainer_options(self) -> dict:
+        """What a worker's CamExplainer needs beyond the layer to explain exactly what the launcher checked."""
+        return {"token_grid": self.token_grid, "prefix_tokens": self.prefix_tokens, "output": self.output["index"]}
 
     def as_json(self) -> dict:
         return dict(vars(self))
@@ -120,6 +145,9 @@ def inspect_model(config: AuditConfig) -> ModelInfo:
             target=config.target,
             preprocess=config.preprocess,
             image_size=config.image_size,
+            token_grid=config.token_grid,
+            prefix_tokens=config.prefix_tokens,
+            output=config.model_output,
         )
     except AuditError:
         raise
@@ -156,6 +184,7 @@ class ExplainDataset(beam.PTransform):
             target=c.target,
             preprocess=c.preprocess,
             image_size=self._info.input_shape[:2],
+            **self._info.explainer_options(),
             batch_size=c.batch_size,
             jit_compile=c.jit_compile,
             large_model=c.large_model,
@@ -215,8 +244,10 @@ class ExplainDataset(beam.PTransform):
             thresholds=c.flag_thresholds(),
         )
         outputs = {"heatmaps": heatmaps, "class_stats": stats, "clusters": strategies["clusters"],
-                   "errors": errors, "exemplars": exemplars}
-        if scored is not None or sanity is not None:
+                   "errors": errors, "exemplars": exemplars,
+                   # the job's own count of what it read: the tables must account for every record
+                   "records_read": read.records | "CountRecordsRead" >> beam.combiners.Count.Globally()}
+        if c.faithfulness_sample > 0 or c.sanity_images > 0:
             pipeline = batches.pipeline
             scores = scored if scored is not None else pipeline | "NoFaithfulnessScores" >> beam.Create([])
             checks = sanity if sanity is not None else pipeline | "NoSanityCheck" >> beam.Create([])
@@ -230,7 +261,16 @@ class ExplainDataset(beam.PTransform):
         are read again after the main pass, so the checks cost their images' model passes and no more."""
         c = self._config
         faithfulness = c.faithfulness_images if c.faithfulness_sample > 0 else 0
-        k = max(faithfulness, c.sanity_images)
+        sanity_images, settings = c.sanity_images, None
+        if sanity_images > 0:
+            settings = {"model_uri": c.model, "weights": c.weights, "safe_mode": not c.unsafe_model,
+                        "target_layer": self._info.target_layer, "method": c.method, "preprocess": c.preprocess,
+                        "image_size": tuple(self._info.input_shape[:2])}
+            settings, missing = _sanity_settings(settings, self._info)
+            if missing:
+                _LOG.warning("Sanity check skipped: its explainer cannot be given %s", ", ".join(missing))
+                sanity_images = 0
+        k = max(faithfulness, sanity_images)
         if k == 0:
             return None, None
         sample = batches | "SelectCheckImages" >> SelectCheckImages(k)
@@ -238,13 +278,32 @@ class ExplainDataset(beam.PTransform):
         if faithfulness:
             scored = sample | "ScoreFaithfulness" >> beam.ParDo(ScoreCheckImages(
                 self.handler(), c.faithfulness_sample, faithfulness, c.image_key, c.batch_size))
-        if c.sanity_images:
-            settings = {"model_uri": c.model, "weights": c.weights, "safe_mode": not c.unsafe_model,
-                        "target_layer": self._info.target_layer, "method": c.method, "preprocess": c.preprocess,
-                        "image_size": tuple(self._info.input_shape[:2])}
+        if sanity_images:
             sanity = sample | "CheckSanity" >> beam.ParDo(RunSanityCheck(
-                settings, c.max_sanity_correlation, c.sanity_images, c.image_key, c.batch_size))
+                settings, c.max_sanity_correlation, sanity_images, c.image_key, c.batch_size))
         return scored, sanity
+
+
+def _sanity_settings(settings: dict, info: ModelInfo) -> tuple[dict, list]:
+    """Adds the token layout and the output to the sanity explainer's settings where
+    `load_sanity_explainer` takes them; returns (settings, the names of those it needs but cannot take).
+
+    Without them the sanity explainer infers the token layout again from the
+    model (the same answer unless --token_grid/--prefix_tokens were needed)
+    and needs a model with one output.
+    """
+    import inspect
+
+    from transforms.faithfulness import load_sanity_explainer
+
+    needed = {}
+    if info.token_layout and str(info.token_layout["source"]).startswith("options"):
+        needed.update(token_grid=info.token_grid, prefix_tokens=info.prefix_tokens)
+    if info.output["count"] > 1:
+        needed["output"] = info.output["index"]
+    accepted = inspect.signature(load_sanity_explainer).parameters
+    missing = [key for key in needed if key not in accepted]
+    return {**settings, **{k: v for k, v in needed.items() if k in accepted}}, missing
 
 
 def clear_outputs(output: str, run_id: Optional[str] = None) -> None:
@@ -270,27 +329,39 @@ def clear_outputs(output: str, run_id: Optional[str] = None) -> None:
         FileSystems.delete(stale)
 
 
-def build(pipeline: beam.Pipeline, config: AuditConfig, info: ModelInfo, files: list[str], class_names: list[str]):
-    """Adds the whole audit to `pipeline`; returns the output PCollections."""
+def build(pipeline: beam.Pipeline, config: AuditConfig, info: ModelInfo, files: list[str], class_names: list[str],
+          finalize: Optional[dict] = None):
+    """Adds the whole audit to `pipeline`; returns the output PCollections.
+
+    With `finalize` (`pipeline.finalize.launch_settings`), the last stage finalises the run once every
+    table is written (`pipeline.finalize.FinalizeRun`)."""
     outputs = (
         pipeline
         | "ListShards" >> beam.Create(files)
         | "ExplainDataset" >> ExplainDataset(config, info, class_names)
     )
-    outputs["heatmaps"] | "WriteHeatmaps" >> WriteParquetTable(config.output, "heatmaps", HEATMAP_SCHEMA, batches=True)
-    outputs["class_stats"] | "WriteClassStats" >> WriteParquetTable(config.output, "class_stats", CLASS_STATS_SCHEMA)
-    outputs["clusters"] | "WriteClusters" >> WriteParquetTable(config.output, "clusters", CLUSTER_SCHEMA)
-    outputs["errors"] | "WriteErrors" >> WriteParquetTable(config.output, "errors", ERROR_SCHEMA)
-    outputs["exemplars"] | "WriteExemplars" >> WriteParquetTable(config.output, "exemplars", EXEMPLAR_SCHEMA)
+    written = [
+        outputs["heatmaps"] | "WriteHeatmaps" >> WriteParquetTable(config.output, "heatmaps", HEATMAP_SCHEMA,
+                                                                   batches=True),
+        outputs["class_stats"] | "WriteClassStats" >> WriteParquetTable(config.output, "class_stats",
+                                                                        CLASS_STATS_SCHEMA),
+        outputs["clusters"] | "WriteClusters" >> WriteParquetTable(config.output, "clusters", CLUSTER_SCHEMA),
+        outputs["errors"] | "WriteErrors" >> WriteParquetTable(config.output, "errors", ERROR_SCHEMA),
+        outputs["exemplars"] | "WriteExemplars" >> WriteParquetTable(config.output, "exemplars", EXEMPLAR_SCHEMA),
+    ]
     if "faithfulness" in outputs:
         name, suffix = FAITHFULNESS_SUMMARY.rsplit(".", 1)
-        (
+        written.append(
             outputs["faithfulness"]
             | "SummaryToJson" >> beam.Map(lambda summary: json.dumps(summary, default=str))
             | "WriteFaithfulnessSummary" >> beam.io.WriteToText(
                 f"{config.output}/{name}", file_name_suffix=f".{suffix}", num_shards=1, shard_name_template=""
             )
         )
+    if finalize is not None:
+        from pipeline.finalize import FinalizeRun
+
+        outputs["finalized"] = pipeline | "FinalizeRun" >> FinalizeRun(finalize, written, outputs["records_read"])
     return outputs
 
 
@@ -312,22 +383,26 @@ def prepare(config: AuditConfig):
         config.run_id = default_run_id()
     files = match_shards(config.input)
     info = inspect_model(config)
-    _LOG.info("Target layer: %s, maps of %dx%d", info.target_layer, *info.cam_shape)
+    _LOG.info("Target layer: %s (%s), maps of %dx%d%s", info.target_layer, info.target_layer_reason,
+              *info.cam_shape, f"; tokens: {info.token_layout_text}" if info.token_layout else "")
     return files, info, read_class_names(config.class_names)
 
 
-def build_job_only(config: AuditConfig, beam_args: list, info: ModelInfo, files: list, class_names: list):
+def build_job_only(config: AuditConfig, beam_args: list, info: ModelInfo, files: list, class_names: list,
+                   settings: dict):
     """Builds (and for a template, saves) the Dataflow job without running it; nothing is written or deleted.
 
-    The job writes its tables straight into the run folder: a template launched
-    later has no launcher to swap a temp folder in or to write the manifest.
+    The job is the same as a launched one: tables into the run's temp folder, then its last stage
+    (FinalizeRun) writes the manifest, the comparison and the report and moves the run into place, with
+    no launcher. A classic template freezes the run id and the shard list of the build.
     Returns (PipelineResult or None, a short description instead of a manifest).
     """
     from pipeline import history
 
-    final = dataclasses.replace(config, output=history.run_dir(config.output, config.run_id))
+    work = dataclasses.replace(config, output=settings["work_dir"])
+    final = history.run_dir(config.output, config.run_id)
     pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
-    build(pipeline, final, info, files, class_names)
+    build(pipeline, work, info, files, class_names, finalize=settings)
     result = pipeline.run()
     template = PipelineOptions(beam_args).get_all_options().get("template_location")
     return result, {
@@ -335,9 +410,9 @@ def build_job_only(config: AuditConfig, beam_args: list, info: ModelInfo, files:
         "state": str(getattr(result, "state", "")),
         "template_location": template,
         "message": f"Dataflow job built, not run ({'template saved to ' + template if template else 'dry run'}); "
-                   f"its tables would go to {final.output}/.",
-        "output": final.output,
-        "tables": {t: f"{final.output}/{t}/" for t in TABLES},
+                   f"it would write its tables to {settings['work_dir']}/ and finalise them into {final}/.",
+        "output": final,
+        "tables": {t: f"{final}/{t}/" for t in TABLES},
         "shards": files,
         "model": {"uri": config.model, "fingerprint": info.fingerprint, **info.as_json()},
         "options": config.as_json(),
@@ -348,49 +423,58 @@ def build_job_only(config: AuditConfig, beam_args: list, info: ModelInfo, files:
 def run(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipeline] = None):
     """Runs the audit; returns (PipelineResult, manifest dict).
 
-    The run is written to a temp folder beside `<output>/run=<run_id>/` and
-    swapped in when complete (see `pipeline.history`); the manifest's
-    "output" is the final run folder.
+    The job writes the run to a temp folder beside `<output>/run=<run_id>/` and its last stage
+    finalises it (`pipeline.finalize`): manifest, comparison, report, `_SUCCESS`, the move into place,
+    the runs.json entry. Waiting (the default), this returns the manifest the job wrote; with
+    --wait=false it returns once the job is submitted, with {"submitted": True, "job": ..., "message"}.
     """
-    from pipeline import history
-    from pipeline.manifest import write_manifest
+    import uuid
+
+    from pipeline import finalize, history
 
     config, beam_args = parse_args(argv)
     started = time.time()
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     files, info, class_names = prepare(config)
-    if only_builds_job(beam_args):  # Dataflow --dry_run / --template_location: build the job only
-        return build_job_only(config, beam_args, info, files, class_names)
-    clear_outputs(config.output, config.run_id)
     work_dir = history.temp_dir(config.output, config.run_id)
+    settings = finalize.launch_settings(config, info, files, beam_args, work_dir=work_dir, started_at=started_at,
+                                        started=started, attempt=uuid.uuid4().hex)
+    if only_builds_job(beam_args):  # Dataflow --dry_run / --template_location: build the job only
+        return build_job_only(config, beam_args, info, files, class_names, settings)
+    clear_outputs(config.output, config.run_id)
     work = dataclasses.replace(config, output=work_dir)
     pipeline = test_pipeline or beam.Pipeline(options=PipelineOptions(beam_args))
-    build(pipeline, work, info, files, class_names)
+    build(pipeline, work, info, files, class_names, finalize=settings)
     try:
-        pipeline_started = time.time()
         with show_progress(beam_args, files):  # a progress line on a terminal, local runners only
-            result = pipeline.run()
+            result = pipeline.run()  # in-process runners (FnApiRunner, DirectRunner) run the whole job here
             job = job_identity(result, beam_args)  # the runner's job id, logged even in the quiet mode
             log_job(job, _LOG)
+            finalize.record_job(work_dir, job)  # for the job's last stage, which cannot ask the runner
+            if not config.wait:
+                return result, submitted(config, job)
             result.wait_until_finish()
-        finished = time.time()
-        manifest = write_manifest(
-            config,
-            info,
-            files,
-            result,
-            beam_args=beam_args,
-            timings={
-                "startup_seconds": round(pipeline_started - started, 3),
-                "pipeline_seconds": round(finished - pipeline_started, 3),
-            },
-            run={"run_id": config.run_id, "run_dir": history.run_dir(config.output, config.run_id),
-                 "started_at": started_at},
-            write_to=work_dir,
-            job=job,
-        )
-        manifest = history.finish_run(config, manifest, work_dir)
     except BaseException:
-        history.delete_folder(work_dir)
+        if finalize.started_stage(work_dir):  # every table was written: keep them for pipeline.finalize
+            _LOG.error("The job failed in its last stage; the tables are complete in %s: `python -m "
+                       "pipeline.finalize --output %s --run_id %s` finishes the run", work_dir, config.output,
+                       config.run_id)
+        else:
+            history.delete_folder(work_dir)
         raise
+    manifest = finalize.read_finalised(config.output, config.run_id, settings["attempt"])
+    if history.folder_exists(work_dir):  # only a job-id note written after the job had moved the run
+        history.delete_folder(work_dir)
     return result, manifest
+
+
+def submitted(config: AuditConfig, job: dict) -> dict:
+    """What `run` returns with --wait=false: the job, where its run will appear."""
+    from pipeline import history
+
+    final = history.run_dir(config.output, config.run_id)
+    where = f"job {job['id']} on {job['runner']}" if job.get("id") else f"the job ({job.get('runner')}, in this process)"
+    return {"submitted": True, "job": job, "run_id": config.run_id, "output": final,
+            "options": config.as_json(),
+            "message": f"Submitted {where}; it finalises run {config.run_id} into {final}/ and "
+                       f"{config.output}/runs.json on its own."}

@@ -9,10 +9,14 @@ Layout (local or any Beam filesystem, e.g. gs://):
     <output>/run=<run_id>/run_manifest.json
     <output>/run=<run_id>/comparison.{json,parquet}   with --compare_with_previous
     <output>/run=<run_id>/report.html                  unless --no_report
+    <output>/run=<run_id>/_SUCCESS                     the run is complete
+    <output>/run=<run_id>/_finalize.json               what `python -m pipeline.finalize` needs to redo it
     <output>/_tmp-run=<run_id>-<random>/               a run being written
 
-A run writes everything into its temporary sibling folder, then `swap_in`
-replaces `run=<run_id>/` with it, and only then is `runs.json` rewritten.
+A run writes everything into its temporary sibling folder, then its last
+stage (`pipeline.finalize`, in the job) writes the manifest, comparison,
+report and `_SUCCESS` there, `swap_in` replaces `run=<run_id>/` with it,
+and only then is `runs.json` rewritten.
 Re-running an id replaces that run; other runs are never touched.
 
 The run id defaults to today's date (UTC, YYYY-MM-DD). Ids are compared as
@@ -136,21 +140,24 @@ def swap_in(temp: str, final: str) -> None:
     delete_folder(temp)
 
 
-def clear_temps(output: str, run_id: str) -> None:
-    """Deletes temp folders left by crashed earlier attempts at `run_id`."""
+def temp_folders(output: str, run_id: str) -> list[str]:
+    """The temp folders of attempts at `run_id` (`<output>/_tmp-run=<run_id>-*`), sorted."""
     output = output.rstrip("/")
     pattern = f"{output}/{TEMP_PREFIX}{run_id}-*"
     if _is_local(output):
         import glob
 
-        folders = set(glob.glob(pattern))
-    else:
-        try:
-            found = FileSystems.match([f"{pattern}/**"])[0].metadata_list
-        except (OSError, ValueError):
-            found = []
-        folders = {f"{output}/{m.path[len(output) + 1:].split('/')[0]}" for m in found}
-    for folder in sorted(folders):
+        return sorted(glob.glob(pattern))
+    try:
+        found = FileSystems.match([f"{pattern}/**"])[0].metadata_list
+    except (OSError, ValueError):
+        found = []
+    return sorted({f"{output}/{m.path[len(output) + 1:].split('/')[0]}" for m in found})
+
+
+def clear_temps(output: str, run_id: str) -> None:
+    """Deletes temp folders left by crashed earlier attempts at `run_id`."""
+    for folder in temp_folders(output, run_id):
         _LOG.info("Deleting %s, left by an earlier attempt at run %s", folder, run_id)
         delete_folder(folder)
 
@@ -258,64 +265,3 @@ def previous_run(output: str, run_id: str) -> Optional[dict]:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def finish_run(config, manifest: dict, work_dir: str) -> dict:
-    """Completes a run written to `work_dir`, then swaps it in and indexes it.
-
-    In order, all inside `work_dir` so that the run appears whole:
-    the comparison with the previous run (--compare_with_previous), the
-    report (--report), the final manifest; then `swap_in` to
-    `<output>/run=<run_id>` and the `runs.json` update.
-
-    Returns:
-      The final manifest ("comparison": None, or `pipeline.compare.brief` of it
-      plus "exit_code"; "report": the report's path or {"error": ...}).
-    """
-    from pipeline.manifest import save_manifest
-
-    output, run_id = config.output, config.run_id
-    final = run_dir(output, run_id)
-    comparison = None
-    manifest["comparison"] = None
-    if getattr(config, "compare_with_previous", False):
-        comparison = _compare_with_previous(config, manifest, work_dir)
-    manifest["report"] = None
-    if getattr(config, "report", False):
-        from pipeline.report import write_report
-
-        try:
-            write_report(work_dir, manifest=manifest, comparison=comparison)
-            manifest["report"] = f"{final}/report.html"
-        except Exception as exc:  # noqa: BLE001 - the tables are the product; the report is a view of them
-            _LOG.warning("Could not write the report: %s", exc, exc_info=True)
-            manifest["report"] = {"error": f"{type(exc).__name__}: {exc}"}
-    save_manifest(work_dir, manifest)
-    swap_in(work_dir, final)
-    update_index(output, manifest)
-    return manifest
-
-
-def _compare_with_previous(config, manifest: dict, work_dir: str) -> Optional[dict]:
-    from pipeline import compare
-
-    previous = previous_run(config.output, config.run_id)
-    if previous is None:
-        _LOG.info("No earlier run in %s/%s: nothing to compare with", config.output, INDEX_NAME)
-        manifest["comparison"] = {"baseline_run_id": None, "flagged": False, "exit_code": compare.EXIT_OK,
-                                  "message": "no earlier run in the index"}
-        return None
-    final = run_dir(config.output, config.run_id)
-    try:
-        baseline = compare.load_run(previous["run_dir"], "baseline")
-        current = compare.load_run(work_dir, "current")
-        current.run_dir = final
-        result = compare.compare_runs(baseline, current, compare.thresholds_from(config))
-        compare.write_comparison(result, work_dir)
-    except compare.CompareError as exc:
-        manifest["comparison"] = {"baseline_run_id": previous["run_id"], "flagged": None,
-                                  "exit_code": compare.EXIT_FAILED, "message": str(exc)}
-        return None
-    flagged_exit_code = getattr(config, "flagged_exit_code", compare.EXIT_FLAGGED)
-    manifest["comparison"] = {**compare.brief(result), "exit_code": compare.exit_code(result, flagged_exit_code)}
-    return result

@@ -2,7 +2,9 @@
 
 Counts come from the Parquet files themselves (not from runner metrics, which
 some runners do not report), so they describe exactly what was written:
-records_read == images_explained + sum(records_rejected).
+records_read == images_explained + sum(records_rejected); the job's own count of
+the records its read step emitted must equal that (counts["balanced"]). Built by
+the job's last stage (`pipeline.finalize`), not by the launcher.
 
 Memory does not grow with the run: row counts come from the Parquet footers,
 the rest from a few projected columns scanned in record batches
@@ -123,19 +125,6 @@ def count_outputs(output: str) -> dict:
     }
 
 
-def runner_counters(result) -> dict:
-    """The job's own counters (namespace gradcam_audit), where the runner reports them."""
-    try:
-        metrics = result.metrics().query()
-    except (NotImplementedError, AttributeError, ValueError):
-        return {}
-    counters = collections.Counter()
-    for counter in metrics.get("counters", []):
-        if counter.key.metric.namespace == "gradcam_audit":
-            counters[counter.key.metric.name] += counter.committed or counter.attempted or 0
-    return dict(counters)
-
-
 def library_versions() -> dict:
     import apache_beam
     import keras
@@ -181,49 +170,44 @@ def faithfulness_summary(output: str) -> Optional[dict]:
     return read_json(f"{output.rstrip('/')}/{FAITHFULNESS_SUMMARY}")
 
 
-def write_manifest(config, info, files, result, *, beam_args, timings, run: Optional[dict] = None,
-                   write_to: Optional[str] = None, job: Optional[dict] = None) -> dict:
-    """Writes `<write_to>/run_manifest.json` and returns it.
+def build_manifest(settings: dict, folder: str, final: str, *, job: Optional[dict], timings: dict,
+                   records_read: Optional[int] = None) -> dict:
+    """The manifest of the run whose tables are in `folder` (pipeline.finalize, in the job or the command).
 
     Args:
-      run: {"run_id", "run_dir", "started_at"}: where the run will live once
-        swapped in (`pipeline.history`); the manifest's "output" and "tables"
-        name that final folder.
-      write_to: the folder the tables were written to and the manifest goes
-        to (the run's temp folder); default `config.output`.
-      job: {"runner", "id", "url"}: which runner job made the run
-        (`pipeline.runners.job_identity`; "id" None for in-process runners).
+      settings: `pipeline.finalize.launch_settings` (plain values: options, model, shards, ...).
+      folder: where the tables are (the run's temp folder, or the run folder itself).
+      final: where the run lives once moved into place; the manifest's "output" and "tables" name it.
+      job: {"runner", "id", "url"}: which runner job made the run (`pipeline.finalize.job_of`).
+      records_read: the job's own count of the records its read step emitted: the tables must account
+        for every one of them (counts["balanced"]).
     """
-    write_to = (write_to or config.output).rstrip("/")
-    run = run or {}
-    final = run.get("run_dir", write_to)
-    counts = count_outputs(write_to)
-    counters = runner_counters(result)
-    if "records_read" in counters:
-        counts["records_read_by_runner"] = counters["records_read"]
-        counts["balanced"] = counters["records_read"] == counts["records_read"]
-    manifest = {
-        "run_id": run.get("run_id"),
-        "started_at": run.get("started_at"),
+    folder = folder.rstrip("/")
+    counts = count_outputs(folder)
+    if records_read is not None:
+        counts["records_read_by_runner"] = records_read
+        counts["balanced"] = records_read == counts["records_read"]
+    return {
+        "run_id": settings["run_id"],
+        "attempt": settings["attempt"],
+        "started_at": settings.get("started_at"),
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "state": str(getattr(result, "state", "")),
+        "state": "DONE",
         "job": job,
         "output": final,
-        "output_root": config.output,
+        "output_root": settings["output"],
         "run_dir": final,
         "tables": {t: f"{final}/{t}/" for t in TABLES},
-        "shards": files,
+        "shards": settings.get("shards"),
         "counts": counts,
-        "attention": attention_summary(write_to),
-        "faithfulness": faithfulness_summary(write_to),
-        "model": {"uri": config.model, "fingerprint": info.fingerprint, **info.as_json()},
-        "options": config.as_json(),
-        "beam_args": beam_args,
+        "attention": attention_summary(folder),
+        "faithfulness": faithfulness_summary(folder),
+        "model": settings.get("model"),
+        "options": settings.get("options"),
+        "beam_args": settings.get("beam_args"),
         "versions": library_versions(),
         "timings": timings,
     }
-    save_manifest(write_to, manifest)
-    return manifest
 
 
 def read_json(path: str) -> Optional[dict]:

@@ -48,6 +48,16 @@ def _image_size(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
 
 
+def _token_grid(text: str) -> str:
+    """Checks a --token_grid value; returns it normalised as "HxW" (a plain string)."""
+    from transforms.cam.tokens import parse_token_grid
+
+    try:
+        return "{}x{}".format(*parse_token_grid(text))
+    except AuditError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
+
+
 def _number(kind, accept, expected: str):
     """An argparse type: `kind(text)` (int or float) that `accept` takes, else "expected <expected>"."""
 
@@ -99,6 +109,15 @@ def add_audit_arguments(parser) -> None:
     add("--weights", default=None, help="Weights file for a keras.applications --model (random but fixed weights when omitted; nothing is downloaded)")
     add_boolean(parser, "--unsafe_model", help="Load the model with Keras safe mode OFF (runs code stored in the file: only for files you trust)")
     add("--target_layer", default=None, help="Layer whose activations are explained (default: the last layer with a 4-D spatial output before the head; nested models as outer/inner)")
+    add("--token_grid", type=_token_grid, default=None,
+        help="Transformers: ROWSxCOLUMNS of the patch grid of a target layer with a (batch, tokens, channels) "
+        "output, e.g. 14x14 (default: from the patch embedding's output or the sequence length)")
+    add("--prefix_tokens", type=_count, default=None,
+        help="Transformers: tokens before the patch tokens (class, distillation, register tokens), dropped "
+        "from the map (default: inferred with the grid)")
+    add("--model_output", default=None,
+        help="Name or index of the model output to explain, for a model with several outputs "
+        "(required then; a one-output model needs none)")
     add("--target", type=_target, default="predicted", help=f"Class each CAM explains: {TARGET_HELP} (topk:K writes K rows per image)")
     add("--method", choices=list(METHODS), default="gradcam", help="CAM method")
     add("--image_key", default="image/encoded", help="Feature with the encoded image")
@@ -122,6 +141,12 @@ def add_audit_arguments(parser) -> None:
                 help="Compare with the run listed just before this one in <output>/runs.json; exit status "
                 "--flagged_exit_code (1) when something is flagged (thresholds below, see pipeline/compare.py)")
     add_flagged_exit_code_argument(parser)
+    add_boolean(parser, "--wait", default=True,
+                help="Wait for the job, print the summary and exit with its status (default). --wait=false "
+                "submits the job, logs its id and exits 0: the job's last stage finalises the run on its own "
+                "(manifest, comparison, report, runs.json). The in-process runners (FnApiRunner, DirectRunner) "
+                "run the whole job inside this command, so there it still returns only when the run is done; "
+                "on PortableRunner/Flink the workers must not be LOOPBACK (they live in this process)")
     add_boolean(parser, "--report", default=True,
                 help="Write <run>/report.html, a self-contained visual report (default)")
     add_boolean(parser, "--no_report", dest="report", negate=True, default=argparse.SUPPRESS,  # --report's
@@ -249,6 +274,10 @@ class AuditConfig:
     max_gap_drop: float = 0.1
     reshuffle_records: str = "auto"
     verbose: bool = False
+    wait: bool = True
+    token_grid: Optional[tuple[int, int]] = None
+    prefix_tokens: Optional[int] = None
+    model_output: Optional[str] = None
 
     @property
     def is_demo(self) -> bool:
@@ -275,6 +304,7 @@ class AuditConfig:
         out = dataclasses.asdict(self)
         out["target"] = str(self.target)
         out["image_size"] = "{}x{}".format(*self.image_size) if self.image_size else None
+        out["token_grid"] = "{}x{}".format(*self.token_grid) if self.token_grid else None
         return out
 
 
@@ -283,12 +313,15 @@ MODELS_HELP = (
     "(loaded with tf_keras, the 'keras2' extra); keras.applications names; nested models (a base inside "
     "Sequential). Input: 1 channel (grey; images are converted with the luma weights) or 3 (RGB); "
     "float32, float16 or uint8; a fixed size, or (None, None, C) with --image_size HEIGHTxWIDTH. "
-    "Output: one [batch, classes] output (softmax, sigmoid or linear head; a one-element list is fine). "
-    "Refused at launch with one line: subclassed models, several inputs or outputs, SavedModels "
+    "Output: one [batch, classes] output (softmax, sigmoid or linear head; a one-element list is fine), or "
+    "several with --model_output NAME|INDEX naming the one to explain. Transformers: a target layer with "
+    "tokens (batch, P+N, channels) is explained on its patch grid (--token_grid, --prefix_tokens when it "
+    "cannot be inferred); the default layer of a model with attention is its last block's output. "
+    "Refused at launch with one line: subclassed models, several inputs, SavedModels "
     "without Keras metadata (export with model.save instead)."
 )
 EXIT_CODES_HELP = (
-    "Exit status: 0 done; 1 something flagged (--compare_with_previous; --flagged_exit_code N gives N "
+    "Exit status: 0 done (with --wait=false: submitted); 1 something flagged (--compare_with_previous; --flagged_exit_code N gives N "
     "instead); 2 bad option, input or model (one line on stderr, nothing run); 3 the job failed "
     "unexpectedly (traceback on stderr); 130 interrupted. Boolean options take the bare flag, "
     "=true or =false."
@@ -360,4 +393,8 @@ def parse_args(argv: Optional[list[str]]) -> tuple[AuditConfig, list[str]]:
     known.reshuffle_records = resolve_reshuffle_records(known.reshuffle_records, runner_of(beam_args))
     known.target = parse_target(known.target)
     known.image_size = parse_image_size(known.image_size) if known.image_size else None
+    if known.token_grid:
+        from transforms.cam.tokens import parse_token_grid
+
+        known.token_grid = parse_token_grid(known.token_grid)
     return AuditConfig(**vars(known)), beam_args

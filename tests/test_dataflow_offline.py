@@ -25,7 +25,8 @@ IMAGE = "us-docker.pkg.dev/demo-project/gradcam/worker:2.77.0-gpu"
 ACCELERATOR = "worker_accelerator=type:nvidia-tesla-t4;count:1;install-nvidia-driver"
 STEPS = ("ListShards", "ExplainDataset/ReadRecords", "ExplainDataset/FanOutRecords", "ExplainDataset/DecodeImages", "ExplainDataset/ExplainImages",
          "ExplainDataset/FormatHeatmapRows", "ExplainDataset/ComputeClassStats", "ExplainDataset/CollectErrors",
-         "WriteHeatmaps", "WriteClassStats", "WriteErrors")
+         "WriteHeatmaps", "WriteClassStats", "WriteErrors", "FinalizeRun", "FinalizeRun/Finalize")
+WRITES = ("WriteHeatmaps", "WriteClassStats", "WriteClusters", "WriteErrors", "WriteExemplars")
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,19 @@ def dataflow_argv(dataset, model_path, gcs, *extra):
 
 def transform_names(pipeline_proto) -> set:
     return {t.unique_name for t in pipeline_proto.components.transforms.values()}
+
+
+def assert_finalise_waits_for_every_write(pipeline_proto):
+    """The finalise stage's inputs (its side inputs) are the outputs of every table's write."""
+    transforms = pipeline_proto.components.transforms
+    producer = {}
+    for transform in transforms.values():
+        if not transform.subtransforms:
+            for pcoll in transform.outputs.values():
+                producer[pcoll] = transform.unique_name
+    (finalise,) = [t for t in transforms.values() if t.unique_name == "FinalizeRun/Finalize"]
+    fed_by = {producer[p].split("/")[0] for p in finalise.inputs.values()}
+    assert set(WRITES) <= fed_by, sorted(fed_by)
 
 
 def test_shorthands_translate_to_beam_arguments():
@@ -81,6 +95,7 @@ def test_dry_run_builds_the_gpu_job(dataset, model_path, gcs):
     proto = result.job.proto_pipeline
     names = transform_names(proto)
     assert set(STEPS) <= names, sorted(names)
+    assert_finalise_waits_for_every_write(proto)
     (env,) = [e for e in proto.components.environments.values() if e.urn == "beam:env:docker:v1"]
     assert beam_runner_api_pb2.DockerPayload.FromString(env.payload).container_image == IMAGE
     staged = {beam_runner_api_pb2.ArtifactStagingToRolePayload.FromString(d.role_payload).staged_name
@@ -117,4 +132,5 @@ def test_template_holds_accelerator_image_package_and_steps(dataset, model_path,
     (pb,) = [u for u in staged if u.endswith("/pipeline.pb")]
     proto = beam_runner_api_pb2.Pipeline.FromString(gcs.read(pb))
     assert set(STEPS) <= transform_names(proto)
+    assert_finalise_waits_for_every_write(proto)
     assert gcs.list(gcs.uri("audits")) == []

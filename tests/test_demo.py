@@ -1,8 +1,9 @@
-"""The built-in demo, as a user runs it: both planted shortcuts show in the summary.
+"""The built-in demo, as a user runs it: both planted shortcuts show in the summary, the clean classes don't.
 
 The fixed top-left marker (class 2) is caught by the one-ninth shortcut
 signal; the marker in a random corner (class 3) escapes it (its peaks split
-over four corners) and is caught by the strategies (SpRAy clusters).
+over four corners) and is caught by the strategies (SpRAy clusters). The
+strategies may catch class 2 too (its peaks miss its boxes): both are right.
 """
 
 import glob
@@ -29,14 +30,17 @@ def test_demo_summary_flags_both_shortcut_classes(tmp_path, demo_runs, monkeypat
     moving = f"{MOVING_SHORTCUT_CLASS} {CLASS_NAMES[MOVING_SHORTCUT_CLASS]}"
     line = next(line for line in out.splitlines() if line.startswith(shortcut))
     assert "top-left corner" in line, out
+    # What every model that reaches the demo's accuracy shows (bench/demo_seeds.py: 5 seeds x oneDNN on/off):
+    # the two shortcut classes flagged, the clean ones not. The fixed marker is caught by the one-ninth
+    # signal; the moving one escapes it (its peaks split over four corners) and is caught by the strategies.
     flags = [line for line in out.splitlines() if line.startswith("! class")]
-    assert len(flags) == 2, out
-    assert flags[0].startswith(f"! class {shortcut}:") and "ninth" in flags[0], out
-    # The one-ninth signal misses the moving marker; the strategies catch it.
-    assert flags[1].startswith(f"! class {moving}:") and "strategies look off the objects" in flags[1], out
-    assert "ninth" not in flags[1]
-    # Images without their class's marker cost the shortcut model accuracy (unmarked crosses, and some
-    # circles, go to "square"): measured 0.82 for circle and cross, 0.94 and 1.00 for the others.
+    flagged = {int(re.match(r"! class (\d+) ", line).group(1)) for line in flags}
+    assert flagged == {SHORTCUT_CLASS, MOVING_SHORTCUT_CLASS}, out
+    assert any(line.startswith(f"! class {shortcut}:") and "ninth" in line for line in flags), out
+    moving_lines = [line for line in flags if line.startswith(f"! class {moving}:")]
+    assert moving_lines and all("ninth" not in line for line in moving_lines), out
+    assert any("strategies look off the objects" in line for line in moving_lines), out
+    # Images without their class's marker cost the shortcut model some accuracy; every class stays above 0.75.
     accuracies = [float(m) for m in re.findall(r"^\d \w+\s+\d+\s+([\d.]+)", out, re.M)]
     assert len(accuracies) == 4 and min(accuracies) > 0.75, out
     assert os.path.isdir(glob.glob(str(tmp_path / "demo" / "output" / "run=*" / "clusters"))[0])

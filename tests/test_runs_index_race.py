@@ -40,7 +40,7 @@ def race(root: str, run_id: str, barrier, emulator_host):
             output = f"{root}/round-{round_no:02d}"
             manifest = fake_manifest(output, run_id, round_no)
             barrier.wait(timeout=120)
-            save_manifest(manifest["run_dir"], manifest)  # as finish_run: the folder appears, then the index
+            save_manifest(manifest["run_dir"], manifest)  # as pipeline.finalize: the folder appears, then the index
             update_index(output, manifest)
 
 

@@ -88,6 +88,9 @@ class KerasCamModelHandler(ModelHandler[DecodedImage, Explained, Any]):
         target: Optional[TargetSpec] = None,
         preprocess: str = "none",
         image_size: Optional[tuple[int, int]] = None,
+        token_grid: Optional[tuple[int, int]] = None,
+        prefix_tokens: Optional[int] = None,
+        output: Optional[int | str] = None,
         batch_size: int = 32,
         jit_compile: bool = False,
         large_model: bool = False,
@@ -102,6 +105,9 @@ class KerasCamModelHandler(ModelHandler[DecodedImage, Explained, Any]):
         self._target = target or TargetSpec()
         self._preprocess = preprocess
         self._image_size = tuple(image_size) if image_size else None
+        self._token_grid = tuple(token_grid) if token_grid else None
+        self._prefix_tokens = prefix_tokens
+        self._output = output
         self._batch_size = batch_size
         self._jit_compile = jit_compile
         self._large_model = large_model
@@ -123,6 +129,9 @@ class KerasCamModelHandler(ModelHandler[DecodedImage, Explained, Any]):
             preprocess=self._preprocess,
             jit_compile=self._jit_compile,
             image_size=self._image_size,
+            token_grid=self._token_grid,
+            prefix_tokens=self._prefix_tokens,
+            output=self._output,
         )
         _LOG.info(
             "Loaded %s on %s; target layer %s %s; method %s; mixed precision %s",
