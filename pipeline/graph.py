@@ -2,13 +2,16 @@
 
     shard paths -> ReadRecords -> DecodeImages (checks) -> ExplainImages (RunInference:
       batch decode + CAM)
-      -> MeasureFaithfulness (a sampled share) -> FormatHeatmapRows -> BatchRows (Arrow batches of rows)
-         -> FindStrategies (SpRAy: cluster_id, assigned over the batches) -> WriteHeatmaps (from the batches);
+      -> FormatHeatmapRows -> BatchRows (Arrow batches of rows)
+         -> SelectCheckImages (Top.Smallest of id hashes: no pixels) -> one list of the checks' images
+              -> ScoreFaithfulness (records read again by offset, scored in full batches) -> score rows
+              -> CheckSanity (the same images' first --sanity_images: the head randomised) --+
+         -> FindStrategies (SpRAy: cluster_id, assigned over the batches)
+            -> AddFaithfulnessScores (score rows as a side input) -> WriteHeatmaps (from the batches);
             clusters -> WriteClusters
-         -> ComputeClassStats (numpy over the batches) -> AddStrategyColumns -> WriteClassStats
+         -> ComputeClassStats (numpy over the batches, + score rows) -> AddStrategyColumns -> WriteClassStats
       -> SelectExemplars (Top.PerKey per flag / shortcut class / strategy, + class stats) -> WriteExemplars
-      -> CheckSanity (a fixed small sample) --+
-         heatmap rows -> SummariseFaithfulness -> WriteFaithfulnessSummary (faithfulness.json)
+         score rows + sanity -> SummariseFaithfulness -> WriteFaithfulnessSummary (faithfulness.json)
     errors of every step -> CollectErrors -> WriteErrors
     records read -> CountRecordsRead --+
     every write's files (side inputs) -+-> FinalizeRun (pipeline/finalize.py): counts read back from the
@@ -37,7 +40,15 @@ from transforms.dead_letters import ERRORS_TAG
 from transforms.decode import DecodeImageExamples
 from transforms.errors import AuditError, one_line
 from transforms.exemplars import SelectAuditExemplars
-from transforms.faithfulness import FAITHFULNESS_SUMMARY, CheckSanity, MeasureFaithfulness, SummariseFaithfulness
+from transforms.faithfulness import (
+    FAITHFULNESS_SUMMARY,
+    RunSanityCheck,
+    ScoreCheckImages,
+    SelectCheckImages,
+    SummariseFaithfulness,
+    record_key,
+    with_scores,
+)
 from transforms.model_handler import ExplainBatches, KerasCamModelHandler
 from transforms.records import FanOutRecords, ReadShardRecords
 from transforms.rows import EXEMPLAR_SOURCES_TAG, FormatHeatmapRows
@@ -205,13 +216,8 @@ class ExplainDataset(beam.PTransform):
         # RunInference serves one model to all of a machine's processes (--large_model).
         explain = RunInference(self.handler()) if c.large_model else beam.ParDo(ExplainBatches(self.handler()))
         explained = decoded.images | "ExplainImages" >> explain
-        measured = explained
-        if c.faithfulness_sample > 0:
-            measured = explained | "MeasureFaithfulness" >> MeasureFaithfulness(
-                self.handler(), c.faithfulness_sample, c.batch_size
-            )
         rows = (
-            measured
+            explained
             | "FormatHeatmapRows"
             >> beam.ParDo(
                 FormatHeatmapRows(method=c.method, target_layer=self._info.target_layer,
@@ -222,40 +228,60 @@ class ExplainDataset(beam.PTransform):
         # Arrow batches of rows: what the strategies' assignment waits with (a stage boundary), what the
         # class statistics are computed from in numpy, and what the heatmaps table is written from.
         batches = rows.rows | "BatchRows" >> ToRecordBatches(HEATMAP_SCHEMA, BATCH_ROWS)
+        scored, sanity = self.checks(batches)
         strategies = batches | "FindStrategies" >> FindStrategies(c.strategy_settings(), batched=True)
+        heatmaps = strategies["heatmaps"]
+        if scored is not None:  # the few scored rows' columns, filled as the batches go to the sink
+            heatmaps = heatmaps | "AddFaithfulnessScores" >> beam.Map(
+                with_scores, beam.pvalue.AsDict(scored | "KeyScoresByRecord" >> beam.Map(record_key)))
         stats = (
             batches
-            | "ComputeClassStats" >> ComputeClassStats(self._class_names, c.flag_thresholds())
+            | "ComputeClassStats" >> ComputeClassStats(self._class_names, c.flag_thresholds(), faithfulness=scored)
             | "AddStrategyColumns" >> AddStrategyColumns(strategies["clusters"])
         )
         exemplars = (rows[EXEMPLAR_SOURCES_TAG], stats, strategies["exemplar_candidates"]) | "SelectExemplars" >> SelectAuditExemplars(
             method=c.method, target_layer=self._info.target_layer, image_key=c.image_key,
             thresholds=c.flag_thresholds(),
         )
-        outputs = {"heatmaps": strategies["heatmaps"], "class_stats": stats, "clusters": strategies["clusters"],
+        outputs = {"heatmaps": heatmaps, "class_stats": stats, "clusters": strategies["clusters"],
                    "errors": errors, "exemplars": exemplars,
                    # the job's own count of what it read: the tables must account for every record
                    "records_read": read.records | "CountRecordsRead" >> beam.combiners.Count.Globally()}
         if c.faithfulness_sample > 0 or c.sanity_images > 0:
-            outputs["faithfulness"] = self.check_maps(explained, rows.rows)
+            pipeline = batches.pipeline
+            scores = scored if scored is not None else pipeline | "NoFaithfulnessScores" >> beam.Create([])
+            checks = sanity if sanity is not None else pipeline | "NoSanityCheck" >> beam.Create([])
+            outputs["faithfulness"] = (scores, checks) | "SummariseFaithfulness" >> SummariseFaithfulness(
+                c.faithfulness_sample, max_images=c.faithfulness_images if scored is not None else 0)
         return outputs
 
-    def check_maps(self, explained, rows):
-        """The sanity check and the run's faithfulness summary: a PCollection of one dict."""
+    def checks(self, batches):
+        """(faithfulness score rows or None, the sanity check's one dict or None): both from one sample of
+        the images with the smallest id hashes, chosen over the heatmap batches without pixels; its records
+        are read again after the main pass, so the checks cost their images' model passes and no more."""
         c = self._config
-        missing = []
-        if c.sanity_images > 0:
+        faithfulness = c.faithfulness_images if c.faithfulness_sample > 0 else 0
+        sanity_images, settings = c.sanity_images, None
+        if sanity_images > 0:
             settings = {"model_uri": c.model, "weights": c.weights, "safe_mode": not c.unsafe_model,
                         "target_layer": self._info.target_layer, "method": c.method, "preprocess": c.preprocess,
                         "image_size": tuple(self._info.input_shape[:2])}
             settings, missing = _sanity_settings(settings, self._info)
-        if c.sanity_images > 0 and not missing:
-            sanity = explained | "CheckSanity" >> CheckSanity(settings, c.sanity_images, c.max_sanity_correlation)
-        else:
-            if c.sanity_images > 0:
+            if missing:
                 _LOG.warning("Sanity check skipped: its explainer cannot be given %s", ", ".join(missing))
-            sanity = explained.pipeline | "NoSanityCheck" >> beam.Create([])
-        return (rows, sanity) | "SummariseFaithfulness" >> SummariseFaithfulness(c.faithfulness_sample)
+                sanity_images = 0
+        k = max(faithfulness, sanity_images)
+        if k == 0:
+            return None, None
+        sample = batches | "SelectCheckImages" >> SelectCheckImages(k)
+        scored = sanity = None
+        if faithfulness:
+            scored = sample | "ScoreFaithfulness" >> beam.ParDo(ScoreCheckImages(
+                self.handler(), c.faithfulness_sample, faithfulness, c.image_key, c.batch_size))
+        if sanity_images:
+            sanity = sample | "CheckSanity" >> beam.ParDo(RunSanityCheck(
+                settings, c.max_sanity_correlation, sanity_images, c.image_key, c.batch_size))
+        return scored, sanity
 
 
 def _sanity_settings(settings: dict, info: ModelInfo) -> tuple[dict, list]:

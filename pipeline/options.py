@@ -25,6 +25,11 @@ from transforms.errors import AuditError
 from transforms.precision import MIXED_PRECISION
 
 DEFAULT_RUNNER = "FnApiRunner"
+# --faithfulness_images: the check's cost is its scorer's trace (~170 forward passes of MobileNetV2,
+# once per run) + 12.3 forward passes per scored image (13 model passes in batches); 5% of a
+# 10,000-image job at P/F 0.9 (11,100 forward passes) allows (0.05/0.95 x 11,100 - 170) / 12.3 = 34
+# images; 32, so the sanity check's 32 are the same images (README, "Can the heatmaps be trusted?").
+DEFAULT_FAITHFULNESS_IMAGES = 32
 
 
 def _target(text: str) -> str:
@@ -167,7 +172,11 @@ def add_audit_arguments(parser) -> None:
         help="Strategies: a cluster with at least this share of its class can be suspicious")
     add("--faithfulness_sample", type=_share, default=0.02,
         help="Share of the images (chosen by a hash of the image id, the same every run) whose maps get "
-        "deletion scores (faithfulness_* columns; 0 turns it off)")
+        "deletion scores (faithfulness_* columns; 0 turns it off); at most --faithfulness_images of them")
+    add("--faithfulness_images", type=_count, default=DEFAULT_FAITHFULNESS_IMAGES,
+        help="At most this many images get deletion scores: the smallest id hashes among the "
+        "--faithfulness_sample share (the same every run), read again after the main pass and scored in "
+        "full batches, so the check's cost does not grow with the dataset (0 turns it off)")
     add("--sanity_images", type=_count, default=32,
         help="Images (the same every run) re-explained with the head's weights randomised (sanity check; 0: off)")
     add("--max_sanity_correlation", type=float, default=0.5,
@@ -259,6 +268,7 @@ class AuditConfig:
     check_moves_inside_boxes: bool
     max_strategy_share_change: float
     faithfulness_sample: float = 0.02
+    faithfulness_images: int = DEFAULT_FAITHFULNESS_IMAGES
     sanity_images: int = 32
     max_sanity_correlation: float = 0.5
     max_gap_drop: float = 0.1

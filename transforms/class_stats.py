@@ -176,6 +176,14 @@ def batch_accumulators(batch) -> list[tuple[int, "ClassAccumulator"]]:
     return list(accs.items())
 
 
+def faithfulness_part(score_row: dict) -> tuple[int, "ClassAccumulator"]:
+    """(target class, ClassAccumulator holding only its faithfulness) of one scored image (a
+    `transforms.faithfulness.ScoreCheckImages` row): what its heatmap row would add as a target."""
+    acc = ClassAccumulator()
+    _add_faithfulness(acc, score_row)
+    return int(score_row["target_class"]), acc
+
+
 def class_parts(item) -> Iterable[tuple[int, object]]:
     """A heatmap row -> its (class_id, (role, row)) contributions; an Arrow batch of rows -> one
     (class_id, ClassAccumulator) per class it contributes to (`batch_accumulators`)."""
@@ -349,10 +357,14 @@ class ComputeClassStats(beam.PTransform):
     """PCollection[heatmap row] or PCollection[Arrow RecordBatch of heatmap rows] ->
     PCollection[class_stats row], one per class."""
 
-    def __init__(self, class_names: Optional[list[str]] = None, thresholds: FlagThresholds = DEFAULT_THRESHOLDS):
+    def __init__(self, class_names: Optional[list[str]] = None, thresholds: FlagThresholds = DEFAULT_THRESHOLDS,
+                 faithfulness=None):
+        """`faithfulness`: an optional PCollection of score rows (`transforms.faithfulness.ScoreCheckImages`)
+        whose scores count for their target classes, for rows whose faithfulness columns are filled later."""
         super().__init__()
         self._class_names = list(class_names or [])
         self._thresholds = thresholds
+        self._faithfulness = faithfulness
 
     def expand(self, rows):
         names = self._class_names
@@ -364,9 +376,12 @@ class ComputeClassStats(beam.PTransform):
             return {"class_id": class_id, "class_name": name, **stats, "num_strategies": None,
                     "suspicious_strategy": None}
 
+        parts = rows | "SplitByClass" >> beam.FlatMap(class_parts)
+        if self._faithfulness is not None:
+            scored = self._faithfulness | "FaithfulnessByClass" >> beam.Map(faithfulness_part)
+            parts = (parts, scored) | "WithFaithfulness" >> beam.Flatten()
         return (
-            rows
-            | "SplitByClass" >> beam.FlatMap(class_parts)
+            parts
             | "CombinePerClass" >> beam.CombinePerKey(ClassStatsFn(self._thresholds))
             | "ToClassRow" >> beam.Map(to_row)
         )
