@@ -321,3 +321,25 @@ def test_per_run_errors_exit_2_with_one_line(trained, dataset, tmp_path, capsys)
         assert code == 2 and manifest is None, (args, err)
         assert words in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_labels_from_index_lists_or_multi_hot_arrays(trained):
+    import keras
+
+    from transforms.cam.explainer import CamExplainer
+    from transforms.cam.targets import parse_target
+
+    explainer = CamExplainer(keras.models.load_model(trained[0]), target=parse_target("labels", max_targets=2))
+    sets = [(0, 3), (), (1,), (0, 1, 2)]
+    pixels = np.stack([make_image(np.random.default_rng(i), s)[0] for i, s in enumerate(sets)]).astype(np.float32)
+    hot = np.zeros((len(sets), NUM_CLASSES), np.int32)
+    for i, s in enumerate(sets):
+        hot[i, list(s)] = 1
+    from_lists, from_hot = explainer(pixels, [list(s) for s in sets]), explainer(pixels, hot)
+    for key in ("target_class", "target_valid", "cam"):
+        np.testing.assert_array_equal(from_lists[key], from_hot[key])
+    valid, targets, scores = from_lists["target_valid"], from_lists["target_class"], from_lists["scores"]
+    assert valid.tolist() == [[True, True], [True, False], [True, False], [True, True]]
+    assert set(targets[0]) == {0, 3} and targets[2][0] == 1
+    assert targets[1][0] == scores[1].argmax()  # no label: the top-scoring class, once
+    assert set(targets[3]) <= {0, 1, 2} and scores[3][targets[3][0]] >= scores[3][targets[3][1]]  # capped at 2

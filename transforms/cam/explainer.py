@@ -296,8 +296,9 @@ class CamExplainer:
         """Runs the compiled function; numpy (or a float32 tensor, used as it is) in, dict of numpy arrays out.
 
         `labels`: int [B] (-1: none), or for multi-label records a list of B
-        class-index sequences (None: no labels), turned into what the target
-        mode takes (multi-hot [B, num_classes] for `labels`, else unused).
+        class-index sequences (None: no labels) or a multi-hot array [B,
+        num_classes], turned into what the target mode takes (multi-hot for
+        `labels`, else unused).
         """
         import numpy as np
         import tensorflow as tf
@@ -311,14 +312,13 @@ class CamExplainer:
     def _label_input(self, batch: int, labels):
         import numpy as np
 
+        if isinstance(labels, np.ndarray) and labels.ndim == 2:  # multi-hot [B, num_classes] already
+            return labels.astype(np.int32) if self.target.mode == "labels" else np.full([batch], -1, np.int32)
         lists = labels is not None and any(isinstance(v, (list, tuple, np.ndarray)) or v is None for v in labels)
         if self.target.mode == "labels":
             hot = np.zeros([batch, self.num_classes], np.int32)
-            if lists:
-                for i, classes in enumerate(labels):
-                    hot[i, list(classes or ())] = 1
-            elif labels is not None:
-                hot = np.asarray(labels, np.int32).reshape(batch, self.num_classes)
+            for i, classes in enumerate(labels if lists else ()):
+                hot[i, list(classes or ())] = 1
             return hot
         if labels is None or lists:
             return np.full([batch], -1, np.int32)
