@@ -52,7 +52,7 @@ from transforms.faithfulness import (
 from transforms.model_handler import ExplainBatches, KerasCamModelHandler
 from transforms.records import FanOutRecords, ReadShardRecords
 from transforms.rows import EXEMPLAR_SOURCES_TAG, FormatHeatmapRows
-from transforms.schemas import CLASS_STATS_SCHEMA, CLUSTER_SCHEMA, ERROR_SCHEMA, EXEMPLAR_SCHEMA, HEATMAP_SCHEMA
+from transforms.schemas import CLUSTER_SCHEMA, ERROR_SCHEMA, EXEMPLAR_SCHEMA, class_stats_schema, heatmap_schema
 from transforms.sinks import TABLES, ToRecordBatches, WriteParquetTable
 from transforms.strategies import BATCH_ROWS, AddStrategyColumns, FindStrategies
 
@@ -129,8 +129,10 @@ def inspect_model(config: AuditConfig) -> ModelInfo:
     Beam stage: the workers repeat exactly this load and trace.
     """
     from transforms.cam.explainer import CamExplainer
+    from transforms.cam.targets import check_label_format
     from transforms.model_loading import load_keras_model, model_fingerprint
 
+    check_label_format(config.target, config.label_format)  # before the model loads: seconds, one line
     try:
         model = load_keras_model(config.model, weights=config.weights, safe_mode=not config.unsafe_model)
     except AuditError:
@@ -189,6 +191,7 @@ class ExplainDataset(beam.PTransform):
             jit_compile=c.jit_compile,
             large_model=c.large_model,
             mixed_precision=c.mixed_precision,
+            label_format=c.label_format,
         )
 
     def expand(self, shards):
@@ -210,6 +213,7 @@ class ExplainDataset(beam.PTransform):
                 num_classes=self._info.num_classes,
                 max_image_pixels=c.max_image_pixels,
                 require_label=c.target.needs_label,
+                label_format=c.label_format,
             )
         ).with_outputs(ERRORS_TAG, main="images")
         # ExplainBatches overlaps each batch's TensorFlow work with this thread's Python work;
@@ -221,13 +225,14 @@ class ExplainDataset(beam.PTransform):
             | "FormatHeatmapRows"
             >> beam.ParDo(
                 FormatHeatmapRows(method=c.method, target_layer=self._info.target_layer,
-                                  thresholds=c.flag_thresholds(), exemplar_sources=True)
+                                  thresholds=c.flag_thresholds(), exemplar_sources=True,
+                                  label_threshold=c.multilabel_threshold())
             ).with_outputs(ERRORS_TAG, EXEMPLAR_SOURCES_TAG, main="rows")
         )
         errors = (read[ERRORS_TAG], decoded[ERRORS_TAG], rows[ERRORS_TAG]) | "CollectErrors" >> beam.Flatten()
         # Arrow batches of rows: what the strategies' assignment waits with (a stage boundary), what the
         # class statistics are computed from in numpy, and what the heatmaps table is written from.
-        batches = rows.rows | "BatchRows" >> ToRecordBatches(HEATMAP_SCHEMA, BATCH_ROWS)
+        batches = rows.rows | "BatchRows" >> ToRecordBatches(heatmap_schema(c.multilabel), BATCH_ROWS)
         scored, sanity = self.checks(batches)
         strategies = batches | "FindStrategies" >> FindStrategies(c.strategy_settings(), batched=True)
         heatmaps = strategies["heatmaps"]
@@ -236,7 +241,8 @@ class ExplainDataset(beam.PTransform):
                 with_scores, beam.pvalue.AsDict(scored | "KeyScoresByRecord" >> beam.Map(record_key)))
         stats = (
             batches
-            | "ComputeClassStats" >> ComputeClassStats(self._class_names, c.flag_thresholds(), faithfulness=scored)
+            | "ComputeClassStats" >> ComputeClassStats(self._class_names, c.flag_thresholds(),
+                                                       c.multilabel_threshold(), faithfulness=scored)
             | "AddStrategyColumns" >> AddStrategyColumns(strategies["clusters"])
         )
         exemplars = (rows[EXEMPLAR_SOURCES_TAG], stats, strategies["exemplar_candidates"]) | "SelectExemplars" >> SelectAuditExemplars(
@@ -341,10 +347,10 @@ def build(pipeline: beam.Pipeline, config: AuditConfig, info: ModelInfo, files: 
         | "ExplainDataset" >> ExplainDataset(config, info, class_names)
     )
     written = [
-        outputs["heatmaps"] | "WriteHeatmaps" >> WriteParquetTable(config.output, "heatmaps", HEATMAP_SCHEMA,
-                                                                   batches=True),
+        outputs["heatmaps"] | "WriteHeatmaps" >> WriteParquetTable(config.output, "heatmaps",
+                                                                   heatmap_schema(config.multilabel), batches=True),
         outputs["class_stats"] | "WriteClassStats" >> WriteParquetTable(config.output, "class_stats",
-                                                                        CLASS_STATS_SCHEMA),
+                                                                        class_stats_schema(config.multilabel)),
         outputs["clusters"] | "WriteClusters" >> WriteParquetTable(config.output, "clusters", CLUSTER_SCHEMA),
         outputs["errors"] | "WriteErrors" >> WriteParquetTable(config.output, "errors", ERROR_SCHEMA),
         outputs["exemplars"] | "WriteExemplars" >> WriteParquetTable(config.output, "exemplars", EXEMPLAR_SCHEMA),

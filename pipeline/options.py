@@ -20,7 +20,7 @@ from pipeline.compare import add_flagged_exit_code_argument, add_threshold_argum
 from pipeline.runners import RUNNER_DESTS, add_runner_arguments, runner_of, translate_runner_args
 from transforms.cam.methods import METHODS
 from transforms.cam.preprocess import PRESETS, parse_image_size
-from transforms.cam.targets import TARGET_HELP, TargetSpec, parse_target
+from transforms.cam.targets import DEFAULT_MAX_TARGETS, LABEL_FORMATS, TARGET_HELP, TargetSpec, parse_target
 from transforms.errors import AuditError
 from transforms.precision import MIXED_PRECISION
 
@@ -118,7 +118,18 @@ def add_audit_arguments(parser) -> None:
     add("--model_output", default=None,
         help="Name or index of the model output to explain, for a model with several outputs "
         "(required then; a one-output model needs none)")
-    add("--target", type=_target, default="predicted", help=f"Class each CAM explains: {TARGET_HELP} (topk:K writes K rows per image)")
+    add("--target", type=_target, default="predicted",
+        help=f"Class each CAM explains: {TARGET_HELP} (topk:K writes K rows per image; labels: one per true label "
+        "of a multi-label record; above:T: one per class scoring >= T, sigmoid heads)")
+    add("--label_format", choices=list(LABEL_FORMATS), default="single",
+        help="The label feature: single (one int64 class per image), index (a list of int64 class indices) or "
+        "multi_hot (one 0/1 int64 per class); index and multi_hot make a multi-label run (README 'Multi-label')")
+    add("--max_targets", type=_positive_int, default=DEFAULT_MAX_TARGETS,
+        help="--target labels / above:T: the most maps per image (the highest-scoring wanted classes; at most "
+        "the class count)")
+    add("--label_threshold", type=_share, default=None,
+        help="Multi-label runs: a class counts as predicted when its score is >= this (class_stats' precision, "
+        "recall, F1; heatmaps' predicted_labels). Default: T of --target above:T, else 0.5")
     add("--method", choices=list(METHODS), default="gradcam", help="CAM method")
     add("--image_key", default="image/encoded", help="Feature with the encoded image")
     add("--label_key", default="image/class/label", help="Feature with the int64 label")
@@ -278,10 +289,26 @@ class AuditConfig:
     token_grid: Optional[tuple[int, int]] = None
     prefix_tokens: Optional[int] = None
     model_output: Optional[str] = None
+    label_format: str = "single"
+    max_targets: int = DEFAULT_MAX_TARGETS
+    label_threshold: Optional[float] = None
 
     @property
     def is_demo(self) -> bool:
         return self.input is None and self.model is None
+
+    @property
+    def multilabel(self) -> bool:
+        """A multi-label run: list labels, the MULTILABEL_* table variants."""
+        return self.label_format != "single"
+
+    def multilabel_threshold(self) -> Optional[float]:
+        """The score at which a class counts as predicted in a multi-label run (None in a single-label one)."""
+        if not self.multilabel:
+            return None
+        if self.label_threshold is not None:
+            return self.label_threshold
+        return self.target.threshold if self.target.mode == "above" else 0.5
 
     def flag_thresholds(self):
         """The per-image flag thresholds these options set (transforms.flags.FlagThresholds)."""
@@ -391,7 +418,7 @@ def parse_args(argv: Optional[list[str]]) -> tuple[AuditConfig, list[str]]:
     except ValueError as exc:
         parser.error(str(exc))
     known.reshuffle_records = resolve_reshuffle_records(known.reshuffle_records, runner_of(beam_args))
-    known.target = parse_target(known.target)
+    known.target = parse_target(known.target, known.max_targets)
     known.image_size = parse_image_size(known.image_size) if known.image_size else None
     if known.token_grid:
         from transforms.cam.tokens import parse_token_grid

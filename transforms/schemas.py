@@ -6,6 +6,11 @@ errors       one row per rejected record (or corrupt/empty shard), raw bytes kep
 exemplars    the few worst images of each kind (flag, shortcut class, ...) with a thumbnail
 clusters     one row per (class, strategy): SpRAy clusters of the class's maps
 comparison   one row per class: what changed since a baseline run (pipeline/compare.py)
+
+Multi-label runs (`--label_format index|multi_hot`) write `heatmaps` and
+`class_stats` with a few more columns, appended at the end
+(MULTILABEL_HEATMAP_SCHEMA, MULTILABEL_CLASS_STATS_SCHEMA); a single-label
+run's tables are exactly HEATMAP_SCHEMA and CLASS_STATS_SCHEMA.
 """
 
 import pyarrow as pa
@@ -202,6 +207,32 @@ COMPARISON_SCHEMA = pa.schema(
         pa.field("reasons", pa.list_(pa.string()), nullable=False),
     ]
 )
+
+# Multi-label runs only (README "Multi-label"): appended to the heatmaps and class_stats schemas.
+MULTILABEL_HEATMAP_FIELDS = [
+    pa.field("labels", pa.list_(pa.int64())),  # the image's true classes; null without the label feature
+    pa.field("target_is_label", pa.bool_()),  # target_class is one of them; null without labels
+    pa.field("predicted_labels", pa.list_(pa.int64())),  # classes scoring >= the threshold
+    pa.field("scores", pa.list_(pa.float32())),  # every class's score, on the image's rank-0 row only
+]
+MULTILABEL_CLASS_STATS_FIELDS = [
+    pa.field("threshold", pa.float64(), nullable=False),  # a class is predicted when its score is >= this
+    pa.field("support", pa.int64(), nullable=False),  # images with the class among their labels
+    pa.field("recall", pa.float64()),  # true positives / support
+    pa.field("f1", pa.float64()),  # 2 precision recall / (precision + recall)
+    pa.field("mean_score", pa.float64()),  # the class's mean score over every explained image
+]
+MULTILABEL_HEATMAP_SCHEMA = pa.schema([*HEATMAP_SCHEMA, *MULTILABEL_HEATMAP_FIELDS])
+MULTILABEL_CLASS_STATS_SCHEMA = pa.schema([*CLASS_STATS_SCHEMA, *MULTILABEL_CLASS_STATS_FIELDS])
+
+
+def heatmap_schema(multilabel: bool = False) -> pa.Schema:
+    return MULTILABEL_HEATMAP_SCHEMA if multilabel else HEATMAP_SCHEMA
+
+
+def class_stats_schema(multilabel: bool = False) -> pa.Schema:
+    return MULTILABEL_CLASS_STATS_SCHEMA if multilabel else CLASS_STATS_SCHEMA
+
 
 # Stages a record can be rejected at, in pipeline order. "read" rows describe
 # a shard (corrupt tail, empty shard), not one record.

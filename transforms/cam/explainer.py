@@ -1,11 +1,17 @@
 """The shared CAM driver: one compiled `tf.function` per model.
 
     images float32 [B, H, W, C] (0-255, C = the model's 1 or 3), labels int32 [B]
+    (`--target labels`: multi-hot int32 [B, num_classes])
       -> preprocess -> cast to the model's input dtype
       -> forward pass (target layer output A captured; a transformer's tokens
          (B, P+N, D) become the patch grid (B, h, w, D), see transforms.cam.tokens)
-      -> logits -> target classes [B, K] -> d(sum_b logit[b, t_bk]) / dA
+      -> logits -> target classes [B, K] (+ which are valid) -> d(sum_b logit[b, t_bk]) / dA
       -> method(A, dA) -> CAM [B, K, h, w]
+
+`--target labels` and `above:T` want a different number of maps per image:
+the function computes a fixed K (`--max_targets`, at most the class count)
+and returns `target_valid` [B, K]; the invalid slots are dropped when the rows
+are made, so one trace serves every batch.
 
 Images in a batch are independent (inference mode), so the gradient of the
 sum of the batch's target logits with respect to A gives every image's own
@@ -17,6 +23,8 @@ Keras 3 and tf_keras (Keras 2) models go through the same code.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from transforms.cam.layers import (
     block_input_layer,
@@ -112,7 +120,14 @@ class CamExplainer:
             )
         if self.target.mode == "topk" and self.target.k > self.num_classes:
             raise AuditError(f"--target topk:{self.target.k}: the model has {self.num_classes} classes")
+        if self.target.variable and self.target.k > self.num_classes:  # no more slots than classes
+            self.target = dataclasses.replace(self.target, k=self.num_classes)
         self.head = linearize_head(model, self.output_index)
+        if self.target.mode == "above" and self.head != "sigmoid":
+            raise AuditError(
+                f"--target {self.target}: needs a sigmoid head (one independent score per class); this model's "
+                f"head is {self.head}, whose scores compete: use --target topk:K or predicted"
+            )
         self._captured = capture_output(get_layer(model, self.target_layer))
         self._preprocess = get_preprocess_fn(preprocess)
         if not target_layer and self.token_layout is not None and not self._reads_patch_tokens():
@@ -133,7 +148,8 @@ class CamExplainer:
             self._explain,
             input_signature=[
                 tf.TensorSpec([None, *self.input_shape], tf.float32, name="images"),
-                tf.TensorSpec([None], tf.int32, name="labels"),
+                tf.TensorSpec([None, self.num_classes] if self.target.mode == "labels" else [None], tf.int32,
+                              name="labels"),
             ],
             jit_compile=jit_compile,
             reduce_retracing=True,
@@ -249,7 +265,7 @@ class CamExplainer:
                     "pick a layer the model uses"
                 )
             activations = self._captured[-1]
-            targets = select_targets(self.target, logits, labels)
+            targets, valid = select_targets(self.target, logits, labels)
             target_logits = tf.gather(logits, targets, batch_dims=1)  # [B, K]
             per_rank = [tf.reduce_sum(target_logits[:, i]) for i in range(k)]
         activations32 = self._to_map(tf.cast(activations, tf.float32))
@@ -268,23 +284,45 @@ class CamExplainer:
             "predicted_class": tf.argmax(probabilities, axis=-1, output_type=tf.int32),
             "predicted_score": tf.reduce_max(probabilities, axis=-1),
             "target_class": targets,
+            "target_valid": valid,
             "target_score": tf.gather(probabilities, targets, batch_dims=1),
             "target_logit": target_logits,
             "cam": cam,
             "finite": finite,
+            "scores": probabilities,
         }
 
     def __call__(self, images, labels=None):
-        """Runs the compiled function; numpy (or a float32 tensor, used as it is) in, dict of numpy arrays out."""
+        """Runs the compiled function; numpy (or a float32 tensor, used as it is) in, dict of numpy arrays out.
+
+        `labels`: int [B] (-1: none), or for multi-label records a list of B
+        class-index sequences (None: no labels) or a multi-hot array [B,
+        num_classes], turned into what the target mode takes (multi-hot for
+        `labels`, else unused).
+        """
         import numpy as np
         import tensorflow as tf
 
         if not (isinstance(images, tf.Tensor) and images.dtype == tf.float32):
             images = np.asarray(images, dtype=np.float32)
-        if labels is None:
-            labels = np.full([images.shape[0]], -1, np.int32)
-        out = self.explain(images, np.asarray(labels, dtype=np.int32))
+        labels = self._label_input(images.shape[0], labels)
+        out = self.explain(images, labels)
         return {key: value.numpy() for key, value in out.items()}
+
+    def _label_input(self, batch: int, labels):
+        import numpy as np
+
+        if isinstance(labels, np.ndarray) and labels.ndim == 2:  # multi-hot [B, num_classes] already
+            return labels.astype(np.int32) if self.target.mode == "labels" else np.full([batch], -1, np.int32)
+        lists = labels is not None and any(isinstance(v, (list, tuple, np.ndarray)) or v is None for v in labels)
+        if self.target.mode == "labels":
+            hot = np.zeros([batch, self.num_classes], np.int32)
+            for i, classes in enumerate(labels if lists else ()):
+                hot[i, list(classes or ())] = 1
+            return hot
+        if labels is None or lists:
+            return np.full([batch], -1, np.int32)
+        return np.asarray(labels, dtype=np.int32)
 
 
 def select_output(model, output: str | int | None) -> tuple[int, str]:
