@@ -260,14 +260,17 @@ def build(pipeline: beam.Pipeline, config: AuditConfig, info: ModelInfo, files: 
         | "ListShards" >> beam.Create(files)
         | "ExplainDataset" >> ExplainDataset(config, info, class_names)
     )
+    run_id = config.run_id  # a plain setting: every table's run_id column (transforms.sinks.WriteParquetTable)
     written = [
         outputs["heatmaps"] | "WriteHeatmaps" >> WriteParquetTable(config.output, "heatmaps", HEATMAP_SCHEMA,
-                                                                   batches=True),
+                                                                   batches=True, run_id=run_id),
         outputs["class_stats"] | "WriteClassStats" >> WriteParquetTable(config.output, "class_stats",
-                                                                        CLASS_STATS_SCHEMA),
-        outputs["clusters"] | "WriteClusters" >> WriteParquetTable(config.output, "clusters", CLUSTER_SCHEMA),
-        outputs["errors"] | "WriteErrors" >> WriteParquetTable(config.output, "errors", ERROR_SCHEMA),
-        outputs["exemplars"] | "WriteExemplars" >> WriteParquetTable(config.output, "exemplars", EXEMPLAR_SCHEMA),
+                                                                        CLASS_STATS_SCHEMA, run_id=run_id),
+        outputs["clusters"] | "WriteClusters" >> WriteParquetTable(config.output, "clusters", CLUSTER_SCHEMA,
+                                                                   run_id=run_id),
+        outputs["errors"] | "WriteErrors" >> WriteParquetTable(config.output, "errors", ERROR_SCHEMA, run_id=run_id),
+        outputs["exemplars"] | "WriteExemplars" >> WriteParquetTable(config.output, "exemplars", EXEMPLAR_SCHEMA,
+                                                                     run_id=run_id),
     ]
     if "faithfulness" in outputs:
         name, suffix = FAITHFULNESS_SUMMARY.rsplit(".", 1)
