@@ -32,7 +32,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.options import AuditConfig, parse_args
+from pipeline.options import FLEX_TEMPLATE_ENV, AuditConfig, parse_args
 from pipeline.progress import show_progress
 from pipeline.runners import job_identity, log_job, only_builds_job
 from transforms.class_stats import ComputeClassStats
@@ -346,14 +346,19 @@ def build(pipeline: beam.Pipeline, config: AuditConfig, info: ModelInfo, files: 
         | "ListShards" >> beam.Create(files)
         | "ExplainDataset" >> ExplainDataset(config, info, class_names)
     )
+    run_id = config.run_id  # a plain setting: every table's run_id column (transforms.sinks.WriteParquetTable)
     written = [
         outputs["heatmaps"] | "WriteHeatmaps" >> WriteParquetTable(config.output, "heatmaps",
-                                                                   heatmap_schema(config.multilabel), batches=True),
+                                                                   heatmap_schema(config.multilabel), batches=True,
+                                                                   run_id=run_id),
         outputs["class_stats"] | "WriteClassStats" >> WriteParquetTable(config.output, "class_stats",
-                                                                        class_stats_schema(config.multilabel)),
-        outputs["clusters"] | "WriteClusters" >> WriteParquetTable(config.output, "clusters", CLUSTER_SCHEMA),
-        outputs["errors"] | "WriteErrors" >> WriteParquetTable(config.output, "errors", ERROR_SCHEMA),
-        outputs["exemplars"] | "WriteExemplars" >> WriteParquetTable(config.output, "exemplars", EXEMPLAR_SCHEMA),
+                                                                        class_stats_schema(config.multilabel),
+                                                                        run_id=run_id),
+        outputs["clusters"] | "WriteClusters" >> WriteParquetTable(config.output, "clusters", CLUSTER_SCHEMA,
+                                                                   run_id=run_id),
+        outputs["errors"] | "WriteErrors" >> WriteParquetTable(config.output, "errors", ERROR_SCHEMA, run_id=run_id),
+        outputs["exemplars"] | "WriteExemplars" >> WriteParquetTable(config.output, "exemplars", EXEMPLAR_SCHEMA,
+                                                                     run_id=run_id),
     ]
     if "faithfulness" in outputs:
         name, suffix = FAITHFULNESS_SUMMARY.rsplit(".", 1)
@@ -371,6 +376,29 @@ def build(pipeline: beam.Pipeline, config: AuditConfig, info: ModelInfo, files: 
     return outputs
 
 
+RUN_ID_PLACEHOLDER = "{run_id}"
+
+
+def resolve_input(pattern: Optional[str], run_id: str) -> Optional[str]:
+    """--input with `{run_id}` replaced by the run's id (e.g. gs://b/tfrecords/dt={run_id}/*.tfrecord: a
+    nightly job reads the day's partition), resolved when the job is launched."""
+    return pattern.replace(RUN_ID_PLACEHOLDER, run_id) if pattern else pattern
+
+
+def check_template(beam_args: list) -> None:
+    """Refuses a classic Dataflow template (--template_location outside the Flex launcher) in one line."""
+    import os
+
+    from pipeline.runners import option_values
+
+    if option_values(beam_args, "--template_location") and not os.environ.get(FLEX_TEMPLATE_ENV):
+        raise AuditError(
+            "--template_location: a classic Dataflow template would freeze the run id and the shard list of "
+            "the day it is built (every launch would rewrite one run=<id>/); build the Flex Template instead "
+            "(templates/flex/, docs/dataflow.md), which resolves them at each launch; --dry_run=true builds "
+            "the job offline")
+
+
 def prepare(config: AuditConfig):
     """Resolves the demo, the shards, the model and the class names (start-up checks)."""
     if config.is_demo:
@@ -383,10 +411,11 @@ def prepare(config: AuditConfig):
     if not config.output:
         raise AuditError("--output: expected a folder (local or gs://), none given")
     config.output = config.output.rstrip("/")
-    if not config.run_id:
+    if not config.run_id:  # resolved now, at launch (a Flex Template runs this at every launch)
         from pipeline.history import default_run_id
 
         config.run_id = default_run_id()
+    config.input = resolve_input(config.input, config.run_id)
     files = match_shards(config.input)
     info = inspect_model(config)
     _LOG.info("Target layer: %s (%s), maps of %dx%d%s", info.target_layer, info.target_layer_reason,
@@ -400,7 +429,8 @@ def build_job_only(config: AuditConfig, beam_args: list, info: ModelInfo, files:
 
     The job is the same as a launched one: tables into the run's temp folder, then its last stage
     (FinalizeRun) writes the manifest, the comparison and the report and moves the run into place, with
-    no launcher. A classic template freezes the run id and the shard list of the build.
+    no launcher. --template_location comes only from the Flex Template's launcher (`check_template`
+    refuses classic templates), which runs this at each launch: the run id and the shards are that launch's.
     Returns (PipelineResult or None, a short description instead of a manifest).
     """
     from pipeline import history
@@ -439,6 +469,7 @@ def run(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipeline]
     from pipeline import finalize, history
 
     config, beam_args = parse_args(argv)
+    check_template(beam_args)
     started = time.time()
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     files, info, class_names = prepare(config)

@@ -31,6 +31,11 @@ DEFAULT_RUNNER = "FnApiRunner"
 # images; 32, so the sanity check's 32 are the same images (README, "Can the heatmaps be trusted?").
 DEFAULT_FAITHFULNESS_IMAGES = 32
 
+# Set in the Flex Template's launcher image (templates/flex/Dockerfile): the Dataflow Flex launcher runs
+# this command at each launch (with --template_location=<the job file it then submits>); there the
+# default runner is Dataflow.
+FLEX_TEMPLATE_ENV = "FLEX_TEMPLATE_PYTHON_PY_FILE"
+
 
 def _target(text: str) -> str:
     """Checks a --target value; returns it normalised (a plain string pickles and serialises)."""
@@ -98,7 +103,8 @@ def _run_id(text: str) -> str:
 def add_audit_arguments(parser) -> None:
     """Adds the audit options to an argparse parser (or Beam's)."""
     add = parser.add_argument
-    add("--input", default=None, help="Glob of TFRecord shards of tf.train.Example images, local or gs:// (omit with --model for the demo)")
+    add("--input", default=None, help="Glob of TFRecord shards of tf.train.Example images, local or gs:// (omit with --model for the demo); "
+        "{run_id} in it is replaced by the run's id when the job starts, e.g. gs://b/val/dt={run_id}/*")
     add("--output", default=None, help="Output folder, local or gs:// (demo: <demo_dir>/output)")
     add("--model", default=None,
         help="A Keras 3 .keras/.h5 file, a tf.keras 2 .h5 file or SavedModel folder (local or gs://), "
@@ -411,7 +417,8 @@ def parse_args(argv: Optional[list[str]]) -> tuple[AuditConfig, list[str]]:
     if (known.input is None) != (known.model is None):
         parser.error("give both --input and --model, or neither to run the built-in demo")
     if not any(arg == "--runner" or arg.startswith("--runner=") for arg in beam_args):
-        beam_args = [f"--runner={DEFAULT_RUNNER}", *beam_args]
+        default = "DataflowRunner" if os.environ.get(FLEX_TEMPLATE_ENV) else DEFAULT_RUNNER
+        beam_args = [f"--runner={default}", *beam_args]
     runner_settings = {name: vars(known).pop(name) for name in RUNNER_DESTS}
     try:  # --runner=dataflow|flink|portable shorthands and --gpu_type/--gpu_count (pipeline/runners.py)
         beam_args = translate_runner_args(beam_args, **runner_settings)
