@@ -26,7 +26,7 @@ EXPECTED = {"triangle", "cross"}
 
 
 def one_run(work: str, seed: int, plain: bool = False) -> dict:
-    """In the child: train with `seed` (`plain`: the markers on every class alike, 5 epochs, as the tests'
+    """In the child: train with `seed` (`plain`: the markers on every class alike, as the tests'
     control model),
     audit the demo shards, return what the summary flags."""
     from pipeline.demo import CLASS_NAMES, Demo, ensure_demo, train_model
@@ -37,7 +37,7 @@ def one_run(work: str, seed: int, plain: bool = False) -> dict:
     demo: Demo = ensure_demo(os.path.join(work, "demo"))  # the demo's shards (made once, shared by the runs)
     tag = f"{'plain-' if plain else ''}seed{seed}-onednn{os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'default')}"
     model = os.path.join(work, "models", f"{tag}.keras")
-    trained = train_model(model, seed=seed, shortcut=not plain, decoys=plain, epochs=5 if plain else 8)
+    trained = train_model(model, seed=seed, shortcut=not plain, decoys=plain)
     _, manifest = run(["--input", demo.input_pattern, "--model", model, "--class_names", demo.class_names_path,
                        "--output", os.path.join(work, "out"), "--run_id", tag, "--quiet", "--no_report"])
     flagged = sorted({CLASS_NAMES[int(m)] for m in re.findall(r"^! class (\d+) ", summary_text(manifest), re.M)})
@@ -93,7 +93,7 @@ def main(argv=None) -> None:
     parser.add_argument("--work", help="Folder for the demo shards, models and runs (default: a temporary one)")
     parser.add_argument("--models", nargs="+", choices=["shortcut", "control"], default=["shortcut"],
                         help="shortcut: the demo's model; control: a model trained with the same markers on "
-                        "every class alike (5 epochs, as the tests' second run), which should flag no class")
+                        "every class alike (as the tests' second run), which should flag no class")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # the child's seed
     args = parser.parse_args(argv)
     if args.one is not None:
