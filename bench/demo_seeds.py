@@ -29,7 +29,7 @@ def one_run(work: str, seed: int, plain: bool = False) -> dict:
     """In the child: train with `seed` (`plain`: the markers on every class alike, as the tests'
     control model),
     audit the demo shards, return what the summary flags."""
-    from pipeline.demo import CLASS_NAMES, Demo, ensure_demo, train_model
+    from pipeline.demo import CLASS_NAMES, Demo, ensure_demo, train_control_model, train_model
     from pipeline.graph import run
     from pipeline.manifest import read_table
     from pipeline.summary import summary_text
@@ -37,7 +37,7 @@ def one_run(work: str, seed: int, plain: bool = False) -> dict:
     demo: Demo = ensure_demo(os.path.join(work, "demo"))  # the demo's shards (made once, shared by the runs)
     tag = f"{'plain-' if plain else ''}seed{seed}-onednn{os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'default')}"
     model = os.path.join(work, "models", f"{tag}.keras")
-    trained = train_model(model, seed=seed, shortcut=not plain, decoys=plain)
+    trained = train_control_model(model, seed=seed) if plain else train_model(model, seed=seed)
     _, manifest = run(["--input", demo.input_pattern, "--model", model, "--class_names", demo.class_names_path,
                        "--output", os.path.join(work, "out"), "--run_id", tag, "--quiet", "--no_report"])
     flagged = sorted({CLASS_NAMES[int(m)] for m in re.findall(r"^! class (\d+) ", summary_text(manifest), re.M)})
