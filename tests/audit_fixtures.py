@@ -25,7 +25,7 @@ class DemoRuns:
     root: str
     output: str
     demo: object
-    plain_model: str  # trained without the shortcut
+    plain_model: str  # the control: the markers on every class alike (pipeline.demo.train_control_model)
     manifests: dict  # run id -> manifest returned by run()
     exit_codes: dict  # run id -> exit status of the main command
 

@@ -73,24 +73,25 @@ def test_classes_in_one_run_only_are_flagged():
 
 
 def test_the_changed_model_is_flagged_on_the_shortcut_class(demo_runs):
-    """Run 2 swaps in a model trained without markers: both shortcut classes' attention goes to the objects.
-
-    The clean classes are flagged too: the shortcut model predicts "square" for 18% of the circles (which
-    carry no marker), so circle's mean score and square's in-box mass move past their thresholds.
+    """Run 2 swaps in the control model (the markers on every class alike: it looks past them): both shortcut
+    classes' attention goes to the objects, and the comparison flags both, past its own limits (0.15 for the
+    in-box and border masses). The clean classes may be flagged too, or not: the two models differ there in
+    ways no rule fixes (e.g. the control called 24% of the circles something else in one training).
     """
     assert demo_runs.exit_codes[RUN_IDS[1]] == 1
     folder = demo_runs.run_dir(RUN_IDS[1])
     result = json.load(open(os.path.join(folder, compare.COMPARISON_JSON)))
-    assert result["flagged_classes"] == [0, 1, SHORTCUT_CLASS, MOVING_SHORTCUT_CLASS] and result["model_changed"]
+    flagged = result["flagged_classes"]
+    assert {SHORTCUT_CLASS, MOVING_SHORTCUT_CLASS} <= set(flagged) and result["model_changed"]
     row = result["classes"][SHORTCUT_CLASS]
-    assert row["box_mass_change"] > 0.3 and row["border_mass_change"] < -0.3
-    assert row["cam_correlation"] < 0.5 and row["peak_shift"] > 0.25
+    assert row["box_mass_change"] > 0.15 and row["border_mass_change"] < -0.15, row
+    assert row["cam_correlation"] < 0.5 and row["peak_shift"] > 0.25, row
     moving = result["classes"][MOVING_SHORTCUT_CLASS]
-    assert moving["border_mass_change"] < -0.15
+    assert moving["border_mass_change"] < -0.15, moving
     assert any(r.startswith("baseline strategy") and "-> 0%" in r for r in moving["reasons"])  # corners gone
     table = pq.read_table(os.path.join(folder, compare.COMPARISON_PARQUET))
     assert table.schema.equals(COMPARISON_SCHEMA)
-    assert table.column("flagged").to_pylist() == [True] * 4
+    assert [c for c, f in enumerate(table.column("flagged").to_pylist()) if f] == flagged
     brief = demo_runs.manifests[RUN_IDS[1]]["comparison"]
     assert brief["baseline_run_id"] == RUN_IDS[0] and brief["exit_code"] == 1
     # The shortcut model again: class 2 becomes a shortcut again, class 3 gets new suspicious strategies.
@@ -121,8 +122,8 @@ def test_flagged_comparison_exits_1_from_the_command_line(demo_runs, capsys):
                          "--no_write"])
     assert code == 1
     out = capsys.readouterr().out
-    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("!")] == [
-        "! class 0 circle", "! class 1 square", "! class 2 triangle", "! class 3 cross"]
+    lines = [line.split(":")[0] for line in out.splitlines() if line.startswith("!")]
+    assert {"! class 2 triangle", "! class 3 cross"} <= set(lines) and lines == sorted(lines), out
     code = compare.main(["--baseline", demo_runs.run_dir(RUN_IDS[0]), "--current", demo_runs.run_dir(RUN_IDS[1]),
                          "--no_write=true", "--quiet=true", "--flagged_exit_code=0"])
     assert code == 0 and capsys.readouterr().out == ""

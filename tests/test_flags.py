@@ -119,7 +119,7 @@ def test_the_demo_shortcut_class_and_only_it_is_flagged(demo_runs):
     moving = stats[MOVING_SHORTCUT_CLASS]
     assert not moving["shortcut"] and moving["peak_cell_share"] < 0.4
     assert demo_runs.manifests[RUN_IDS[0]]["attention"]["shortcut_classes"] == [SHORTCUT_CLASS]
-    # The model trained without the marker has no shortcut.
+    # The control model (the markers on every class alike) has no shortcut.
     assert not any(s["shortcut"] for s in _stats(demo_runs, RUN_IDS[1]).values())
 
 
@@ -156,7 +156,7 @@ def test_pointing_game_of_the_demo_model(demo_runs):
     pointing at least 0.15 better than either shortcut class (circle 0.95-1.00, square 0.60-0.96, the
     class the model predicts when it sees neither a marker nor a circle). Overall that is ~0.55 (seen
     0.50-0.61): [0.45, 0.7]. A random peak would land in a box of 8-19% of the image area. Without the
-    shortcuts (same shards, a model trained without markers) the pointing game rises by at least 0.15.
+    shortcuts (same shards, the control model: markers on every class alike) the pointing game rises by at least 0.15.
     """
     manifest = demo_runs.manifests[RUN_IDS[0]]
     overall = manifest["attention"]["pointing_accuracy"]

