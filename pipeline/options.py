@@ -22,6 +22,7 @@ from transforms.cam.methods import METHODS
 from transforms.cam.preprocess import PRESETS, parse_image_size
 from transforms.cam.targets import TARGET_HELP, TargetSpec, parse_target
 from transforms.errors import AuditError
+from transforms.flags import DEFAULT_THRESHOLDS, FlagThresholds
 from transforms.precision import MIXED_PRECISION
 
 DEFAULT_RUNNER = "FnApiRunner"
@@ -127,10 +128,11 @@ def add_audit_arguments(parser) -> None:
                 help="Write <run>/report.html, a self-contained visual report (default)")
     add_boolean(parser, "--no_report", dest="report", negate=True, default=argparse.SUPPRESS,  # --report's
                 help="Do not write report.html (the same as --report=false)")
-    add("--outside_box_concentration", type=_non_negative_float, default=1.0,
+    add("--outside_box_concentration", type=_non_negative_float,
+        default=DEFAULT_THRESHOLDS.outside_box_concentration,
         help="attention_outside_box: set when the CAM peak misses every box and box_mass / box_area is at most "
         "this (1 = what a flat map gives the boxes)")
-    add("--pointing_tolerance", type=_non_negative_float, default=15.0,
+    add("--pointing_tolerance", type=_non_negative_float, default=DEFAULT_THRESHOLDS.pointing_tolerance_px,
         help="Pointing game: a peak within this many image pixels of a box is a hit (Zhang et al. 2016: 15)")
     add("--strategy_sample_size", type=_positive_int, default=1000,
         help="Strategies (SpRAy): maps sampled per class for the spectral clustering")
@@ -251,12 +253,9 @@ class AuditConfig:
     def is_demo(self) -> bool:
         return self.input is None and self.model is None
 
-    def flag_thresholds(self):
-        """The per-image flag thresholds these options set (transforms.flags.FlagThresholds)."""
-        from transforms.flags import FlagThresholds
-
-        return FlagThresholds(outside_box_concentration=self.outside_box_concentration,
-                              pointing_tolerance_px=self.pointing_tolerance)
+    def flag_thresholds(self) -> FlagThresholds:
+        """The per-image flag thresholds these options set."""
+        return FlagThresholds.from_options(vars(self))
 
     def strategy_settings(self):
         """The strategy (SpRAy) settings these options set (transforms.strategies.StrategySettings)."""

@@ -38,7 +38,9 @@ from typing import Optional
 import numpy as np
 
 from pipeline.report_strategies import CSS as STRATEGY_CSS
+from transforms.attention import BORDER_FRACTION
 from transforms.exemplars import FLAG_RANKING, PER_KIND, flag_kind, shortcut_kind
+from transforms.flags import DEFAULT_THRESHOLDS, FlagThresholds
 from transforms.thumbnails import ALPHA, COLORMAP
 
 _LOG = logging.getLogger(__name__)
@@ -47,15 +49,29 @@ REPORT_NAME = "report.html"
 PER_FLAG = PER_KIND  # the most the exemplars table holds per kind
 MAX_CLASS_MAPS = 24
 
-# flag column -> (title, what it means); worst first as ranked by transforms.exemplars.FLAG_RANKING
-FLAG_GRIDS = {
-    "confident_wrong": ("Confidently wrong", "wrong prediction with a score of at least 0.8"),
-    "low_confidence": ("Low confidence", "no class gets half of the probability"),
-    "attention_outside_box": ("Attention outside the box",
-                              ("the CAM peak misses every box (by more than 15 px) and the boxes get no more of its "
-                               "mass than a flat map would (box_mass / box_area <= 1)")),
-    "attention_on_border": ("Attention on the border", "at least 60% of the CAM's mass in the outer 12.5% band"),
+# flag column -> title; worst first as ranked by transforms.exemplars.FLAG_RANKING
+FLAG_TITLES = {
+    "confident_wrong": "Confidently wrong",
+    "low_confidence": "Low confidence",
+    "attention_outside_box": "Attention outside the box",
+    "attention_on_border": "Attention on the border",
 }
+
+
+def flag_rules(thresholds: FlagThresholds = DEFAULT_THRESHOLDS) -> dict[str, str]:
+    """Flag column -> the rule that sets it, worded from the thresholds the run used (transforms.flags)."""
+    t = thresholds
+    flat = ("no more of its mass than a flat map would" if t.outside_box_concentration == 1
+            else f"at most {t.outside_box_concentration:g} times the share of its mass a flat map would")
+    return {
+        "confident_wrong": f"wrong prediction with a score of at least {t.confident:g}",
+        "low_confidence": ("no class gets half of the probability" if t.low_confidence == 0.5
+                           else f"the top score is below {t.low_confidence:g}"),
+        "attention_outside_box": (f"the CAM peak misses every box (by more than {t.pointing_tolerance_px:g} px) and "
+                                  f"the boxes get {flat} (box_mass / box_area <= {t.outside_box_concentration:g})"),
+        "attention_on_border": (f"at least {t.border_mass:.0%} of the CAM's mass in the outer "
+                                f"{BORDER_FRACTION:.1%} band"),
+    }
 
 
 def _data_uri(data: bytes, mime: str) -> str:
@@ -111,10 +127,10 @@ def flag_totals(run_dir: str) -> dict[str, int]:
 
     from pipeline.manifest import iter_batches
 
-    totals = dict.fromkeys(FLAG_GRIDS, 0)
-    for batch in iter_batches(run_dir, "heatmaps", ["target_rank", *FLAG_GRIDS]):
+    totals = dict.fromkeys(FLAG_TITLES, 0)
+    for batch in iter_batches(run_dir, "heatmaps", ["target_rank", *FLAG_TITLES]):
         first = pc.equal(batch.column("target_rank"), 0)
-        for flag in FLAG_GRIDS:
+        for flag in FLAG_TITLES:
             totals[flag] += pc.sum(pc.and_(first, pc.fill_null(batch.column(flag), False))).as_py() or 0
     return totals
 
@@ -141,7 +157,7 @@ def class_plots(stats: list[dict], names: dict) -> str:
     axes[0].bar(x + width / 2, values("pointing_accuracy"), width, label="pointing game")
     axes[0].set_ylim(0, 1.05)
     axes[0].set_title("Accuracy and pointing game per class")
-    flags = list(FLAG_GRIDS)
+    flags = list(FLAG_TITLES)
     width = 0.8 / len(flags)
     for i, flag in enumerate(flags):
         axes[1].bar(x - 0.4 + width * (i + 0.5), values(f"share_{flag}"), width, label=flag.replace("_", " "))
@@ -380,10 +396,11 @@ def render_report(run_dir: str, manifest: dict, comparison: Optional[dict] = Non
         totals = flag_totals(run_dir)
     else:
         totals = {flag: (exemplars.get(flag_kind(flag)) or [{"kind_total": 0}])[0]["kind_total"]
-                  for flag in FLAG_GRIDS}
+                  for flag in FLAG_TITLES}
     has_exemplars, exemplars = exemplars is not None, exemplars or {}
-    grids = [(flag, title, meaning, totals[flag], exemplars.get(flag_kind(flag), [])[:per_flag])
-             for flag, (title, meaning) in FLAG_GRIDS.items()]
+    rules = flag_rules(FlagThresholds.from_options(manifest.get("options") or {}))  # the run's thresholds
+    grids = [(flag, title, rules[flag], totals[flag], exemplars.get(flag_kind(flag), [])[:per_flag])
+             for flag, title in FLAG_TITLES.items()]
     shortcut_grids = [(s, exemplars.get(shortcut_kind(s["class_id"]), [])[:per_flag])
                       for s in stats if s.get("shortcut") and s.get("peak_cell") is not None]
 
