@@ -27,9 +27,7 @@ Strategies (SpRAy clusters, one strip per class): `pipeline.report_strategies`.
 from __future__ import annotations
 
 import argparse
-import base64
 import datetime
-import html
 import io
 import logging
 import sys
@@ -37,10 +35,17 @@ from typing import Optional
 
 import numpy as np
 
+from pipeline.compare import COMPARISON_JSON
+from pipeline.formatting import class_name as _class_name
+from pipeline.formatting import data_uri as _data_uri
+from pipeline.formatting import esc as _esc
+from pipeline.formatting import fmt as _fmt
+from pipeline.manifest import iter_batches, load_manifest, read_json, read_table, table_files
 from pipeline.report_strategies import CSS as STRATEGY_CSS
+from pipeline.report_strategies import strategies_section
 from transforms.attention import BORDER_FRACTION
 from transforms.exemplars import FLAG_RANKING, PER_KIND, flag_kind, shortcut_kind
-from transforms.flags import DEFAULT_THRESHOLDS, FlagThresholds
+from transforms.flags import CELL_NAMES, DEFAULT_THRESHOLDS, FlagThresholds
 from transforms.thumbnails import ALPHA, COLORMAP
 
 _LOG = logging.getLogger(__name__)
@@ -74,10 +79,6 @@ def flag_rules(thresholds: FlagThresholds = DEFAULT_THRESHOLDS) -> dict[str, str
     }
 
 
-def _data_uri(data: bytes, mime: str) -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-
-
 def _figure_uri(fig) -> str:
     import matplotlib.pyplot as plt
 
@@ -87,30 +88,11 @@ def _figure_uri(fig) -> str:
     return _data_uri(buf.getvalue(), "image/png")
 
 
-def _esc(value) -> str:
-    return html.escape("" if value is None else str(value))
-
-
-def _fmt(value, spec: str = ".2f") -> str:
-    if value is None or (isinstance(value, float) and not np.isfinite(value)):
-        return "-"
-    return format(value, spec)
-
-
-def _class_name(names: dict, class_id) -> str:
-    if class_id is None:
-        return "-"
-    name = names.get(int(class_id))
-    return f"{class_id} {name}" if name else str(class_id)
-
-
 # -- image grids from the exemplars table -------------------------------------------------------
 
 
 def exemplars_by_kind(run_dir: str) -> Optional[dict[str, list[dict]]]:
     """{kind: exemplar rows, worst first} of the run, or None when it has no exemplars table."""
-    from pipeline.manifest import read_table, table_files
-
     if not table_files(run_dir, "exemplars"):
         return None
     by_kind: dict[str, list[dict]] = {}
@@ -124,8 +106,6 @@ def exemplars_by_kind(run_dir: str) -> Optional[dict[str, list[dict]]]:
 def flag_totals(run_dir: str) -> dict[str, int]:
     """Images (rank-0 rows) with each flag set, counted over projected columns in record batches."""
     import pyarrow.compute as pc
-
-    from pipeline.manifest import iter_batches
 
     totals = dict.fromkeys(FLAG_TITLES, 0)
     for batch in iter_batches(run_dir, "heatmaps", ["target_rank", *FLAG_TITLES]):
@@ -295,8 +275,6 @@ def faithfulness_section(manifest: dict, stats: list[dict], names: dict) -> str:
 
 
 def _class_table(stats: list[dict], names: dict) -> str:
-    from transforms.flags import CELL_NAMES
-
     head = ("<tr><th class=l>class</th><th>images</th><th>accuracy</th><th>precision</th><th>mean score</th>"
             "<th>in-box mass</th><th>border mass</th><th>pointing game</th><th>flagged</th>"
             "<th class=l>peaks in one ninth</th><th>boxes there</th><th>shortcut score</th><th>shortcut?</th></tr>")
@@ -368,8 +346,6 @@ def _comparison_section(comparison: dict, names: dict, current_stats: list[dict]
     flagged = set(comparison["flagged_classes"])
     if flagged:
         try:
-            from pipeline.manifest import read_table
-
             before = [s for s in read_table(b["run_dir"], "class_stats").to_pylist() if s["class_id"] in flagged]
             after = [s for s in current_stats if s["class_id"] in flagged]
             for title, rows in ((f"Baseline {b['run_id']}: mean CAM of the flagged classes", before),
@@ -385,9 +361,6 @@ def _comparison_section(comparison: dict, names: dict, current_stats: list[dict]
 def render_report(run_dir: str, manifest: dict, comparison: Optional[dict] = None, per_flag: int = PER_FLAG) -> str:
     """The HTML of the report of the run whose tables are in `run_dir`."""
     import pyarrow as pa
-
-    from pipeline.manifest import read_table
-    from transforms.flags import CELL_NAMES
 
     stats = sorted(read_table(run_dir, "class_stats").to_pylist(), key=lambda s: s["class_id"])  # one row/class
     names = {s["class_id"]: s["class_name"] for s in stats if s["class_name"]}
@@ -450,7 +423,6 @@ def render_report(run_dir: str, manifest: dict, comparison: Optional[dict] = Non
             parts.append(f"<h2>Mean heatmap per class{more}</h2>"
                          "<p class=muted>Mean of each image's CAM divided by its maximum; lines cut the image in "
                          f"ninths.</p><p><img alt='mean heatmaps' src='{maps}'></p>")
-    from pipeline.report_strategies import strategies_section
 
     parts.append(strategies_section(run_dir, names, exemplars if has_exemplars else None))
     parts.append(faithfulness_section(manifest, stats, names))
@@ -482,13 +454,9 @@ def write_report(run_dir: str, *, manifest: Optional[dict] = None, comparison: O
     """Renders the report of the run in `run_dir` and writes it; returns its path."""
     from apache_beam.io.filesystems import FileSystems
 
-    from pipeline.manifest import load_manifest, read_json
-
     run_dir = run_dir.rstrip("/")
     manifest = manifest if manifest is not None else load_manifest(run_dir)
     if comparison is None:
-        from pipeline.compare import COMPARISON_JSON
-
         comparison = read_json(f"{run_dir}/{COMPARISON_JSON}")
     page = render_report(run_dir, manifest, comparison, per_flag)
     out = out or f"{run_dir}/{REPORT_NAME}"
