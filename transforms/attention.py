@@ -35,17 +35,6 @@ STAT_KEYS = ("peak_y", "peak_x", "entropy", "border_mass", "box_mass", "box_area
              "peak_in_box")
 
 
-def cell_overlap(height: int, width: int, box) -> np.ndarray:
-    """Share of each cell of an h x w grid inside box (ymin, xmin, ymax, xmax)."""
-    ymin, xmin, ymax, xmax = box
-
-    def axis(n: int, lo: float, hi: float) -> np.ndarray:
-        start = np.arange(n) / n
-        return np.clip(np.minimum(start + 1.0 / n, hi) - np.maximum(start, lo), 0.0, None) * n
-
-    return np.outer(axis(height, ymin, ymax), axis(width, xmin, xmax))
-
-
 @functools.lru_cache(maxsize=256)
 def _interpolation_matrix(n_in: int, n_out: int) -> np.ndarray:
     """[n_out, n_in] weights of 1-D linear interpolation, half-pixel centres, edges clamped.
