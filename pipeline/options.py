@@ -15,7 +15,7 @@ from typing import Optional
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.argtypes import add_boolean
+from pipeline.argtypes import OneLineParser, add_boolean
 from pipeline.compare import add_flagged_exit_code_argument, add_threshold_arguments
 from pipeline.runners import RUNNER_DESTS, add_runner_arguments, runner_of, translate_runner_args
 from transforms.cam.methods import METHODS
@@ -186,12 +186,6 @@ class AuditOptions(PipelineOptions):
         add_audit_arguments(parser)
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        sys.stderr.write(f"error: {message} (see --help)\n")
-        sys.exit(2)
-
-
 @dataclasses.dataclass
 class AuditConfig:
     """The audit options after parsing (plain values only)."""
@@ -299,7 +293,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+    parser = OneLineParser(
         prog="python -m pipeline",
         description=(
             "Explain an image classifier over a whole TFRecord dataset with batched "

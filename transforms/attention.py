@@ -17,6 +17,10 @@ statistics cost ~60 us instead of ~0.3-1 ms (the grid's 300 kB temporaries).
 
 Entropy stays on the layer's cells (0 = one cell, 1 = uniform): upsampling
 would only smooth it.
+
+The map maths other modules share lives here too: `upsample` (the bilinear
+resize; `pipeline.compare` resamples maps of two runs with it) and
+`correlation` (of two maps; the comparison and the strategies' rule).
 """
 
 from __future__ import annotations
@@ -61,6 +65,14 @@ def upsample(cam: np.ndarray, height: int, width: int) -> np.ndarray:
     """Bilinear upsampling of cam[h, w] to [height, width] (half-pixel centres, as image resizers do)."""
     cam = np.asarray(cam, np.float64)
     return _interpolation_matrix(cam.shape[0], height) @ cam @ _interpolation_matrix(cam.shape[1], width).T
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> Optional[float]:
+    """Pearson correlation of two maps of one shape (as flat vectors); None when either is constant."""
+    a, b = np.ravel(a), np.ravel(b)
+    if a.std() == 0 or b.std() == 0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
 
 
 def box_mask(height: int, width: int, boxes: Sequence) -> np.ndarray:
