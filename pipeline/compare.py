@@ -69,6 +69,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.argtypes import OneLineParser, add_boolean, exit_status
+from pipeline.manifest import MANIFEST_NAME, load_manifest, read_table
 from transforms.attention import correlation, upsample
 from transforms.schemas import COMPARISON_SCHEMA
 
@@ -158,8 +159,6 @@ class RunData:
 
 def load_run(run_dir: str, role: str) -> RunData:
     """Reads a run folder's manifest and class_stats; CompareError if it is not a run."""
-    from pipeline.manifest import MANIFEST_NAME, load_manifest, read_table
-
     run_dir = run_dir.rstrip("/")
     try:
         manifest = load_manifest(run_dir)

@@ -17,6 +17,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.argtypes import OneLineParser, add_boolean
 from pipeline.compare import add_flagged_exit_code_argument, add_threshold_arguments
+from pipeline.history import check_run_id
 from pipeline.runners import RUNNER_DESTS, add_runner_arguments, runner_of, translate_runner_args
 from transforms.cam.methods import METHODS
 from transforms.cam.preprocess import PRESETS, parse_image_size
@@ -24,6 +25,7 @@ from transforms.cam.targets import TARGET_HELP, TargetSpec, parse_target
 from transforms.errors import AuditError
 from transforms.flags import DEFAULT_THRESHOLDS, FlagThresholds
 from transforms.precision import MIXED_PRECISION
+from transforms.strategies import StrategySettings
 
 DEFAULT_RUNNER = "FnApiRunner"
 
@@ -73,8 +75,6 @@ def _int(text: str) -> int:
 
 
 def _run_id(text: str) -> str:
-    from pipeline.history import check_run_id
-
     try:
         return check_run_id(text)
     except AuditError as exc:
@@ -251,10 +251,8 @@ class AuditConfig:
         """The per-image flag thresholds these options set."""
         return FlagThresholds.from_options(vars(self))
 
-    def strategy_settings(self):
-        """The strategy (SpRAy) settings these options set (transforms.strategies.StrategySettings)."""
-        from transforms.strategies import StrategySettings
-
+    def strategy_settings(self) -> StrategySettings:
+        """The strategy (SpRAy) settings these options set."""
         return StrategySettings(sample_size=self.strategy_sample_size, max_clusters=self.strategy_max_clusters,
                                 min_share=self.strategy_min_share,
                                 max_concentration=self.strategy_max_concentration,
