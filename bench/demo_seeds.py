@@ -26,9 +26,10 @@ EXPECTED = {"triangle", "cross"}
 
 
 def one_run(work: str, seed: int, plain: bool = False) -> dict:
-    """In the child: train with `seed` (`plain`: without markers, 5 epochs, as the tests' control model),
+    """In the child: train with `seed` (`plain`: the markers on every class alike, as the tests'
+    control model),
     audit the demo shards, return what the summary flags."""
-    from pipeline.demo import CLASS_NAMES, Demo, ensure_demo, train_model
+    from pipeline.demo import CLASS_NAMES, Demo, ensure_demo, train_control_model, train_model
     from pipeline.graph import run
     from pipeline.manifest import read_table
     from pipeline.summary import summary_text
@@ -36,7 +37,7 @@ def one_run(work: str, seed: int, plain: bool = False) -> dict:
     demo: Demo = ensure_demo(os.path.join(work, "demo"))  # the demo's shards (made once, shared by the runs)
     tag = f"{'plain-' if plain else ''}seed{seed}-onednn{os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'default')}"
     model = os.path.join(work, "models", f"{tag}.keras")
-    trained = train_model(model, seed=seed, shortcut=not plain, epochs=5 if plain else 8)
+    trained = train_control_model(model, seed=seed) if plain else train_model(model, seed=seed)
     _, manifest = run(["--input", demo.input_pattern, "--model", model, "--class_names", demo.class_names_path,
                        "--output", os.path.join(work, "out"), "--run_id", tag, "--quiet", "--no_report"])
     flagged = sorted({CLASS_NAMES[int(m)] for m in re.findall(r"^! class (\d+) ", summary_text(manifest), re.M)})
@@ -53,8 +54,9 @@ def one_run(work: str, seed: int, plain: bool = False) -> dict:
 
 def _child(work: str, seed: int, onednn: str, plain: bool = False) -> dict:
     env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="1" if onednn == "on" else "0", TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, "-m", "bench.demo_seeds", "--one", str(seed), "--work", work]
-                          + (["--plain"] if plain else []), capture_output=True, text=True, env=env, timeout=1800)
+    argv = ["--one", str(seed), "--work", work, "--models", "control" if plain else "shortcut"]
+    proc = subprocess.run([sys.executable, "-m", "bench.demo_seeds", *argv], capture_output=True, text=True, env=env,
+                          timeout=1800)
     if proc.returncode != 0:
         return {"seed": seed, "onednn": onednn, "error": proc.stderr.strip().splitlines()[-1:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -89,25 +91,26 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--onednn", nargs="+", choices=["on", "off"], default=["on", "off"])
     parser.add_argument("--work", help="Folder for the demo shards, models and runs (default: a temporary one)")
-    parser.add_argument("--plain", action="store_true",
-                        help="Also train each seed's control model without markers (5 epochs, as the tests' "
-                        "second run): it should flag no class")
+    parser.add_argument("--models", nargs="+", choices=["shortcut", "control"], default=["shortcut"],
+                        help="shortcut: the demo's model; control: a model trained with the same markers on "
+                        "every class alike (as the tests' second run), which should flag no class")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # the child's seed
     args = parser.parse_args(argv)
     if args.one is not None:
-        print(json.dumps(one_run(args.work, args.one, plain=args.plain)))
+        print(json.dumps(one_run(args.work, args.one, plain=args.models == ["control"])))
         return
     work = args.work or tempfile.mkdtemp(prefix="demo_seeds-")
     runs = {False: [], True: []}
-    for plain in (False, True) if args.plain else (False,):
+    for plain in [kind == "control" for kind in args.models]:
         for seed in args.seeds:
             for onednn in args.onednn:
                 runs[plain].append(_child(work, seed, onednn, plain))
                 found = runs[plain][-1].get("flagged", runs[plain][-1].get("error"))
                 print(f"{'control ' if plain else ''}seed {seed} oneDNN {onednn}: {found}", flush=True)
-    print(table(runs[False]))
-    if args.plain:
-        print("Control models, trained without markers:")
+    if runs[False]:
+        print(table(runs[False]))
+    if runs[True]:
+        print("Control models, trained with the markers on every class alike:")
         print(table(runs[True], expected=set()))
     with open(os.path.join(work, "demo_seeds.json"), "w") as handle:
         json.dump(runs[False] + runs[True], handle, indent=1)

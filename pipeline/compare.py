@@ -71,7 +71,8 @@ from apache_beam.io.filesystems import FileSystems
 from pipeline.argtypes import OneLineParser, add_boolean, exit_status
 from pipeline.manifest import MANIFEST_NAME, load_manifest, read_table
 from transforms.attention import correlation, upsample
-from transforms.schemas import COMPARISON_SCHEMA
+from transforms.errors import AuditError
+from transforms.schemas import COMPARISON_SCHEMA, versioned
 
 COMPARISON_JSON = "comparison.json"
 COMPARISON_PARQUET = "comparison.parquet"
@@ -166,10 +167,14 @@ def load_run(run_dir: str, role: str) -> RunData:
         raise CompareError(
             f"--{role}: expected a finished run folder with {MANIFEST_NAME}, found none at {run_dir!r}"
         ) from None
+    except AuditError as exc:  # a run of a schema version this release does not know
+        raise CompareError(f"--{role}: {exc}") from None
     except (OSError, ValueError) as exc:
         raise CompareError(f"--{role}: could not read {run_dir}/{MANIFEST_NAME}: {exc}") from None
     try:
         stats = read_table(run_dir, "class_stats").to_pylist()
+    except AuditError as exc:
+        raise CompareError(f"--{role}: {exc}") from None
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise CompareError(f"--{role}: could not read {run_dir}/class_stats: {exc}") from None
     clusters: dict = {}
@@ -393,7 +398,9 @@ def write_comparison(comparison: dict, folder: str) -> dict:
     paths = {"json": f"{folder}/{COMPARISON_JSON}", "parquet": f"{folder}/{COMPARISON_PARQUET}"}
     with FileSystems.create(paths["json"]) as handle:
         handle.write(json.dumps(comparison, indent=2, default=_json_default).encode("utf-8"))
-    table = pa.Table.from_pylist(comparison["classes"], schema=COMPARISON_SCHEMA)
+    run_id = (comparison.get("current") or {}).get("run_id") or ""
+    rows = [{**row, "run_id": run_id} for row in comparison["classes"]]
+    table = pa.Table.from_pylist(rows, schema=versioned(COMPARISON_SCHEMA))
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     with FileSystems.create(paths["parquet"]) as handle:

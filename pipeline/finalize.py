@@ -316,6 +316,7 @@ def find_attempt(output: str, run_id: str) -> tuple[str, dict]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     from pipeline.argtypes import add_boolean
+    from transforms.errors import AuditError
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.finalize",
                                      description="Redo a run's finalisation from its tables (see pipeline/finalize.py)")
@@ -329,7 +330,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         folder, settings = find_attempt(args.output, args.run_id)
         manifest = finalize_run(settings, folder=folder)
-    except FinalizeError as exc:
+    except (FinalizeError, AuditError) as exc:  # AuditError: tables of a schema version this release does not know
         sys.stderr.write(f"error: {exc}\n")
         return 2
     if not manifest:  # the test-only fault "skip"

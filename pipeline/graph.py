@@ -2,13 +2,16 @@
 
     shard paths -> ReadRecords -> DecodeImages (checks) -> ExplainImages (RunInference:
       batch decode + CAM)
-      -> MeasureFaithfulness (a sampled share) -> FormatHeatmapRows -> BatchRows (Arrow batches of rows)
-         -> FindStrategies (SpRAy: cluster_id, assigned over the batches) -> WriteHeatmaps (from the batches);
+      -> FormatHeatmapRows -> BatchRows (Arrow batches of rows)
+         -> SelectCheckImages (Top.Smallest of id hashes: no pixels) -> one list of the checks' images
+              -> ScoreFaithfulness (records read again by offset, scored in full batches) -> score rows
+              -> CheckSanity (the same images' first --sanity_images: the head randomised) --+
+         -> FindStrategies (SpRAy: cluster_id, assigned over the batches)
+            -> AddFaithfulnessScores (score rows as a side input) -> WriteHeatmaps (from the batches);
             clusters -> WriteClusters
-         -> ComputeClassStats (numpy over the batches) -> AddStrategyColumns -> WriteClassStats
+         -> ComputeClassStats (numpy over the batches, + score rows) -> AddStrategyColumns -> WriteClassStats
       -> SelectExemplars (Top.PerKey per flag / shortcut class / strategy, + class stats) -> WriteExemplars
-      -> CheckSanity (a fixed small sample) --+
-         heatmap rows -> SummariseFaithfulness -> WriteFaithfulnessSummary (faithfulness.json)
+         score rows + sanity -> SummariseFaithfulness -> WriteFaithfulnessSummary (faithfulness.json)
     errors of every step -> CollectErrors -> WriteErrors
     records read -> CountRecordsRead --+
     every write's files (side inputs) -+-> FinalizeRun (pipeline/finalize.py): counts read back from the
@@ -29,7 +32,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.options import AuditConfig, parse_args
+from pipeline.options import FLEX_TEMPLATE_ENV, AuditConfig, parse_args
 from pipeline.progress import show_progress
 from pipeline.runners import job_identity, log_job, only_builds_job
 from transforms.class_stats import ComputeClassStats
@@ -37,11 +40,19 @@ from transforms.dead_letters import ERRORS_TAG
 from transforms.decode import DecodeImageExamples
 from transforms.errors import AuditError, one_line
 from transforms.exemplars import SelectAuditExemplars
-from transforms.faithfulness import FAITHFULNESS_SUMMARY, CheckSanity, MeasureFaithfulness, SummariseFaithfulness
+from transforms.faithfulness import (
+    FAITHFULNESS_SUMMARY,
+    RunSanityCheck,
+    ScoreCheckImages,
+    SelectCheckImages,
+    SummariseFaithfulness,
+    record_key,
+    with_scores,
+)
 from transforms.model_handler import ExplainBatches, KerasCamModelHandler
 from transforms.records import FanOutRecords, ReadShardRecords
 from transforms.rows import EXEMPLAR_SOURCES_TAG, FormatHeatmapRows
-from transforms.schemas import CLASS_STATS_SCHEMA, CLUSTER_SCHEMA, ERROR_SCHEMA, EXEMPLAR_SCHEMA, HEATMAP_SCHEMA
+from transforms.schemas import CLUSTER_SCHEMA, ERROR_SCHEMA, EXEMPLAR_SCHEMA, class_stats_schema, heatmap_schema
 from transforms.sinks import TABLES, ToRecordBatches, WriteParquetTable
 from transforms.strategies import BATCH_ROWS, AddStrategyColumns, FindStrategies
 
@@ -63,6 +74,11 @@ class ModelInfo:
 
         km = keras_module(explainer.model)
         self.target_layer = explainer.target_layer
+        self.target_layer_reason = explainer.target_layer_reason
+        layout = explainer.token_layout
+        self.token_layout = layout.as_json() if layout is not None else None
+        self.output = {"index": explainer.output_index, "name": explainer.output_name,
+                       "count": len(explainer.model.outputs)}
         self.input_shape = explainer.input_shape
         self.input_dtype = explainer.input_dtype
         self.cam_shape = explainer.cam_shape
@@ -70,6 +86,24 @@ class ModelInfo:
         self.head = explainer.head
         self.keras = f"{km.__name__} {km.__version__}"
         self.fingerprint = fingerprint
+
+    @property
+    def token_grid(self):
+        """(h, w) of the patch grid the launcher found for a token target layer, else None."""
+        return (self.token_layout["height"], self.token_layout["width"]) if self.token_layout else None
+
+    @property
+    def prefix_tokens(self):
+        return self.token_layout["prefix"] if self.token_layout else None
+
+    @property
+    def token_layout_text(self) -> str:
+        t = self.token_layout
+        return f"{t['prefix']} prefix token(s) + {t['height']}x{t['width']} patch grid ({t['source']})" if t else ""
+
+    def explainer_options(self) -> dict:
+        """What a worker's CamExplainer needs beyond the layer to explain exactly what the launcher checked."""
+        return {"token_grid": self.token_grid, "prefix_tokens": self.prefix_tokens, "output": self.output["index"]}
 
     def as_json(self) -> dict:
         return dict(vars(self))
@@ -95,8 +129,10 @@ def inspect_model(config: AuditConfig) -> ModelInfo:
     Beam stage: the workers repeat exactly this load and trace.
     """
     from transforms.cam.explainer import CamExplainer
+    from transforms.cam.targets import check_label_format
     from transforms.model_loading import load_keras_model, model_fingerprint
 
+    check_label_format(config.target, config.label_format)  # before the model loads: seconds, one line
     try:
         model = load_keras_model(config.model, weights=config.weights, safe_mode=not config.unsafe_model)
     except AuditError:
@@ -111,6 +147,9 @@ def inspect_model(config: AuditConfig) -> ModelInfo:
             target=config.target,
             preprocess=config.preprocess,
             image_size=config.image_size,
+            token_grid=config.token_grid,
+            prefix_tokens=config.prefix_tokens,
+            output=config.model_output,
         )
     except AuditError:
         raise
@@ -147,10 +186,12 @@ class ExplainDataset(beam.PTransform):
             target=c.target,
             preprocess=c.preprocess,
             image_size=self._info.input_shape[:2],
+            **self._info.explainer_options(),
             batch_size=c.batch_size,
             jit_compile=c.jit_compile,
             large_model=c.large_model,
             mixed_precision=c.mixed_precision,
+            label_format=c.label_format,
         )
 
     def expand(self, shards):
@@ -172,58 +213,103 @@ class ExplainDataset(beam.PTransform):
                 num_classes=self._info.num_classes,
                 max_image_pixels=c.max_image_pixels,
                 require_label=c.target.needs_label,
+                label_format=c.label_format,
             )
         ).with_outputs(ERRORS_TAG, main="images")
         # ExplainBatches overlaps each batch's TensorFlow work with this thread's Python work;
         # RunInference serves one model to all of a machine's processes (--large_model).
         explain = RunInference(self.handler()) if c.large_model else beam.ParDo(ExplainBatches(self.handler()))
         explained = decoded.images | "ExplainImages" >> explain
-        measured = explained
-        if c.faithfulness_sample > 0:
-            measured = explained | "MeasureFaithfulness" >> MeasureFaithfulness(
-                self.handler(), c.faithfulness_sample, c.batch_size
-            )
         rows = (
-            measured
+            explained
             | "FormatHeatmapRows"
             >> beam.ParDo(
                 FormatHeatmapRows(method=c.method, target_layer=self._info.target_layer,
-                                  thresholds=c.flag_thresholds(), exemplar_sources=True)
+                                  thresholds=c.flag_thresholds(), exemplar_sources=True,
+                                  label_threshold=c.multilabel_threshold())
             ).with_outputs(ERRORS_TAG, EXEMPLAR_SOURCES_TAG, main="rows")
         )
         errors = (read[ERRORS_TAG], decoded[ERRORS_TAG], rows[ERRORS_TAG]) | "CollectErrors" >> beam.Flatten()
         # Arrow batches of rows: what the strategies' assignment waits with (a stage boundary), what the
         # class statistics are computed from in numpy, and what the heatmaps table is written from.
-        batches = rows.rows | "BatchRows" >> ToRecordBatches(HEATMAP_SCHEMA, BATCH_ROWS)
+        batches = rows.rows | "BatchRows" >> ToRecordBatches(heatmap_schema(c.multilabel), BATCH_ROWS)
+        scored, sanity = self.checks(batches)
         strategies = batches | "FindStrategies" >> FindStrategies(c.strategy_settings(), batched=True)
+        heatmaps = strategies["heatmaps"]
+        if scored is not None:  # the few scored rows' columns, filled as the batches go to the sink
+            heatmaps = heatmaps | "AddFaithfulnessScores" >> beam.Map(
+                with_scores, beam.pvalue.AsDict(scored | "KeyScoresByRecord" >> beam.Map(record_key)))
         stats = (
             batches
-            | "ComputeClassStats" >> ComputeClassStats(self._class_names, c.flag_thresholds())
+            | "ComputeClassStats" >> ComputeClassStats(self._class_names, c.flag_thresholds(),
+                                                       c.multilabel_threshold(), faithfulness=scored)
             | "AddStrategyColumns" >> AddStrategyColumns(strategies["clusters"])
         )
         exemplars = (rows[EXEMPLAR_SOURCES_TAG], stats, strategies["exemplar_candidates"]) | "SelectExemplars" >> SelectAuditExemplars(
             method=c.method, target_layer=self._info.target_layer, image_key=c.image_key,
             thresholds=c.flag_thresholds(),
         )
-        outputs = {"heatmaps": strategies["heatmaps"], "class_stats": stats, "clusters": strategies["clusters"],
+        outputs = {"heatmaps": heatmaps, "class_stats": stats, "clusters": strategies["clusters"],
                    "errors": errors, "exemplars": exemplars,
                    # the job's own count of what it read: the tables must account for every record
                    "records_read": read.records | "CountRecordsRead" >> beam.combiners.Count.Globally()}
         if c.faithfulness_sample > 0 or c.sanity_images > 0:
-            outputs["faithfulness"] = self.check_maps(explained, rows.rows)
+            pipeline = batches.pipeline
+            scores = scored if scored is not None else pipeline | "NoFaithfulnessScores" >> beam.Create([])
+            checks = sanity if sanity is not None else pipeline | "NoSanityCheck" >> beam.Create([])
+            outputs["faithfulness"] = (scores, checks) | "SummariseFaithfulness" >> SummariseFaithfulness(
+                c.faithfulness_sample, max_images=c.faithfulness_images if scored is not None else 0)
         return outputs
 
-    def check_maps(self, explained, rows):
-        """The sanity check and the run's faithfulness summary: a PCollection of one dict."""
+    def checks(self, batches):
+        """(faithfulness score rows or None, the sanity check's one dict or None): both from one sample of
+        the images with the smallest id hashes, chosen over the heatmap batches without pixels; its records
+        are read again after the main pass, so the checks cost their images' model passes and no more."""
         c = self._config
-        if c.sanity_images > 0:
+        faithfulness = c.faithfulness_images if c.faithfulness_sample > 0 else 0
+        sanity_images, settings = c.sanity_images, None
+        if sanity_images > 0:
             settings = {"model_uri": c.model, "weights": c.weights, "safe_mode": not c.unsafe_model,
                         "target_layer": self._info.target_layer, "method": c.method, "preprocess": c.preprocess,
                         "image_size": tuple(self._info.input_shape[:2])}
-            sanity = explained | "CheckSanity" >> CheckSanity(settings, c.sanity_images, c.max_sanity_correlation)
-        else:
-            sanity = explained.pipeline | "NoSanityCheck" >> beam.Create([])
-        return (rows, sanity) | "SummariseFaithfulness" >> SummariseFaithfulness(c.faithfulness_sample)
+            settings, missing = _sanity_settings(settings, self._info)
+            if missing:
+                _LOG.warning("Sanity check skipped: its explainer cannot be given %s", ", ".join(missing))
+                sanity_images = 0
+        k = max(faithfulness, sanity_images)
+        if k == 0:
+            return None, None
+        sample = batches | "SelectCheckImages" >> SelectCheckImages(k)
+        scored = sanity = None
+        if faithfulness:
+            scored = sample | "ScoreFaithfulness" >> beam.ParDo(ScoreCheckImages(
+                self.handler(), c.faithfulness_sample, faithfulness, c.image_key, c.batch_size))
+        if sanity_images:
+            sanity = sample | "CheckSanity" >> beam.ParDo(RunSanityCheck(
+                settings, c.max_sanity_correlation, sanity_images, c.image_key, c.batch_size))
+        return scored, sanity
+
+
+def _sanity_settings(settings: dict, info: ModelInfo) -> tuple[dict, list]:
+    """Adds the token layout and the output to the sanity explainer's settings where
+    `load_sanity_explainer` takes them; returns (settings, the names of those it needs but cannot take).
+
+    Without them the sanity explainer infers the token layout again from the
+    model (the same answer unless --token_grid/--prefix_tokens were needed)
+    and needs a model with one output.
+    """
+    import inspect
+
+    from transforms.faithfulness import load_sanity_explainer
+
+    needed = {}
+    if info.token_layout and str(info.token_layout["source"]).startswith("options"):
+        needed.update(token_grid=info.token_grid, prefix_tokens=info.prefix_tokens)
+    if info.output["count"] > 1:
+        needed["output"] = info.output["index"]
+    accepted = inspect.signature(load_sanity_explainer).parameters
+    missing = [key for key in needed if key not in accepted]
+    return {**settings, **{k: v for k, v in needed.items() if k in accepted}}, missing
 
 
 def clear_outputs(output: str, run_id: Optional[str] = None) -> None:
@@ -260,14 +346,19 @@ def build(pipeline: beam.Pipeline, config: AuditConfig, info: ModelInfo, files: 
         | "ListShards" >> beam.Create(files)
         | "ExplainDataset" >> ExplainDataset(config, info, class_names)
     )
+    run_id = config.run_id  # a plain setting: every table's run_id column (transforms.sinks.WriteParquetTable)
     written = [
-        outputs["heatmaps"] | "WriteHeatmaps" >> WriteParquetTable(config.output, "heatmaps", HEATMAP_SCHEMA,
-                                                                   batches=True),
+        outputs["heatmaps"] | "WriteHeatmaps" >> WriteParquetTable(config.output, "heatmaps",
+                                                                   heatmap_schema(config.multilabel), batches=True,
+                                                                   run_id=run_id),
         outputs["class_stats"] | "WriteClassStats" >> WriteParquetTable(config.output, "class_stats",
-                                                                        CLASS_STATS_SCHEMA),
-        outputs["clusters"] | "WriteClusters" >> WriteParquetTable(config.output, "clusters", CLUSTER_SCHEMA),
-        outputs["errors"] | "WriteErrors" >> WriteParquetTable(config.output, "errors", ERROR_SCHEMA),
-        outputs["exemplars"] | "WriteExemplars" >> WriteParquetTable(config.output, "exemplars", EXEMPLAR_SCHEMA),
+                                                                        class_stats_schema(config.multilabel),
+                                                                        run_id=run_id),
+        outputs["clusters"] | "WriteClusters" >> WriteParquetTable(config.output, "clusters", CLUSTER_SCHEMA,
+                                                                   run_id=run_id),
+        outputs["errors"] | "WriteErrors" >> WriteParquetTable(config.output, "errors", ERROR_SCHEMA, run_id=run_id),
+        outputs["exemplars"] | "WriteExemplars" >> WriteParquetTable(config.output, "exemplars", EXEMPLAR_SCHEMA,
+                                                                     run_id=run_id),
     ]
     if "faithfulness" in outputs:
         name, suffix = FAITHFULNESS_SUMMARY.rsplit(".", 1)
@@ -285,6 +376,29 @@ def build(pipeline: beam.Pipeline, config: AuditConfig, info: ModelInfo, files: 
     return outputs
 
 
+RUN_ID_PLACEHOLDER = "{run_id}"
+
+
+def resolve_input(pattern: Optional[str], run_id: str) -> Optional[str]:
+    """--input with `{run_id}` replaced by the run's id (e.g. gs://b/tfrecords/dt={run_id}/*.tfrecord: a
+    nightly job reads the day's partition), resolved when the job is launched."""
+    return pattern.replace(RUN_ID_PLACEHOLDER, run_id) if pattern else pattern
+
+
+def check_template(beam_args: list) -> None:
+    """Refuses a classic Dataflow template (--template_location outside the Flex launcher) in one line."""
+    import os
+
+    from pipeline.runners import option_values
+
+    if option_values(beam_args, "--template_location") and not os.environ.get(FLEX_TEMPLATE_ENV):
+        raise AuditError(
+            "--template_location: a classic Dataflow template would freeze the run id and the shard list of "
+            "the day it is built (every launch would rewrite one run=<id>/); build the Flex Template instead "
+            "(templates/flex/, docs/dataflow.md), which resolves them at each launch; --dry_run=true builds "
+            "the job offline")
+
+
 def prepare(config: AuditConfig):
     """Resolves the demo, the shards, the model and the class names (start-up checks)."""
     if config.is_demo:
@@ -297,13 +411,15 @@ def prepare(config: AuditConfig):
     if not config.output:
         raise AuditError("--output: expected a folder (local or gs://), none given")
     config.output = config.output.rstrip("/")
-    if not config.run_id:
+    if not config.run_id:  # resolved now, at launch (a Flex Template runs this at every launch)
         from pipeline.history import default_run_id
 
         config.run_id = default_run_id()
+    config.input = resolve_input(config.input, config.run_id)
     files = match_shards(config.input)
     info = inspect_model(config)
-    _LOG.info("Target layer: %s, maps of %dx%d", info.target_layer, *info.cam_shape)
+    _LOG.info("Target layer: %s (%s), maps of %dx%d%s", info.target_layer, info.target_layer_reason,
+              *info.cam_shape, f"; tokens: {info.token_layout_text}" if info.token_layout else "")
     return files, info, read_class_names(config.class_names)
 
 
@@ -313,7 +429,8 @@ def build_job_only(config: AuditConfig, beam_args: list, info: ModelInfo, files:
 
     The job is the same as a launched one: tables into the run's temp folder, then its last stage
     (FinalizeRun) writes the manifest, the comparison and the report and moves the run into place, with
-    no launcher. A classic template freezes the run id and the shard list of the build.
+    no launcher. --template_location comes only from the Flex Template's launcher (`check_template`
+    refuses classic templates), which runs this at each launch: the run id and the shards are that launch's.
     Returns (PipelineResult or None, a short description instead of a manifest).
     """
     from pipeline import history
@@ -352,6 +469,7 @@ def run(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipeline]
     from pipeline import finalize, history
 
     config, beam_args = parse_args(argv)
+    check_template(beam_args)
     started = time.time()
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     files, info, class_names = prepare(config)

@@ -169,6 +169,7 @@ def index_entry(manifest: dict) -> dict:
     comparison = manifest.get("comparison") or {}
     return {
         "run_id": manifest.get("run_id"),
+        "schema_version": manifest.get("schema_version", 0),  # of the run's tables (transforms.schemas)
         "run_dir": manifest.get("run_dir") or manifest.get("output"),
         "started_at": manifest.get("started_at"),
         "finished_at": manifest.get("finished_at"),

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.schemas import STAGES
+from transforms.schemas import SCHEMA_VERSION, STAGES, check_schema_version, version_of
 from transforms.sinks import TABLES
 
 MANIFEST_NAME = "run_manifest.json"
@@ -50,12 +50,15 @@ def _empty_table(table: str, columns: Optional[list[str]] = None) -> pa.Table:
 
 @contextlib.contextmanager
 def open_parquet(path: str) -> Iterator[pq.ParquetFile]:
-    """A ParquetFile on a local path or any Beam filesystem (read lazily, never whole)."""
+    """A ParquetFile on a local path or any Beam filesystem (read lazily, never whole); AuditError when
+    it was written with a table schema version this release does not know (`transforms.schemas`)."""
     if "://" not in path:
         with pq.ParquetFile(path) as parquet:
+            check_schema_version(version_of(parquet.schema_arrow.metadata), path)
             yield parquet
         return
     with FileSystems.open(path) as handle, pq.ParquetFile(handle) as parquet:
+        check_schema_version(version_of(parquet.schema_arrow.metadata), path)
         yield parquet
 
 
@@ -189,6 +192,7 @@ def build_manifest(settings: dict, folder: str, final: str, *, job: Optional[dic
         counts["balanced"] = records_read == counts["records_read"]
     return {
         "run_id": settings["run_id"],
+        "schema_version": SCHEMA_VERSION,  # of the tables (transforms.schemas); runs before it had none (0)
         "attempt": settings["attempt"],
         "started_at": settings.get("started_at"),
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -246,9 +250,11 @@ def save_manifest(folder: str, manifest: dict) -> None:
 
 
 def load_manifest(folder: str) -> dict:
-    """Reads `<folder>/run_manifest.json` (FileNotFoundError when absent)."""
+    """Reads `<folder>/run_manifest.json` (FileNotFoundError when absent; AuditError when the run's
+    schema version is unknown to this release)."""
     path = f"{folder.rstrip('/')}/{MANIFEST_NAME}"
     manifest = read_json(path)
     if manifest is None:
         raise FileNotFoundError(path)
+    check_schema_version(manifest.get("schema_version", 0), path)
     return manifest

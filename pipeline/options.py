@@ -21,13 +21,23 @@ from pipeline.history import check_run_id
 from pipeline.runners import RUNNER_DESTS, add_runner_arguments, runner_of, translate_runner_args
 from transforms.cam.methods import METHODS
 from transforms.cam.preprocess import PRESETS, parse_image_size
-from transforms.cam.targets import TARGET_HELP, TargetSpec, parse_target
+from transforms.cam.targets import DEFAULT_MAX_TARGETS, LABEL_FORMATS, TARGET_HELP, TargetSpec, parse_target
 from transforms.errors import AuditError
 from transforms.flags import DEFAULT_THRESHOLDS, FlagThresholds
 from transforms.precision import MIXED_PRECISION
 from transforms.strategies import StrategySettings
 
 DEFAULT_RUNNER = "FnApiRunner"
+# --faithfulness_images: the check's cost is its scorer's trace (~170 forward passes of MobileNetV2,
+# once per run) + 12.3 forward passes per scored image (13 model passes in batches); 5% of a
+# 10,000-image job at P/F 0.9 (11,100 forward passes) allows (0.05/0.95 x 11,100 - 170) / 12.3 = 34
+# images; 32, so the sanity check's 32 are the same images (README, "Can the heatmaps be trusted?").
+DEFAULT_FAITHFULNESS_IMAGES = 32
+
+# Set in the Flex Template's launcher image (templates/flex/Dockerfile): the Dataflow Flex launcher runs
+# this command at each launch (with --template_location=<the job file it then submits>); there the
+# default runner is Dataflow.
+FLEX_TEMPLATE_ENV = "FLEX_TEMPLATE_PYTHON_PY_FILE"
 
 
 def _target(text: str) -> str:
@@ -42,6 +52,16 @@ def _image_size(text: str) -> str:
     """Checks an --image_size value; returns it normalised as "HEIGHTxWIDTH" (a plain string)."""
     try:
         return "{}x{}".format(*parse_image_size(text))
+    except AuditError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
+
+
+def _token_grid(text: str) -> str:
+    """Checks a --token_grid value; returns it normalised as "HxW" (a plain string)."""
+    from transforms.cam.tokens import parse_token_grid
+
+    try:
+        return "{}x{}".format(*parse_token_grid(text))
     except AuditError as exc:
         raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
 
@@ -84,7 +104,8 @@ def _run_id(text: str) -> str:
 def add_audit_arguments(parser) -> None:
     """Adds the audit options to an argparse parser (or Beam's)."""
     add = parser.add_argument
-    add("--input", default=None, help="Glob of TFRecord shards of tf.train.Example images, local or gs:// (omit with --model for the demo)")
+    add("--input", default=None, help="Glob of TFRecord shards of tf.train.Example images, local or gs:// (omit with --model for the demo); "
+        "{run_id} in it is replaced by the run's id when the job starts, e.g. gs://b/val/dt={run_id}/*")
     add("--output", default=None, help="Output folder, local or gs:// (demo: <demo_dir>/output)")
     add("--model", default=None,
         help="A Keras 3 .keras/.h5 file, a tf.keras 2 .h5 file or SavedModel folder (local or gs://), "
@@ -95,7 +116,27 @@ def add_audit_arguments(parser) -> None:
     add("--weights", default=None, help="Weights file for a keras.applications --model (random but fixed weights when omitted; nothing is downloaded)")
     add_boolean(parser, "--unsafe_model", help="Load the model with Keras safe mode OFF (runs code stored in the file: only for files you trust)")
     add("--target_layer", default=None, help="Layer whose activations are explained (default: the last layer with a 4-D spatial output before the head; nested models as outer/inner)")
-    add("--target", type=_target, default="predicted", help=f"Class each CAM explains: {TARGET_HELP} (topk:K writes K rows per image)")
+    add("--token_grid", type=_token_grid, default=None,
+        help="Transformers: ROWSxCOLUMNS of the patch grid of a target layer with a (batch, tokens, channels) "
+        "output, e.g. 14x14 (default: from the patch embedding's output or the sequence length)")
+    add("--prefix_tokens", type=_count, default=None,
+        help="Transformers: tokens before the patch tokens (class, distillation, register tokens), dropped "
+        "from the map (default: inferred with the grid)")
+    add("--model_output", default=None,
+        help="Name or index of the model output to explain, for a model with several outputs "
+        "(required then; a one-output model needs none)")
+    add("--target", type=_target, default="predicted",
+        help=f"Class each CAM explains: {TARGET_HELP} (topk:K writes K rows per image; labels: one per true label "
+        "of a multi-label record; above:T: one per class scoring >= T, sigmoid heads)")
+    add("--label_format", choices=list(LABEL_FORMATS), default="single",
+        help="The label feature: single (one int64 class per image), index (a list of int64 class indices) or "
+        "multi_hot (one 0/1 int64 per class); index and multi_hot make a multi-label run (README 'Multi-label')")
+    add("--max_targets", type=_positive_int, default=DEFAULT_MAX_TARGETS,
+        help="--target labels / above:T: the most maps per image (the highest-scoring wanted classes; at most "
+        "the class count)")
+    add("--label_threshold", type=_share, default=None,
+        help="Multi-label runs: a class counts as predicted when its score is >= this (class_stats' precision, "
+        "recall, F1; heatmaps' predicted_labels). Default: T of --target above:T, else 0.5")
     add("--method", choices=list(METHODS), default="gradcam", help="CAM method")
     add("--image_key", default="image/encoded", help="Feature with the encoded image")
     add("--label_key", default="image/class/label", help="Feature with the int64 label")
@@ -150,7 +191,11 @@ def add_audit_arguments(parser) -> None:
         help="Strategies: a cluster with at least this share of its class can be suspicious")
     add("--faithfulness_sample", type=_share, default=0.02,
         help="Share of the images (chosen by a hash of the image id, the same every run) whose maps get "
-        "deletion scores (faithfulness_* columns; 0 turns it off)")
+        "deletion scores (faithfulness_* columns; 0 turns it off); at most --faithfulness_images of them")
+    add("--faithfulness_images", type=_count, default=DEFAULT_FAITHFULNESS_IMAGES,
+        help="At most this many images get deletion scores: the smallest id hashes among the "
+        "--faithfulness_sample share (the same every run), read again after the main pass and scored in "
+        "full batches, so the check's cost does not grow with the dataset (0 turns it off)")
     add("--sanity_images", type=_count, default=32,
         help="Images (the same every run) re-explained with the head's weights randomised (sanity check; 0: off)")
     add("--max_sanity_correlation", type=float, default=0.5,
@@ -236,16 +281,36 @@ class AuditConfig:
     check_moves_inside_boxes: bool
     max_strategy_share_change: float
     faithfulness_sample: float = 0.02
+    faithfulness_images: int = DEFAULT_FAITHFULNESS_IMAGES
     sanity_images: int = 32
     max_sanity_correlation: float = 0.5
     max_gap_drop: float = 0.1
     reshuffle_records: str = "auto"
     verbose: bool = False
     wait: bool = True
+    token_grid: Optional[tuple[int, int]] = None
+    prefix_tokens: Optional[int] = None
+    model_output: Optional[str] = None
+    label_format: str = "single"
+    max_targets: int = DEFAULT_MAX_TARGETS
+    label_threshold: Optional[float] = None
 
     @property
     def is_demo(self) -> bool:
         return self.input is None and self.model is None
+
+    @property
+    def multilabel(self) -> bool:
+        """A multi-label run: list labels, the MULTILABEL_* table variants."""
+        return self.label_format != "single"
+
+    def multilabel_threshold(self) -> Optional[float]:
+        """The score at which a class counts as predicted in a multi-label run (None in a single-label one)."""
+        if not self.multilabel:
+            return None
+        if self.label_threshold is not None:
+            return self.label_threshold
+        return self.target.threshold if self.target.mode == "above" else 0.5
 
     def flag_thresholds(self) -> FlagThresholds:
         """The per-image flag thresholds these options set."""
@@ -263,6 +328,7 @@ class AuditConfig:
         out = dataclasses.asdict(self)
         out["target"] = str(self.target)
         out["image_size"] = "{}x{}".format(*self.image_size) if self.image_size else None
+        out["token_grid"] = "{}x{}".format(*self.token_grid) if self.token_grid else None
         return out
 
 
@@ -271,8 +337,11 @@ MODELS_HELP = (
     "(loaded with tf_keras, the 'keras2' extra); keras.applications names; nested models (a base inside "
     "Sequential). Input: 1 channel (grey; images are converted with the luma weights) or 3 (RGB); "
     "float32, float16 or uint8; a fixed size, or (None, None, C) with --image_size HEIGHTxWIDTH. "
-    "Output: one [batch, classes] output (softmax, sigmoid or linear head; a one-element list is fine). "
-    "Refused at launch with one line: subclassed models, several inputs or outputs, SavedModels "
+    "Output: one [batch, classes] output (softmax, sigmoid or linear head; a one-element list is fine), or "
+    "several with --model_output NAME|INDEX naming the one to explain. Transformers: a target layer with "
+    "tokens (batch, P+N, channels) is explained on its patch grid (--token_grid, --prefix_tokens when it "
+    "cannot be inferred); the default layer of a model with attention is its last block's output. "
+    "Refused at launch with one line: subclassed models, several inputs, SavedModels "
     "without Keras metadata (export with model.save instead)."
 )
 EXIT_CODES_HELP = (
@@ -339,13 +408,18 @@ def parse_args(argv: Optional[list[str]]) -> tuple[AuditConfig, list[str]]:
     if (known.input is None) != (known.model is None):
         parser.error("give both --input and --model, or neither to run the built-in demo")
     if not any(arg == "--runner" or arg.startswith("--runner=") for arg in beam_args):
-        beam_args = [f"--runner={DEFAULT_RUNNER}", *beam_args]
+        default = "DataflowRunner" if os.environ.get(FLEX_TEMPLATE_ENV) else DEFAULT_RUNNER
+        beam_args = [f"--runner={default}", *beam_args]
     runner_settings = {name: vars(known).pop(name) for name in RUNNER_DESTS}
     try:  # --runner=dataflow|flink|portable shorthands and --gpu_type/--gpu_count (pipeline/runners.py)
         beam_args = translate_runner_args(beam_args, **runner_settings)
     except ValueError as exc:
         parser.error(str(exc))
     known.reshuffle_records = resolve_reshuffle_records(known.reshuffle_records, runner_of(beam_args))
-    known.target = parse_target(known.target)
+    known.target = parse_target(known.target, known.max_targets)
     known.image_size = parse_image_size(known.image_size) if known.image_size else None
+    if known.token_grid:
+        from transforms.cam.tokens import parse_token_grid
+
+        known.token_grid = parse_token_grid(known.token_grid)
     return AuditConfig(**vars(known)), beam_args

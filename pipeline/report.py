@@ -466,6 +466,8 @@ def write_report(run_dir: str, *, manifest: Optional[dict] = None, comparison: O
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from transforms.errors import AuditError
+
     parser = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", help="A run folder (<output>/run=<id>, local or gs://)")
     parser.add_argument("--out", default=None, help="Where to write the HTML (default: <run_dir>/report.html)")
@@ -477,6 +479,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         path = write_report(args.run_dir, out=args.out, per_flag=args.per_flag)
     except FileNotFoundError as exc:
         sys.stderr.write(f"error: expected a finished run folder with run_manifest.json, found none at {exc}\n")
+        return 2
+    except AuditError as exc:  # a run of a table schema version this release does not know
+        sys.stderr.write(f"error: {exc}\n")
         return 2
     print(path)
     return 0

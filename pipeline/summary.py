@@ -114,9 +114,11 @@ def faithfulness_lines(summary: dict | None) -> list[str]:
     lines = []
     if summary.get("mean_gap") is not None:
         low, high = summary["gap_ci95"]
+        resting = summary.get("bootstrap_sample", summary["rows"])
         lines.append(
-            f"Faithfulness on {summary['rows']} sampled images: removing the map's top region lowers the "
-            f"score {summary['mean_gap']:+.3f} more than a random region (95% CI {low:+.3f} to {high:+.3f}; "
+            f"Faithfulness on {summary['rows']} sampled images{sample_bounds(summary)}: removing the map's top "
+            f"region lowers the score {summary['mean_gap']:+.3f} more than a random region (95% CI "
+            f"{low:+.3f} to {high:+.3f}, resting on {resting} image{'s' if resting != 1 else ''}; "
             f"positive on {summary['share_positive_gap']:.0%})."
         )
         if high <= 0:
@@ -138,6 +140,17 @@ def faithfulness_lines(summary: dict | None) -> list[str]:
                 f"(rank correlation {text} over {sanity['images']} images)."
             )
     return lines
+
+
+def sample_bounds(summary: dict) -> str:
+    """What bounded the faithfulness sample, for the summary line: " (the smallest id hashes, at most
+    --faithfulness_images N and --faithfulness_sample S)" (empty when the summary does not say)."""
+    bounds = []
+    if summary.get("max_images"):
+        bounds.append(f"--faithfulness_images {summary['max_images']}")
+    if summary.get("sample_share") is not None and summary["sample_share"] < 1:
+        bounds.append(f"--faithfulness_sample {summary['sample_share']:g}")
+    return f" (the smallest id hashes, at most {' and '.join(bounds)})" if bounds else ""
 
 
 def comparison_lines(comparison: dict | None) -> list[str]:

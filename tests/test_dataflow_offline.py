@@ -1,4 +1,6 @@
-"""The Dataflow job, built offline without credentials: a dry run and a classic template.
+"""The Dataflow job, built offline without credentials: a dry run, and the job a Flex Template launch
+builds (the Flex launcher runs the main with --template_location=<job file>; classic templates,
+--template_location outside it, are refused: tests/test_flex_template.py).
 
 `--runner=dataflow` goes through the shorthand translation (pipeline/runners.py):
 setup.py staged as workflow.tar.gz, runner v2, and `--gpu_type/--gpu_count`
@@ -108,11 +110,18 @@ def test_dry_run_builds_the_gpu_job(dataset, model_path, gcs):
     assert gcs.list(gcs.uri("audits")) == []  # a dry run writes nothing
 
 
-def test_template_holds_accelerator_image_package_and_steps(dataset, model_path, gcs, tmp_path):
-    template = tmp_path / "gradcam-audit-template.json"
+def test_flex_launch_job_holds_accelerator_image_package_steps_and_the_launch_date(dataset, model_path, gcs,
+                                                                                 tmp_path, monkeypatch):
+    from pipeline import history
+    from pipeline.options import FLEX_TEMPLATE_ENV
+
+    monkeypatch.setenv(FLEX_TEMPLATE_ENV, "/opt/gradcam-audit/flex_launch.py")  # as in the launcher image
+    monkeypatch.setattr(history, "default_run_id", lambda now=None: "2031-05-05")  # the day of this launch
+    template = tmp_path / "job_object"
     result, described = run(dataflow_argv(dataset, model_path, gcs, f"--template_location={template}", "--no_auth",
                                           f"--staging_location={gcs.uri('staging')}"))
     assert described["template_location"] == str(template)
+    assert described["output"] == f"{gcs.uri('audits')}/run=2031-05-05"  # resolved at launch, not at build
     job = json.loads(template.read_text())
     env = job["environment"]
     assert env["serviceOptions"] == [ACCELERATOR]
@@ -133,4 +142,5 @@ def test_template_holds_accelerator_image_package_and_steps(dataset, model_path,
     proto = beam_runner_api_pb2.Pipeline.FromString(gcs.read(pb))
     assert set(STEPS) <= transform_names(proto)
     assert_finalise_waits_for_every_write(proto)
+    assert b"run=2031-05-05" in gcs.read(pb)  # the tables' temp folder of this launch's run
     assert gcs.list(gcs.uri("audits")) == []

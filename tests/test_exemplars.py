@@ -116,7 +116,7 @@ def test_top_per_kind_picks_the_worst_of_each_kind(tmp_path):
         exemplars = (explained, class_stats) | SelectAuditExemplars(method="gradcam", target_layer="conv",
                                                                    per_kind=PER_KIND)
         assert_that(exemplars, check)
-        exemplars | WriteParquetTable(str(tmp_path), "exemplars", EXEMPLAR_SCHEMA)
+        exemplars | WriteParquetTable(str(tmp_path), "exemplars", EXEMPLAR_SCHEMA, run_id="r")
     assert parquet_schema(str(tmp_path / "exemplars")).equals(EXEMPLAR_SCHEMA)
     assert read_parquet_dir(str(tmp_path / "exemplars")).num_rows == sum(len(ids) for ids, _ in want.values())
 

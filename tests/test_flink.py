@@ -163,3 +163,64 @@ def test_one_shard_fans_out_to_both_subtasks(cluster, one_shard, model_path, tmp
     assert_same_results(baseline, manifest)
     assert manifest["counts"]["images_explained"] == one_shard["records"]
     assert manifest["counts"]["shard_errors"] == 1
+
+
+def _new_job(cluster, known: set, states: set, timeout: float) -> dict:
+    """The first job not in `known` whose state is in `states` (polled every 0.5 s)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [j for j in cluster.jobs() if j["jid"] not in known and j["state"] in states]
+        if found:
+            return found[0]
+        time.sleep(0.5)
+    raise AssertionError(f"no new job reached {sorted(states)} in {timeout:.0f} s: {cluster.jobs()}")
+
+
+@pytest.mark.parametrize("launcher", ["killed", "no_wait"])
+def test_the_job_completes_its_run_without_its_launcher(cluster, dataset, model_path, tmp_path, launcher):
+    """Issue 22: the launcher SIGKILLed as soon as Flink reports the job RUNNING (or `--wait=false`, which
+    exits after submitting): the job's last stage still writes the manifest (counts that add up), the
+    comparison with the run before it, report.html, _SUCCESS, moves the run into place and adds its
+    runs.json entry with the job's id."""
+    import signal
+    import subprocess
+
+    from pipeline.history import read_index
+
+    output = tmp_path / "out"
+    audit(dataset["pattern"], model_path, str(output), "--run_id", "2026-01-01")  # the run before it, local
+    known = {job["jid"] for job in cluster.jobs()}
+    args = [sys.executable, "-m", "pipeline", "--input", dataset["pattern"], "--model", model_path,
+            "--output", str(output), "--run_id", "2026-01-02", "--compare_with_previous=true", "--quiet",
+            "--batch_size", "4", "--max_image_pixels", "1000000", *cluster.pipeline_args(parallelism=2)]
+    if launcher == "no_wait":
+        args.append("--wait=false")
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    try:
+        job = _new_job(cluster, known, {"RUNNING", "FINISHED"}, timeout=180)
+        if launcher == "killed":
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+            assert proc.returncode == -signal.SIGKILL
+        else:
+            out, err = proc.communicate(timeout=RUN_TIMEOUT)
+            assert proc.returncode == 0, err[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    done = _new_job(cluster, known, {"FINISHED", "FAILED", "CANCELED"}, timeout=RUN_TIMEOUT)
+    assert done["jid"] == job["jid"] and done["state"] == "FINISHED", done
+    run = output / "run=2026-01-02"
+    assert (run / "_SUCCESS").exists() and (run / "report.html").exists()
+    assert not [p for p in os.listdir(output) if p.startswith("_tmp-run=2026-01-02")]
+    manifest = json.load(open(run / "run_manifest.json"))
+    counts = manifest["counts"]
+    assert counts["balanced"] is True
+    assert counts["records_read"] == dataset["records"] == counts["images_explained"] + sum(
+        counts["records_rejected"].values())
+    assert manifest["comparison"]["baseline_run_id"] == "2026-01-01"
+    (entry,) = [r for r in read_index(str(output)) if r["run_id"] == "2026-01-02"]
+    assert entry["compared_with"] == "2026-01-01" and entry["comparison_flagged"] is not None
+    assert entry["job"]["runner"] == "PortableRunner" and entry["job"]["id"], entry["job"]

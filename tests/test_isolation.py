@@ -8,10 +8,10 @@ GradientTape through the `fer` model) and how the suite contains it: references 
 import os
 import subprocess
 import sys
-import tomllib
 
 import numpy as np
 import pytest
+import tomllib
 
 from tests.isolated import ChildCrashed, ChildFailed, in_child
 

@@ -338,7 +338,7 @@ def _model(shape=(16, 16, 3), dtype="float32", outputs=1, inputs=1):
 @pytest.mark.parametrize(
     "build, kwargs, expected",
     [
-        (lambda: _model(outputs=2), {}, "expected one output (class scores), found 2"),
+        (lambda: _model(outputs=2), {}, "model has 2 outputs (0='out0' (None, 3), 1='out1' (None, 3)): pass --model_output"),
         (lambda: _model(inputs=2), {}, "expected one image input, found 2"),
         (lambda: _model(shape=(16, 16, 4)), {}, "expected 1 (grey) or 3 (RGB) channels"),
         (lambda: _model(dtype="int32"), {}, "expected a float or uint8 input, found int32"),

@@ -113,7 +113,7 @@ def test_report_screenshot(demo_runs, browser, tmp_path):
 
 def test_report_shows_the_strategy_strips(demo_runs):
     """One strip per class; the moving-marker class's corner strategies framed as suspicious, with tiles."""
-    from pipeline.demo import MOVING_SHORTCUT_CLASS
+    from pipeline.demo import MOVING_SHORTCUT_CLASS, SHORTCUT_CLASS
 
     page = _html(demo_runs, RUN_IDS[0])
     assert "<h2 id=strategies>Strategies per class</h2>" in page
@@ -121,8 +121,10 @@ def test_report_shows_the_strategy_strips(demo_runs):
     for c in clusters:
         css = "strategy suspicious" if c["suspicious"] else "strategy"
         assert f"<div class='{css}' data-class='{c['class_id']}' data-cluster='{c['cluster_id']}'>" in page
-    suspicious = re.findall(r"<div class='strategy suspicious' data-class='(\d+)'", page)
-    assert suspicious and set(suspicious) == {str(MOVING_SHORTCUT_CLASS)}
+    suspicious = set(re.findall(r"<div class='strategy suspicious' data-class='(\d+)'", page))
+    # The moving marker's corner strategies; the fixed marker's one strategy may be framed too (its peaks miss
+    # its boxes as well); never a clean class.
+    assert str(MOVING_SHORTCUT_CLASS) in suspicious <= {str(MOVING_SHORTCUT_CLASS), str(SHORTCUT_CLASS)}
     # Each panel: its mean map and up to 3 exemplar tiles (titles are the exemplar ids).
     first = next(c for c in clusters if c["class_id"] == MOVING_SHORTCUT_CLASS)
     for image_id in first["exemplar_ids"][:3]:

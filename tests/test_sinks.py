@@ -2,10 +2,12 @@
 
 import apache_beam as beam
 import pyarrow as pa
+import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from tests.helpers import parquet_schema, read_parquet_dir
+from transforms.schemas import RUN_ID_FIELD, SCHEMA_VERSION, SCHEMA_VERSION_KEY
 from transforms.sinks import ToRecordBatches, WriteParquetTable, _GatherTables
 
 SCHEMA = pa.schema([
@@ -29,10 +31,27 @@ def test_rows_become_batches_of_the_schema_and_are_written_as_one_table(tmp_path
         assert_that(batches | beam.Map(lambda b: b.schema.equals(SCHEMA) and 0 < b.num_rows <= 64) | beam.Distinct(),
                     equal_to([True]), label="BatchesOfTheSchema")
         assert_that(batches | beam.FlatMap(lambda b: b.to_pylist()), equal_to(want), label="EveryRowOnce")
-        batches | WriteParquetTable(str(tmp_path), "t", SCHEMA, batches=True)
-    assert parquet_schema(str(tmp_path / "t")).equals(SCHEMA)
+        batches | WriteParquetTable(str(tmp_path), "t", SCHEMA, batches=True, run_id="2026-01-01")
+    # the sink adds the run's id to every row, and the schema version to the files' metadata
+    written = parquet_schema(str(tmp_path / "t"))
+    assert written.equals(SCHEMA.append(RUN_ID_FIELD))
+    assert written.metadata[SCHEMA_VERSION_KEY] == str(SCHEMA_VERSION).encode()
     table = read_parquet_dir(str(tmp_path / "t"))
-    assert sorted(table.to_pylist(), key=lambda r: r["image_id"]) == want
+    assert sorted(table.to_pylist(), key=lambda r: r["image_id"]) == [{**r, "run_id": "2026-01-01"} for r in want]
+
+
+def test_dict_rows_get_the_run_id_and_the_version(tmp_path):
+    rows = [{"image_id": f"im-{i}", "cam": [0.5], "score": None} for i in range(5)]
+    with TestPipeline() as p:
+        p | beam.Create(rows) | WriteParquetTable(str(tmp_path), "t", SCHEMA.append(RUN_ID_FIELD), run_id="nightly")
+    written = parquet_schema(str(tmp_path / "t"))
+    assert written.metadata[SCHEMA_VERSION_KEY] == str(SCHEMA_VERSION).encode()
+    assert read_parquet_dir(str(tmp_path / "t")).column("run_id").to_pylist() == ["nightly"] * 5
+
+
+def test_the_run_id_is_required():
+    with pytest.raises(ValueError, match="run id"):
+        WriteParquetTable("/tmp/x", "t", SCHEMA, run_id="")
 
 
 def test_gather_tables_makes_a_table_per_limit_and_one_with_the_rest():

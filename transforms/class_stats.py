@@ -4,6 +4,15 @@ Each heatmap row contributes to up to three classes: its label (labelled,
 correct, confusions), its prediction (predicted, score) and its target
 (mean normalised CAM, attention statistics). Rows of rank > 0 (topk) only
 contribute as targets, so image counts are not multiplied by K.
+
+Multi-label runs (`label_threshold` set: `--label_format index|multi_hot`)
+count per class, from each image's rank-0 row (its `labels` and `scores`), the
+yes/no question "is the class there?" at the threshold instead of the label
+and the prediction: num_labelled (= support) images whose labels hold the
+class, num_predicted those whose score for it is >= the threshold,
+num_correct the true positives; precision, recall (= accuracy), F1 and the
+mean score follow. The target role (maps, attention, flags, faithfulness) is
+the same as for single-label runs: per target class.
 """
 
 from __future__ import annotations
@@ -52,23 +61,36 @@ class ClassAccumulator:
     num_positive_gap: int = 0
     faithfulness_sums: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(FAITHFULNESS_COLUMNS, 0.0))
     curve_sums: dict = dataclasses.field(default_factory=dict)  # deletion_<order> -> summed drops per q
+    # Multi-label runs: the class's score summed over every explained image, and their count.
+    sum_score: float = 0.0
+    num_scored: int = 0
 
 
-def class_contributions(row: dict) -> Iterable[tuple[int, tuple[str, dict]]]:
-    """(class_id, (role, row)) pairs for one heatmap row."""
+def class_contributions(row: dict, label_threshold: Optional[float] = None) -> Iterable[tuple[int, tuple[str, dict]]]:
+    """(class_id, (role, row)) pairs for one heatmap row (a multi-label run's: with `label_threshold`)."""
     if row["target_rank"] == 0:
-        if row["label"] is not None:
-            yield int(row["label"]), ("label", row)
-        yield int(row["predicted_class"]), ("predicted", row)
+        if label_threshold is not None:
+            labels = row.get("labels")
+            threshold = np.float32(label_threshold)
+            for class_id, score in enumerate(row.get("scores") or ()):
+                yield class_id, ("multilabel", {
+                    "score": float(score), "predicted": bool(np.float32(score) >= threshold),
+                    "labelled": labels is not None, "label": labels is not None and class_id in labels,
+                })
+        else:
+            if row["label"] is not None:
+                yield int(row["label"]), ("label", row)
+            yield int(row["predicted_class"]), ("predicted", row)
     yield int(row["target_class"]), ("target", row)
 
 
-def batch_accumulators(batch) -> list[tuple[int, "ClassAccumulator"]]:
+def batch_accumulators(batch, label_threshold: Optional[float] = None) -> list[tuple[int, "ClassAccumulator"]]:
     """(class_id, ClassAccumulator) of every class an Arrow batch of heatmap rows contributes to:
     what adding each row's `class_contributions` one by one gives (sums within float rounding),
     computed with numpy over the whole batch (grouped by class with bincount), so a row costs no
     Beam element per contribution and no Python dict walk. The few rows with faithfulness columns
-    (a sampled share) are added row by row; a batch whose maps differ in size goes row by row."""
+    (a sampled share) are added row by row; a batch whose maps differ in size goes row by row.
+    With `label_threshold` (a multi-label run) the label and predicted roles are `multilabel_counts`'."""
     from transforms.sinks import cam_matrix, numpy_column
 
     n = batch.num_rows
@@ -83,7 +105,7 @@ def batch_accumulators(batch) -> list[tuple[int, "ClassAccumulator"]]:
     heights, widths = numpy_column(batch, "cam_height", np.int64), numpy_column(batch, "cam_width", np.int64)
     if n == 0 or len(set(heights.tolist())) > 1 or len(set(widths.tolist())) > 1:
         for row in batch.to_pylist():
-            for class_id, contribution in class_contributions(row):
+            for class_id, contribution in class_contributions(row, label_threshold):
                 ClassStatsFn.add_to(acc(class_id), contribution)
         return list(accs.items())
     rank0 = numpy_column(batch, "target_rank", np.int64) == 0
@@ -147,6 +169,9 @@ def batch_accumulators(batch) -> list[tuple[int, "ClassAccumulator"]]:
         )
         accs[class_id] = a
 
+    if label_threshold is not None:
+        _add_multilabel_counts(batch, rank0, label_threshold, acc)
+        rank0 = np.zeros(n, bool)  # the single-label roles below add nothing
     # role "label": the rank-0 rows with a label
     labelled = rank0 & has_label
     right = labelled & (predicted == label)
@@ -176,21 +201,64 @@ def batch_accumulators(batch) -> list[tuple[int, "ClassAccumulator"]]:
     return list(accs.items())
 
 
-def class_parts(item) -> Iterable[tuple[int, object]]:
+def faithfulness_part(score_row: dict) -> tuple[int, "ClassAccumulator"]:
+    """(target class, ClassAccumulator holding only its faithfulness) of one scored image (a
+    `transforms.faithfulness.ScoreCheckImages` row): what its heatmap row would add as a target."""
+    acc = ClassAccumulator()
+    _add_faithfulness(acc, score_row)
+    return int(score_row["target_class"]), acc
+
+
+def _add_multilabel_counts(batch, rank0: np.ndarray, threshold: float, acc) -> None:
+    """A multi-label batch's rank-0 rows (one per image): per class, the images labelled with it, those
+    scoring >= threshold (of them, those with labels known), the true positives, the sums of scores."""
+    rows = np.flatnonzero(rank0)
+    if not len(rows):
+        return
+    first = batch.take(rows)
+    scores_column, labels_column = first.column("scores"), first.column("labels")
+    widths = scores_column.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
+    width = int(widths.max()) if len(widths) else 0
+    if width == 0:
+        return
+    if (widths != width).any():
+        raise ValueError(f"multi-label rows with {sorted(set(widths.tolist()))} scores: expected one width")
+    scores = scores_column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, width)
+    predicted = scores >= np.float32(threshold)
+    labelled = ~labels_column.is_null().to_numpy(zero_copy_only=False)
+    truth = np.zeros_like(predicted)
+    lengths = labels_column.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
+    flat = labels_column.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    truth[np.repeat(np.arange(len(rows)), lengths), flat] = True
+    columns = {
+        "num_labelled": truth.sum(0), "num_correct": (truth & predicted).sum(0), "num_predicted": predicted.sum(0),
+        "num_predicted_labelled": predicted[labelled].sum(0),
+        "sum_predicted_score": np.where(predicted, scores.astype(np.float64), 0.0).sum(0),
+        "sum_score": scores.astype(np.float64).sum(0),
+    }
+    for class_id in range(width):
+        a = acc(class_id)
+        for name, values in columns.items():
+            setattr(a, name, getattr(a, name) + values[class_id].item())
+        a.num_scored += len(rows)
+
+
+def class_parts(item, label_threshold: Optional[float] = None) -> Iterable[tuple[int, object]]:
     """A heatmap row -> its (class_id, (role, row)) contributions; an Arrow batch of rows -> one
     (class_id, ClassAccumulator) per class it contributes to (`batch_accumulators`)."""
     if isinstance(item, dict):
-        return class_contributions(item)
-    return batch_accumulators(item)
+        return class_contributions(item, label_threshold)
+    return batch_accumulators(item, label_threshold)
 
 
 class ClassStatsFn(beam.CombineFn):
     """Combines (role, heatmap row) contributions of one class, or partial accumulators of it
     (`batch_accumulators`), into its stats."""
 
-    def __init__(self, thresholds: FlagThresholds = DEFAULT_THRESHOLDS):
+    def __init__(self, thresholds: FlagThresholds = DEFAULT_THRESHOLDS, label_threshold: Optional[float] = None):
         super().__init__()
         self._thresholds = thresholds
+        self._label_threshold = label_threshold
 
     def create_accumulator(self) -> ClassAccumulator:
         return ClassAccumulator()
@@ -204,7 +272,16 @@ class ClassStatsFn(beam.CombineFn):
     def add_to(acc: ClassAccumulator, contribution) -> ClassAccumulator:
         """Adds one (role, heatmap row) contribution to `acc`."""
         role, row = contribution
-        if role == "label":
+        if role == "multilabel":
+            acc.num_scored += 1
+            acc.sum_score += row["score"]
+            acc.num_labelled += row["label"]
+            acc.num_correct += row["label"] and row["predicted"]
+            if row["predicted"]:
+                acc.num_predicted += 1
+                acc.num_predicted_labelled += row["labelled"]
+                acc.sum_predicted_score += row["score"]
+        elif role == "label":
             acc.num_labelled += 1
             if row["predicted_class"] == row["label"]:
                 acc.num_correct += 1
@@ -258,7 +335,7 @@ class ClassStatsFn(beam.CombineFn):
         for field in (
             "num_labelled", "num_predicted", "num_predicted_labelled", "num_correct",
             "sum_predicted_score", "num_targeted", "sum_target_score", "num_cam",
-            "pointing_hits", "pointing_total", "num_flagged",
+            "pointing_hits", "pointing_total", "num_flagged", "sum_score", "num_scored",
         ):
             setattr(merged, field, getattr(merged, field) + getattr(acc, field))
         if acc.sum_cam is not None:
@@ -308,7 +385,18 @@ class ClassStatsFn(beam.CombineFn):
             "share_flagged": ratio(acc.num_flagged, acc.num_targeted),
             **shortcut_signal(acc.peak_cells, acc.box_cells, self._thresholds),
             **_faithfulness_output(acc),
+            **(self._multilabel_output(acc) if self._label_threshold is not None else {}),
         }
+
+    def _multilabel_output(self, acc: ClassAccumulator) -> dict:
+        """MULTILABEL_CLASS_STATS_FIELDS: precision is the existing column (true positives / predicted)."""
+        precision = acc.num_correct / acc.num_predicted_labelled if acc.num_predicted_labelled else None
+        recall = acc.num_correct / acc.num_labelled if acc.num_labelled else None
+        f1 = None
+        if precision is not None and recall is not None:
+            f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+        return {"threshold": float(self._label_threshold), "support": acc.num_labelled, "recall": recall, "f1": f1,
+                "mean_score": acc.sum_score / acc.num_scored if acc.num_scored else None}
 
 
 def _add_faithfulness(acc: ClassAccumulator, row: dict) -> None:
@@ -349,10 +437,16 @@ class ComputeClassStats(beam.PTransform):
     """PCollection[heatmap row] or PCollection[Arrow RecordBatch of heatmap rows] ->
     PCollection[class_stats row], one per class."""
 
-    def __init__(self, class_names: Optional[list[str]] = None, thresholds: FlagThresholds = DEFAULT_THRESHOLDS):
+    def __init__(self, class_names: Optional[list[str]] = None, thresholds: FlagThresholds = DEFAULT_THRESHOLDS,
+                 label_threshold: Optional[float] = None, faithfulness=None):
+        """`label_threshold`: multi-label runs' score threshold (None: single-label). `faithfulness`: an optional
+        PCollection of score rows (`transforms.faithfulness.ScoreCheckImages`) whose scores count for their
+        target classes, for rows whose faithfulness columns are filled later."""
         super().__init__()
         self._class_names = list(class_names or [])
         self._thresholds = thresholds
+        self._label_threshold = label_threshold
+        self._faithfulness = faithfulness
 
     def expand(self, rows):
         names = self._class_names
@@ -364,9 +458,12 @@ class ComputeClassStats(beam.PTransform):
             return {"class_id": class_id, "class_name": name, **stats, "num_strategies": None,
                     "suspicious_strategy": None}
 
+        parts = rows | "SplitByClass" >> beam.FlatMap(class_parts, self._label_threshold)
+        if self._faithfulness is not None:
+            scored = self._faithfulness | "FaithfulnessByClass" >> beam.Map(faithfulness_part)
+            parts = (parts, scored) | "WithFaithfulness" >> beam.Flatten()
         return (
-            rows
-            | "SplitByClass" >> beam.FlatMap(class_parts)
-            | "CombinePerClass" >> beam.CombinePerKey(ClassStatsFn(self._thresholds))
+            parts
+            | "CombinePerClass" >> beam.CombinePerKey(ClassStatsFn(self._thresholds, self._label_threshold))
             | "ToClassRow" >> beam.Map(to_row)
         )

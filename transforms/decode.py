@@ -6,7 +6,9 @@ from its header (`transforms.image_header`) *before* anything is decoded, so
 a decompression bomb is rejected without allocating its pixels. It emits a
 `DecodedImage` that still holds the encoded bytes (`pixels` is None) or an
 error row (tag "errors"): not an Example, a missing feature, not an image,
-too large, a label outside the model's classes.
+too large, a label outside the model's classes (for multi-label records,
+`--label_format index|multi_hot`: an index out of range or a multi-hot
+vector whose length is not the model's class count).
 
 `BatchImageDecoder` turns the encoded images of a whole batch into the
 model's input in one `tf.function` (fixed input signature: a string vector)
@@ -58,6 +60,9 @@ class DecodedImage(NamedTuple):
     encoded: Optional[bytes] = None
     image_format: str = ""
     record_offset: int = -1  # byte offset of the record in its shard (`ShardRecord.offset`); -1: not known
+    # Multi-label records (--label_format index|multi_hot): the sorted true classes, () for none; None when
+    # the record has no label feature or the format is "single" (then `label` holds the one label).
+    labels: Optional[tuple] = None
 
 
 def _first(feature_map, key: str):
@@ -100,6 +105,7 @@ class DecodeImageExamples(beam.DoFn):
         num_classes: int,
         max_image_pixels: int,
         require_label: bool,
+        label_format: str = "single",
     ):
         self._image_key = image_key
         self._label_key = label_key
@@ -108,6 +114,7 @@ class DecodeImageExamples(beam.DoFn):
         self._num_classes = num_classes
         self._max_pixels = max_image_pixels
         self._require_label = require_label
+        self._label_format = label_format
         self._rejected = beam.metrics.Metrics.counter("gradcam_audit", "decode_errors")
 
     def process(self, record: ShardRecord):
@@ -155,11 +162,46 @@ class DecodeImageExamples(beam.DoFn):
             )
         return label
 
+    def _labels(self, features) -> Optional[tuple]:
+        """The true classes of a multi-label record (sorted, no repeats; () for none), or None when absent."""
+        key = self._label_key
+        if key not in features:
+            if self._require_label:
+                raise RecordError("MissingFeature", f"--target labels needs feature {key!r}; it is absent")
+            return None
+        feature = features[key]
+        kind = feature.WhichOneof("kind")
+        values = list(getattr(feature, kind).value) if kind else []
+        if kind not in (None, "int64_list"):
+            raise RecordError("InvalidLabel", f"{key!r}: expected an int64 feature, found a {kind}")
+        n = self._num_classes
+        if self._label_format == "multi_hot":
+            if len(values) != n:
+                raise RecordError(
+                    "InvalidLabel",
+                    f"{key!r}: expected a multi-hot vector of {n} values (the model's classes), found {len(values)}",
+                )
+            other = sorted({v for v in values if v not in (0, 1)})
+            if other:
+                raise RecordError("InvalidLabel", f"{key!r}: expected a multi-hot vector of 0/1, found {other[:5]}")
+            return tuple(i for i, v in enumerate(values) if v == 1)
+        classes = sorted({v - self._label_offset for v in values})
+        bad = [c for c in classes if not 0 <= c < n]
+        if bad:
+            raise RecordError(
+                "LabelOutOfRange",
+                f"{key!r} holds {bad[0] + self._label_offset} (offset {self._label_offset}) -> {bad[0]}: "
+                f"expected class indices 0..{n - 1}; check --label_offset and --label_format",
+            )
+        return tuple(classes)
+
     def _check(self, record: ShardRecord, features, image_id: str) -> DecodedImage:
         encoded = _first(features, self._image_key)
         if not isinstance(encoded, bytes) or not encoded:
             raise RecordError("MissingFeature", f"no image bytes in feature {self._image_key!r}")
-        label = self._label(features)
+        multilabel = self._label_format != "single"
+        label = None if multilabel else self._label(features)
+        labels = self._labels(features) if multilabel else None
         boxes = _boxes(features)
         header = read_header(encoded)
         if header.width <= 0 or header.height <= 0:
@@ -183,6 +225,7 @@ class DecodeImageExamples(beam.DoFn):
             raw_record=record.data,
             encoded=encoded,
             image_format=header.format,
+            labels=labels,
         )
 
 

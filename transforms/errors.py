@@ -1,5 +1,9 @@
 """The one error class users see, with messages that say expected vs found."""
 
+import re
+
+_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit): ")
+
 
 class AuditError(ValueError):
     """A configuration or model problem found before or while building the job.
@@ -17,5 +21,20 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     name = type(exc).__name__
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     own = [line[len(name) + 1 :].strip() for line in lines if line.startswith(f"{name}:")]
+    if not own and lines and lines[0].startswith("in user code"):
+        # A StagingError (or similar) wrapping another error: that error's own line, type included.
+        inner = [line for line in lines if _ERROR_LINE.match(line)]
+        if inner:
+            return inner[-1][:limit]
     message = own[-1] if own else (lines[0] if lines else "")
     return f"{name}: {message[:limit]}"
+
+
+def own_message(exc: BaseException) -> str:
+    """An exception's own message without TensorFlow's "in user code:" stack (for re-raising an AuditError)."""
+    name = type(exc).__name__
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    own = [line[len(name) + 1 :].strip() for line in lines if line.startswith(f"{name}:")]
+    if own:
+        return own[-1]
+    return lines[-1] if lines and lines[0].startswith("in user code") else " ".join(lines)

@@ -1,16 +1,30 @@
-"""Beam stages that check the maps: `MeasureFaithfulness`, `CheckSanity`, `SummariseFaithfulness`.
+"""Beam stages that check the maps: the checks' sample, its scoring, the sanity check, the summary.
 
-    Explained --MeasureFaithfulness--> Explained | Measured(explained, scores)
-        a deterministic share of the images (hash of image_id < share) is
-        batched (BatchElements) and scored by `FaithfulnessScorer` (one
-        compiled function); the others pass through untouched.
-    Explained --CheckSanity--> one dict
-        the `sanity_images` images with the smallest id hash (the same ones
-        every run), re-explained with the head's weights randomised
+    heatmap rows (Arrow batches) --SelectCheckImages--> one list of CheckImage
+        the images with the smallest id hashes (bottom-k of a SHA-256 of the
+        image id: the same images every run), chosen without their pixels:
+        each batch offers its k smallest (hash, image id, source, record
+        offset, target class, rank-0 map), `Top.Smallest(k)` keeps the k.
+    the sample --ScoreCheckImages--> faithfulness score rows (at most
+        `--faithfulness_images`, and only ids whose hash falls in the
+        `--faithfulness_sample` share): their records read again by offset
+        (as the exemplars' tiles are), decoded and scored by
+        `FaithfulnessScorer` (one compiled function) in full batches.
+    the sample --RunSanityCheck--> one dict
+        the first `sanity_images` of the sample, read again the same way,
+        re-explained with the head's weights randomised
         (`cascading_randomisation`).
-    heatmap rows + sanity --SummariseFaithfulness--> one dict (faithfulness.json)
-        mean gap with a bootstrap interval from a bounded, deterministic
-        sample of the gaps, and the sanity check's verdict.
+    score rows --> the heatmaps' faithfulness columns (`with_scores`, a side
+        input of at most `--faithfulness_images` rows), the class statistics
+        (`transforms.class_stats`), and with the sanity dict
+        --SummariseFaithfulness--> one dict (faithfulness.json): mean gap with
+        a bootstrap interval, and the sanity check's verdict.
+
+So the checks cost (scored images) x (their model passes), whatever the
+dataset's size: an image outside the sample costs one hash in the batch it
+is formatted in. `MeasureFaithfulness` (score a share of the images inside
+the stream, in the batches each bundle yields) is what the job did before;
+it is kept as the reference the re-read scoring is tested against.
 
 The math lives in `transforms.cam.faithfulness`; the model is loaded with the
 model handler's own `load_model` (same file, same options), once per process
@@ -114,8 +128,32 @@ class SplitFaithfulnessSample(beam.DoFn):
             yield without_pixels(item)
 
 
+def score_rows(out: dict, count: int) -> list[dict]:
+    """The scorer's output for a batch of `count` images -> one dict of the faithfulness columns
+    (`COLUMNS`, `CURVE_COLUMNS`) per image, in the batch's order."""
+    rows = []
+    for i in range(count):
+        scores = {column: float(out[key][i]) for column, key in zip(COLUMNS, (*ORDERS, "gap"), strict=True)}
+        for o, column in enumerate(CURVE_COLUMNS):
+            scores[column] = [float(v) for v in out["curves"][o, i]]
+        rows.append(scores)
+    return rows
+
+
+def acquire_scorer(handler, tag: str):
+    """(the process's CamWorker for `handler`, a holder of its FaithfulnessScorer): the explaining
+    step's model (one per process for both steps), its scorer traced once per process."""
+    from transforms.cam.faithfulness import FaithfulnessScorer
+    from transforms.model_handler import acquire_worker
+
+    worker = acquire_worker(handler)
+    holder = _SHARED.acquire(lambda: _ScorerHolder(FaithfulnessScorer.from_explainer(worker.explainer)), tag=tag)
+    return worker, holder
+
+
 class ScoreFaithfulness(beam.DoFn):
-    """A batch of Explained -> Measured, one call of the compiled scorer per batch."""
+    """A batch of Explained -> Measured, one call of the compiled scorer per batch (the in-stream
+    scoring of `MeasureFaithfulness`)."""
 
     def __init__(self, handler):
         self._handler = handler  # plain settings; its load_model builds the explainer
@@ -124,15 +162,7 @@ class ScoreFaithfulness(beam.DoFn):
         self._failed = beam.metrics.Metrics.counter(_NAMESPACE, "faithfulness_failed")
 
     def setup(self):
-        from transforms.cam.faithfulness import FaithfulnessScorer
-        from transforms.model_handler import acquire_worker
-
-        def load():
-            # The explaining step's CamWorker (one model per process for both steps).
-            self._worker = acquire_worker(self._handler)
-            return _ScorerHolder(FaithfulnessScorer.from_explainer(self._worker.explainer))
-
-        self._holder = _SHARED.acquire(load, tag=self._tag)
+        self._worker, self._holder = acquire_scorer(self._handler, self._tag)
 
     def process(self, batch: list):
         import tensorflow as tf
@@ -151,16 +181,16 @@ class ScoreFaithfulness(beam.DoFn):
                 yield Measured(without_pixels(item), None)
             return
         self._scored.inc(len(batch))
-        batch = [without_pixels(item) for item in batch]
-        for i, item in enumerate(batch):
-            scores = {column: float(out[key][i]) for column, key in zip(COLUMNS, (*ORDERS, "gap"), strict=True)}
-            for o, column in enumerate(CURVE_COLUMNS):
-                scores[column] = [float(v) for v in out["curves"][o, i]]
-            yield Measured(item, scores)
+        for item, scores in zip(batch, score_rows(out, len(batch)), strict=True):
+            yield Measured(without_pixels(item), scores)
 
 
 class MeasureFaithfulness(beam.PTransform):
-    """PCollection[Explained] -> PCollection[Explained | Measured]."""
+    """PCollection[Explained] -> PCollection[Explained | Measured]: the images whose id hash falls in
+    `share` scored inside the stream, in the batches each bundle yields.
+
+    Not in the job's graph (the job scores a bounded sample after the main pass: `SelectCheckImages`,
+    `ScoreCheckImages`); kept as the reference for the same images' scores."""
 
     def __init__(self, handler, share: float, batch_size: int):
         super().__init__()
@@ -180,40 +210,296 @@ class MeasureFaithfulness(beam.PTransform):
         return (split.rest, scored) | "JoinScored" >> beam.Flatten()
 
 
+# --- The checks' sample: a bottom-k of id hashes, without pixels ----------------------------------
+
+
+class CheckImage(NamedTuple):
+    """What the checks' sample keeps of an explained image: where its record lies, not its pixels.
+
+    Attributes:
+      hash: `id_hash(image_id)[0]`, the sampling key (smallest first).
+      image_id, source, record_offset: the image and its record (read again by offset).
+      target_class: the rank-0 target the map explains.
+      cam: float32 [h, w], the rank-0 map (the faithfulness scorer's input; ~200 bytes at 7x7).
+    """
+
+    hash: float
+    image_id: str
+    source: str
+    record_offset: int
+    target_class: int
+    cam: np.ndarray
+
+
+def sample_key(item: CheckImage) -> tuple:
+    """The sample's order: the id hash, then the id, then where the record lies (ties of a repeated id)."""
+    return item.hash, item.image_id, item.source, item.record_offset
+
+
+def check_candidates(batch, k: int) -> list[CheckImage]:
+    """The CheckImages of an Arrow batch of heatmap rows that can be among the run's `k` smallest:
+    its rank-0 rows with a known record offset whose id hash is at most the batch's k-th smallest
+    (ties kept, so `Top.Smallest` decides them). Per row: one hash; no pixels, no dict."""
+    from transforms.sinks import numpy_column
+
+    if k <= 0 or batch.num_rows == 0:
+        return []
+    offsets = numpy_column(batch, "record_offset", np.int64)  # null -> -1: the record cannot be read again
+    rows = np.flatnonzero((numpy_column(batch, "target_rank", np.int64) == 0) & (offsets >= 0))
+    if not len(rows):
+        return []
+    ids = batch.column("image_id").take(rows).to_pylist()
+    hashes = np.array([id_hash(image_id)[0] for image_id in ids])
+    if len(hashes) > k:
+        keep = np.flatnonzero(hashes <= np.partition(hashes, k - 1)[k - 1])
+    else:
+        keep = np.arange(len(hashes))
+    picked = rows[keep]
+    sources = batch.column("source").take(picked).to_pylist()
+    targets = numpy_column(batch, "target_class", np.int64)[picked]
+    heights = numpy_column(batch, "cam_height", np.int64)[picked]
+    widths = numpy_column(batch, "cam_width", np.int64)[picked]
+    cams = batch.column("cam")
+    out = []
+    for j, row in enumerate(picked.tolist()):
+        cam = cams[row].values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(heights[j], widths[j])
+        out.append(CheckImage(float(hashes[keep[j]]), ids[keep[j]], sources[j], int(offsets[row]),
+                              int(targets[j]), cam))
+    return out
+
+
+class SelectCheckImages(beam.PTransform):
+    """PCollection[Arrow batch of heatmap rows] -> PCollection of one list: the `k` CheckImages with the
+    smallest `sample_key`, smallest first (fewer when the run has fewer images; [] with none).
+
+    Each batch offers at most its k smallest (`check_candidates`, fused with the step that makes the
+    batches); Beam lifts `Top.Smallest`, so only its accumulators of k small tuples leave that step."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self._k = k
+
+    def expand(self, batches):
+        k = self._k
+        return (
+            batches
+            | "OfferCheckImages" >> beam.FlatMap(check_candidates, k)
+            | "KeepSmallestHashes" >> beam.combiners.Top.Smallest(k, key=sample_key)
+        )
+
+
+def faithfulness_sample(sample: list, share: float, images: int) -> list[CheckImage]:
+    """The images of the checks' sample that get deletion scores: the `images` smallest id hashes,
+    of those only the ones in the `share` (hash < share; both bound the same order, so the result is
+    the smaller of the two prefixes)."""
+    if share <= 0 or images <= 0:
+        return []
+    return [item for item in sorted(sample, key=sample_key)[:images] if item.hash < share]
+
+
+def _example_image(raw: bytes, image_key: str) -> bytes:
+    import tensorflow as tf
+
+    from transforms.decode import _first
+
+    encoded = _first(tf.train.Example.FromString(raw).features.feature, image_key)
+    if not isinstance(encoded, bytes) or not encoded:
+        raise ValueError(f"no image bytes in feature {image_key!r}")
+    return encoded
+
+
+def read_check_pixels(items: list, image_key: str, decode, batch_size: int = 32) -> tuple[np.ndarray, list]:
+    """The model-input pixels of the sample's images, read again from their shards.
+
+    Each shard's records are read with one open (`records.read_records_at`, shards in parallel threads:
+    a ranged read each on gs://), the images decoded by `decode` (the job's `BatchImageDecoder`, the
+    same function the main pass used, so the same pixels) in batches of `batch_size`. An image whose
+    record can no longer be read or decoded (the shard changed since the main pass) is left out with a
+    warning.
+
+    Returns:
+      (float32 [G, H, W, C], the G items read and decoded, in the order given).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import tensorflow as tf
+    from google.protobuf.message import DecodeError
+
+    from transforms.records import read_records_at
+
+    by_source: dict = {}
+    for item in items:
+        by_source.setdefault(item.source, []).append(item.record_offset)
+
+    def read(source):
+        try:
+            return source, read_records_at(source, by_source[source])
+        except OSError as exc:
+            return source, {offset: exc for offset in by_source[source]}
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(by_source)))) as pool:
+        records = dict(pool.map(read, list(by_source)))
+    kept, encoded = [], []
+    for item in items:
+        raw = records[item.source][item.record_offset]
+        try:
+            if isinstance(raw, Exception):
+                raise raw
+            encoded.append(_example_image(raw, image_key))
+            kept.append(item)
+        except (OSError, ValueError, DecodeError) as exc:
+            _LOG.warning("check image %s (%s): its record could not be read again (%s); left out",
+                         item.image_id, item.source, exc)
+    arrays, good = [], []
+    for start in range(0, len(kept), batch_size):
+        part, data = kept[start : start + batch_size], encoded[start : start + batch_size]
+        try:
+            arrays.append(np.asarray(decode(data)[0], np.float32))
+            good.extend(part)
+            continue
+        except (tf.errors.OpError, ValueError):
+            pass
+        for item, one in zip(part, data, strict=True):  # the failure path only: image by image
+            try:
+                arrays.append(np.asarray(decode([one])[0], np.float32))
+                good.append(item)
+            except (tf.errors.OpError, ValueError) as exc:
+                _LOG.warning("check image %s (%s): does not decode again (%s); left out",
+                             item.image_id, item.source, str(exc).splitlines()[0][:200])
+    if not arrays:
+        return np.zeros([0]), []
+    return np.concatenate(arrays), good
+
+
+class ScoreCheckImages(beam.DoFn):
+    """The checks' sample (one list) -> a faithfulness score row per scored image (`faithfulness_sample`):
+    {"image_id", "source", "record_offset", "target_rank": 0, "target_class", COLUMNS..., CURVE_COLUMNS...}.
+
+    The images are read again and scored in full batches of `batch_size` (the last one holds the rest),
+    with the explaining step's model and scorer (`acquire_scorer`). A batch that fails in the model is
+    logged and its images get no scores (their rows keep nulls), as before."""
+
+    def __init__(self, handler, share: float, images: int, image_key: str, batch_size: int):
+        self._handler = handler
+        self._share = share
+        self._images = images
+        self._image_key = image_key
+        self._batch_size = batch_size
+        self._tag = "faithfulness-" + handler_tag(handler)
+        self._scored = beam.metrics.Metrics.counter(_NAMESPACE, "faithfulness_scored")
+        self._failed = beam.metrics.Metrics.counter(_NAMESPACE, "faithfulness_failed")
+
+    def setup(self):
+        self._worker, self._holder = acquire_scorer(self._handler, self._tag)
+
+    def process(self, sample: list):
+        import tensorflow as tf
+
+        chosen = faithfulness_sample(sample, self._share, self._images)
+        if not chosen:
+            return
+        pixels, items = read_check_pixels(chosen, self._image_key, self._worker.decode, self._batch_size)
+        self._failed.inc(len(chosen) - len(items))
+        for start in range(0, len(items), self._batch_size):
+            part = items[start : start + self._batch_size]
+            try:
+                out = self._holder.scorer(
+                    pixels[start : start + len(part)],
+                    np.stack([item.cam for item in part]),
+                    np.array([item.target_class for item in part], np.int32),
+                    np.array([id_hash(item.image_id)[1] for item in part], np.int32),
+                )
+            except (tf.errors.OpError, ValueError) as exc:
+                _LOG.warning("Faithfulness of a batch of %d failed (%s); its rows get nulls", len(part), exc)
+                self._failed.inc(len(part))
+                continue
+            self._scored.inc(len(part))
+            for item, scores in zip(part, score_rows(out, len(part)), strict=True):
+                yield {"image_id": item.image_id, "source": item.source, "record_offset": item.record_offset,
+                       "target_rank": 0, "target_class": item.target_class, **scores}
+
+
+def record_key(score_row: dict) -> tuple:
+    """((source, record_offset), score row): how the heatmap rows find their scores."""
+    return (score_row["source"], score_row["record_offset"]), score_row
+
+
+def with_scores(batch, scores: dict):
+    """An Arrow batch of heatmap rows with the faithfulness columns of its scored rank-0 rows filled from
+    `scores` {(source, record_offset): score row}; the batch itself when none of its rows was scored
+    (one vectorised look-up of its ids: nothing per unscored row)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from transforms.sinks import numpy_column
+
+    if not scores or batch.num_rows == 0:
+        return batch
+    ids = pa.array(sorted({row["image_id"] for row in scores.values()}), pa.string())
+    hit = pc.is_in(batch.column("image_id"), value_set=ids).to_numpy(zero_copy_only=False)
+    rows = np.flatnonzero(hit & (numpy_column(batch, "target_rank", np.int64) == 0))
+    if not len(rows):
+        return batch
+    offsets = numpy_column(batch, "record_offset", np.int64)[rows].tolist()
+    sources = batch.column("source").take(rows).to_pylist()
+    names = COLUMNS + CURVE_COLUMNS
+    columns = {name: batch.column(name).to_pylist() for name in names}
+    for row, source, offset in zip(rows.tolist(), sources, offsets, strict=True):
+        found = scores.get((source, offset))
+        if found is not None:
+            for name in names:
+                columns[name][row] = found[name]
+    arrays = [pa.array(columns[field.name], field.type) if field.name in columns else batch.column(i)
+              for i, field in enumerate(batch.schema)]
+    return pa.RecordBatch.from_arrays(arrays, schema=batch.schema)
+
+
 # --- Sanity check ------------------------------------------------------------------
 
 
-def sanity_item(item: Explained):
-    """(hash, image_id, pixels, target class): what the sanity sample keeps of an image."""
-    # uint8 (the pixels are 0-255): a quarter of the bytes through the sample's combiner; the real and
-    # the randomised maps are both computed on these same pixels.
-    pixels = np.clip(np.rint(pixels_of(item)), 0, 255).astype(np.uint8)
-    return id_hash(item.image.image_id)[0], item.image.image_id, pixels, int(item.target_class[0])
+def sanity_pixels(pixels: np.ndarray) -> np.ndarray:
+    """The pixels the sanity check explains: rounded to whole 0-255 values, as float32 (the check has
+    always explained these: the real and the randomised maps are both computed on them)."""
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8).astype(np.float32)
 
 
 class RunSanityCheck(beam.DoFn):
-    """The sanity sample (a list) -> one dict: cascading randomisation of the head."""
+    """The checks' sample (a list, smallest hashes first) -> one dict: cascading randomisation of the
+    head on its first `images` images, read again from their shards."""
 
-    def __init__(self, sanity_model_settings: dict, max_correlation: float, seed: int = 0):
+    def __init__(self, sanity_model_settings: dict, max_correlation: float, images: int,
+                 image_key: str = "image/encoded", batch_size: int = 32, seed: int = 0):
         self._settings = sanity_model_settings
         self._max_correlation = max_correlation
+        self._images = images
+        self._image_key = image_key
+        self._batch_size = batch_size
         self._seed = seed
+
+    def _empty(self) -> dict:
+        return {"images": 0, "layers": [], "correlations": [], "correlation": None, "flagged": False,
+                "max_correlation": self._max_correlation}
 
     def process(self, sample: list):
         from transforms.cam.faithfulness import cascading_randomisation
+        from transforms.decode import BatchImageDecoder
 
-        if not sample:
-            yield {"images": 0, "layers": [], "correlations": [], "correlation": None, "flagged": False,
-                   "max_correlation": self._max_correlation}
+        chosen = sorted(sample, key=sample_key)[: self._images]
+        if not chosen:
+            yield self._empty()
             return
         explainer = load_sanity_explainer(**self._settings)
-        images = np.stack([s[2] for s in sample]).astype(np.float32)
-        targets = np.array([s[3] for s in sample], np.int32)
-        result = cascading_randomisation(explainer, images, targets, seed=self._seed)
+        pixels, items = read_check_pixels(chosen, self._image_key, BatchImageDecoder(explainer.input_shape),
+                                          self._batch_size)
+        if not items:
+            yield self._empty()
+            return
+        targets = np.array([item.target_class for item in items], np.int32)
+        result = cascading_randomisation(explainer, sanity_pixels(pixels), targets, seed=self._seed)
         final = result["correlations"][-1] if result["correlations"] else None
         yield {
-            "images": len(sample),
-            "image_ids": [s[1] for s in sample],
+            "images": len(items),
+            "image_ids": [item.image_id for item in items],
             "layers": result["layers"],
             "correlations": result["correlations"],
             "correlation": final,
@@ -234,25 +520,6 @@ def load_sanity_explainer(*, model_uri: str, weights: Optional[str], safe_mode: 
     model = load_keras_model(model_uri, weights=weights, safe_mode=safe_mode)
     return CamExplainer(model, target_layer=target_layer, method=method, target=TargetSpec(mode="label"),
                         preprocess=preprocess, image_size=image_size)
-
-
-class CheckSanity(beam.PTransform):
-    """PCollection[Explained] -> PCollection of one sanity-check dict."""
-
-    def __init__(self, settings: dict, images: int, max_correlation: float = DEFAULT_SANITY_CORRELATION):
-        super().__init__()
-        self._settings = settings
-        self._images = images
-        self._max_correlation = max_correlation
-
-    def expand(self, explained):
-        return (
-            explained
-            | "KeepExplained" >> beam.Filter(lambda item: item.error is None and len(item.cam) > 0)
-            | "ToSanityItem" >> beam.Map(sanity_item)
-            | "SelectSanitySample" >> beam.combiners.Top.Smallest(self._images, key=lambda s: (s[0], s[1]))
-            | "RandomiseHead" >> beam.ParDo(RunSanityCheck(self._settings, self._max_correlation))
-        )
 
 
 # --- Run-level summary -------------------------------------------------------------
@@ -319,22 +586,26 @@ class GapSummaryFn(beam.CombineFn):
 
 
 def gap_item(row: dict):
-    """(id hash, gap) of a scored rank-0 heatmap row."""
+    """(id hash, gap) of a scored rank-0 heatmap row (or a `ScoreCheckImages` score row)."""
     if row.get("target_rank") == 0 and row.get("faithfulness_gap") is not None:
         yield id_hash(row["image_id"])[0], float(row["faithfulness_gap"])
 
 
 class SummariseFaithfulness(beam.PTransform):
-    """(heatmap rows, sanity dicts) -> one dict: the run's faithfulness summary."""
+    """(score rows or heatmap rows, sanity dicts) -> one dict: the run's faithfulness summary.
 
-    def __init__(self, share: float, fractions=FRACTIONS):
+    `share` and `max_images` (--faithfulness_sample, --faithfulness_images) are recorded with it; "rows"
+    counts the scored images and "bootstrap_sample" the gaps the interval was drawn from."""
+
+    def __init__(self, share: float, fractions=FRACTIONS, max_images: Optional[int] = None):
         super().__init__()
         self._share = share
         self._fractions = list(fractions)
+        self._max_images = max_images
 
     def expand(self, inputs):
         rows, sanity = inputs
-        share, fractions = self._share, self._fractions
+        share, fractions, max_images = self._share, self._fractions, self._max_images
         gaps = (
             rows
             | "SelectGaps" >> beam.FlatMap(gap_item)
@@ -342,7 +613,7 @@ class SummariseFaithfulness(beam.PTransform):
         )
 
         def assemble(gap_summary, sanity_results):
-            return {"sample_share": share, "fractions": fractions, **gap_summary,
+            return {"sample_share": share, "max_images": max_images, "fractions": fractions, **gap_summary,
                     "sanity": sanity_results[0] if sanity_results else None}
 
         return gaps | "AddSanity" >> beam.Map(assemble, beam.pvalue.AsList(sanity))

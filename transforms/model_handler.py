@@ -52,6 +52,7 @@ class Explained(NamedTuple):
     error: Optional[tuple[str, str]] = None  # (error, message) when the image failed
     error_stage: str = "compute"  # the errors table's stage of `error`: "decode" or "compute"
     attention: Optional[list] = None  # [K] dicts of `attention.GEOMETRY_KEYS`, computed for the whole batch
+    scores: Optional[np.ndarray] = None  # [num_classes] every class's probability (multi-label runs only)
 
 
 class CamWorker:
@@ -88,12 +89,17 @@ class KerasCamModelHandler(ModelHandler[DecodedImage, Explained, Any]):
         target: Optional[TargetSpec] = None,
         preprocess: str = "none",
         image_size: Optional[tuple[int, int]] = None,
+        token_grid: Optional[tuple[int, int]] = None,
+        prefix_tokens: Optional[int] = None,
+        output: Optional[int | str] = None,
         batch_size: int = 32,
         jit_compile: bool = False,
         large_model: bool = False,
         mixed_precision: str = "off",
+        label_format: str = "single",
     ):
         super().__init__()
+        self._label_format = label_format
         self._model_uri = model_uri
         self._weights = weights
         self._safe_mode = safe_mode
@@ -102,6 +108,9 @@ class KerasCamModelHandler(ModelHandler[DecodedImage, Explained, Any]):
         self._target = target or TargetSpec()
         self._preprocess = preprocess
         self._image_size = tuple(image_size) if image_size else None
+        self._token_grid = tuple(token_grid) if token_grid else None
+        self._prefix_tokens = prefix_tokens
+        self._output = output
         self._batch_size = batch_size
         self._jit_compile = jit_compile
         self._large_model = large_model
@@ -123,6 +132,9 @@ class KerasCamModelHandler(ModelHandler[DecodedImage, Explained, Any]):
             preprocess=self._preprocess,
             jit_compile=self._jit_compile,
             image_size=self._image_size,
+            token_grid=self._token_grid,
+            prefix_tokens=self._prefix_tokens,
+            output=self._output,
         )
         _LOG.info(
             "Loaded %s on %s; target layer %s %s; method %s; mixed precision %s",
@@ -154,7 +166,7 @@ class KerasCamModelHandler(ModelHandler[DecodedImage, Explained, Any]):
         pixels, images, failed = decoded
         results = [_failed(item, exc.error, exc.message, stage="decode") for item, exc in failed]
         if images:
-            results += explain_decoded(model, pixels, images)
+            results += explain_decoded(model, pixels, images, multilabel=self._label_format != "single")
         if failed:  # back to the batch's order
             order = {(item.source, item.record_index): i for i, item in enumerate(batch)}
             results.sort(key=lambda r: order[(r.image.source, r.image.record_index)])
@@ -253,11 +265,18 @@ class ExplainBatches(beam.DoFn):
                 yield GlobalWindows.windowed_value(result)
 
 
-def explain_decoded(explainer, pixels: np.ndarray, images: Sequence[DecodedImage]) -> list[Explained]:
-    """One call of the compiled explainer on a decoded batch; a failing batch is retried image by image."""
+def explain_decoded(explainer, pixels: np.ndarray, images: Sequence[DecodedImage],
+                    multilabel: bool = False) -> list[Explained]:
+    """One call of the compiled explainer on a decoded batch; a failing batch is retried image by image.
+
+    multilabel: the images carry `labels` (lists of classes) and each result keeps every class's score.
+    """
     import tensorflow as tf
 
-    labels = np.array([-1 if item.label is None else item.label for item in images], np.int32)
+    if multilabel:
+        labels = [item.labels for item in images]
+    else:
+        labels = np.array([-1 if item.label is None else item.label for item in images], np.int32)
     try:
         out = explainer(pixels, labels)
     except (tf.errors.OpError, ValueError) as exc:
@@ -265,9 +284,9 @@ def explain_decoded(explainer, pixels: np.ndarray, images: Sequence[DecodedImage
             return [_failed(images[0], "InferenceFailed", str(exc).splitlines()[0][:500])]
         _LOG.warning("Batch of %d failed (%s); retrying image by image", len(images), exc)
         return [result for i in range(len(images))
-                for result in explain_decoded(explainer, pixels[i : i + 1], images[i : i + 1])]
+                for result in explain_decoded(explainer, pixels[i : i + 1], images[i : i + 1], multilabel)]
     attention = batch_attention(out, images)
-    return [_explained(item, out, i, attention) for i, item in enumerate(images)]
+    return [_explained(item, out, i, attention, multilabel) for i, item in enumerate(images)]
 
 
 def batch_attention(out: dict, images: Sequence[DecodedImage]) -> list:
@@ -276,16 +295,19 @@ def batch_attention(out: dict, images: Sequence[DecodedImage]) -> list:
     from transforms.attention import attention_batch
 
     cams = np.asarray(out["cam"], np.float32)
-    finite = np.flatnonzero(np.asarray(out["finite"], bool))
-    k = cams.shape[1]
+    finite = np.asarray(out["finite"], bool)
+    valid = np.asarray(out.get("target_valid", np.ones(cams.shape[:2], bool)), bool) & finite[:, None]
+    pairs = np.argwhere(valid)  # (image, slot) of every map that becomes a row, image-major
     stats = attention_batch(
-        cams[finite].reshape(-1, *cams.shape[2:]),
-        [(images[i].image_height, images[i].image_width) for i in finite for _ in range(k)],
-        [images[i].boxes for i in finite for _ in range(k)],
+        cams[valid],
+        [(images[i].image_height, images[i].image_width) for i, _ in pairs],
+        [images[i].boxes for i, _ in pairs],
     )
     per_image: list = [None] * len(images)
-    for j, i in enumerate(finite.tolist()):
-        per_image[i] = stats[j * k : (j + 1) * k]
+    for i in np.flatnonzero(finite).tolist():
+        per_image[i] = []
+    for (i, _), stat in zip(pairs.tolist(), stats, strict=True):
+        per_image[i].append(stat)
     return per_image
 
 
@@ -294,16 +316,21 @@ def _failed(item: DecodedImage, error: str, message: str, stage: str = "compute"
     return Explained(item, -1, float("nan"), empty, empty, empty, np.zeros([0, 0, 0]), (error, message), stage)
 
 
-def _explained(item: DecodedImage, out: dict, i: int, attention: Optional[list] = None) -> Explained:
+def _explained(item: DecodedImage, out: dict, i: int, attention: Optional[list] = None,
+               multilabel: bool = False) -> Explained:
+    """Image i of the batch's output; only its valid target slots (`target_valid`) are kept."""
     if not out["finite"][i]:
         return _failed(item, "NonFiniteOutput", "the model's scores or the CAM hold NaN or Inf")
+    valid = out.get("target_valid")
+    keep = slice(None) if valid is None or valid[i].all() else np.flatnonzero(valid[i])
     return Explained(
         image=item,
         predicted_class=int(out["predicted_class"][i]),
         predicted_score=float(out["predicted_score"][i]),
-        target_class=out["target_class"][i],
-        target_score=out["target_score"][i],
-        target_logit=out["target_logit"][i],
-        cam=out["cam"][i],
+        target_class=out["target_class"][i][keep],
+        target_score=out["target_score"][i][keep],
+        target_logit=out["target_logit"][i][keep],
+        cam=out["cam"][i][keep],
         attention=attention[i] if attention is not None else None,
+        scores=np.asarray(out["scores"][i], np.float32) if multilabel and "scores" in out else None,
     )

@@ -309,6 +309,21 @@ def read_record_at(source: str, offset: int) -> bytes:
     return checked
 
 
+def read_records_at(source: str, offsets) -> dict:
+    """{offset: the data of the record at that byte offset of one shard (both CRCs checked), or the
+    ValueError saying why no intact record starts there}: `read_record_at` for several records of a
+    shard with one open (a compressed shard is decompressed once, not once per record)."""
+    handle, size = open_shard(source)
+    out: dict = {}
+    with handle:
+        for offset in sorted(set(int(o) for o in offsets)):
+            handle.seek(offset)
+            checked = _check_record(handle, offset, size)
+            out[offset] = checked if isinstance(checked, bytes) else ValueError(
+                f"{source}: no intact record at byte {offset}: {checked}")
+    return out
+
+
 def span_error(source: str, index: int, span: DamagedSpan, size: int, raw: bytes) -> dict:
     """The error row of a damaged span (stage "read", error "CorruptRecord")."""
     end = span.offset + span.length

@@ -27,12 +27,15 @@ class ExemplarSource(NamedTuple):
 
 def heatmap_rows(
     result: Explained, *, method: str, target_layer: str, thresholds: FlagThresholds = DEFAULT_THRESHOLDS,
-    faithfulness: dict | None = None,
+    faithfulness: dict | None = None, label_threshold: float | None = None,
 ) -> list[dict]:
     """The rows of `transforms.schemas.HEATMAP_SCHEMA` for one image.
 
     `faithfulness` (transforms/faithfulness.py) fills the rank-0 row's
-    faithfulness columns; they are null otherwise.
+    faithfulness columns; they are null otherwise. With `label_threshold` (a
+    multi-label run) the rows are those of MULTILABEL_HEATMAP_SCHEMA: the
+    image's labels, the classes scoring >= the threshold, every class's score
+    (rank-0 row), and flags judged on the row's target (`multilabel_flags`).
     """
     image = result.image
     image_size = (image.image_height, image.image_width)
@@ -69,19 +72,46 @@ def heatmap_rows(
                 "num_boxes": len(image.boxes),
                 "image_height": image.image_height,
                 "image_width": image.image_width,
-                **image_flags(
+                **(image_flags(
                     label=image.label,
                     predicted_class=result.predicted_class,
                     predicted_score=result.predicted_score,
                     attention=attention,
                     boxes=image.boxes,
                     thresholds=thresholds,
-                ),
+                ) if label_threshold is None else multilabel_flags(
+                    image.labels, int(result.target_class[rank]), float(result.target_score[rank]), attention,
+                    image.boxes, thresholds,
+                )),
                 "cluster_id": None,  # set by transforms.strategies.FindStrategies
                 **(faithfulness if faithfulness and rank == 0 else FAITHFULNESS_NULLS),
             }
         )
+        if label_threshold is not None:
+            rows[-1].update(multilabel_columns(result, rank, label_threshold))
     return rows
+
+
+def multilabel_columns(result: Explained, rank: int, threshold: float) -> dict:
+    """The MULTILABEL_HEATMAP_FIELDS of one row."""
+    labels = result.image.labels
+    scores = np.asarray(result.scores, np.float32)
+    return {
+        "labels": None if labels is None else [int(c) for c in labels],
+        "target_is_label": None if labels is None else int(result.target_class[rank]) in labels,
+        "predicted_labels": np.flatnonzero(scores >= np.float32(threshold)).tolist(),
+        "scores": scores.tolist() if rank == 0 else None,
+    }
+
+
+def multilabel_flags(labels, target_class: int, target_score: float, attention: dict, boxes,
+                     thresholds: FlagThresholds) -> dict:
+    """The flag columns of a multi-label row, judged on its target class (each class is a yes/no question):
+    confident_wrong when the labels are known, the target is not one of them and scores >= 0.8 (a confident
+    false positive); low_confidence when the target scores < 0.5 (with --target labels: a missed label)."""
+    judged = None if labels is None else (target_class if target_class in labels else -1)
+    return image_flags(label=judged, predicted_class=target_class, predicted_score=target_score,
+                       attention=attention, boxes=boxes, thresholds=thresholds)
 
 
 EXEMPLAR_SOURCES_TAG = "exemplar_sources"
@@ -96,8 +126,9 @@ class FormatHeatmapRows(beam.DoFn):
     """
 
     def __init__(self, *, method: str, target_layer: str, thresholds: FlagThresholds = DEFAULT_THRESHOLDS,
-                 exemplar_sources: bool = False):
+                 exemplar_sources: bool = False, label_threshold: float | None = None):
         self._exemplar_sources = exemplar_sources
+        self._label_threshold = label_threshold
         self._method = method
         self._target_layer = target_layer
         self._thresholds = thresholds
@@ -133,7 +164,7 @@ class FormatHeatmapRows(beam.DoFn):
         tally(images_explained=1)
         rows = heatmap_rows(
             result, method=self._method, target_layer=self._target_layer, thresholds=self._thresholds,
-            faithfulness=faithfulness,
+            faithfulness=faithfulness, label_threshold=self._label_threshold,
         )
         yield from rows
         if self._exemplar_sources:

@@ -6,9 +6,38 @@ errors       one row per rejected record (or corrupt/empty shard), raw bytes kep
 exemplars    the few worst images of each kind (flag, shortcut class, ...) with a thumbnail
 clusters     one row per (class, strategy): SpRAy clusters of the class's maps
 comparison   one row per class: what changed since a baseline run (pipeline/compare.py)
+
+Multi-label runs (`--label_format index|multi_hot`) write `heatmaps` and
+`class_stats` with a few more columns, appended at the end
+(MULTILABEL_HEATMAP_SCHEMA, MULTILABEL_CLASS_STATS_SCHEMA); a single-label
+run's tables are exactly HEATMAP_SCHEMA and CLASS_STATS_SCHEMA.
+
+Every table has a `run_id` column (the run's id, the same in every row; filled by the sink,
+`transforms.sinks.WriteParquetTable`), so the tables of many runs can be queried together
+(README, "Querying runs together"): `<output>/run=*/class_stats/*.parquet`.
+
+Schema version: `SCHEMA_VERSION` is written into every Parquet file's metadata
+(`SCHEMA_VERSION_KEY`, `versioned`), the run manifest and the run's `runs.json` entry
+("schema_version"). A run without one was written before the versions existed (version 0: no
+`run_id` column). Bump it whenever a column changes meaning, type or disappears (adding a nullable
+column at the end does not need it); readers (`pipeline.manifest`) refuse, in one line, a run of a
+version not in `KNOWN_SCHEMA_VERSIONS`.
 """
 
+from __future__ import annotations
+
+from typing import Optional
+
 import pyarrow as pa
+
+from transforms.errors import AuditError
+
+# 0: before run_id and the version itself; 1: a run_id column in every table.
+SCHEMA_VERSION = 1
+KNOWN_SCHEMA_VERSIONS = (0, 1)
+SCHEMA_VERSION_KEY = b"gradcam_audit_schema_version"
+
+RUN_ID_FIELD = pa.field("run_id", pa.string(), nullable=False)
 
 HEATMAP_SCHEMA = pa.schema(
     [
@@ -59,6 +88,8 @@ HEATMAP_SCHEMA = pa.schema(
         pa.field("deletion_morf", pa.list_(pa.float32())),
         pa.field("deletion_lerf", pa.list_(pa.float32())),
         pa.field("deletion_random", pa.list_(pa.float32())),
+        # The run's id (the `run=<id>` folder's), the same in every row: tables of many runs read together.
+        RUN_ID_FIELD,
     ]
 )
 
@@ -110,6 +141,8 @@ CLASS_STATS_SCHEMA = pa.schema(
         pa.field("mean_deletion_morf", pa.list_(pa.float32())),
         pa.field("mean_deletion_lerf", pa.list_(pa.float32())),
         pa.field("mean_deletion_random", pa.list_(pa.float32())),
+        # The run's id (the `run=<id>` folder's), the same in every row: tables of many runs read together.
+        RUN_ID_FIELD,
     ]
 )
 
@@ -131,6 +164,8 @@ CLUSTER_SCHEMA = pa.schema(
         pa.field("eigengap", pa.float64()),
         pa.field("suspicious", pa.bool_(), nullable=False),
         pa.field("reason", pa.string()),
+        # The run's id (the `run=<id>` folder's), the same in every row: tables of many runs read together.
+        RUN_ID_FIELD,
     ]
 )
 
@@ -145,6 +180,8 @@ ERROR_SCHEMA = pa.schema(
         # The record's bytes; for a CorruptRecord span (stage "read") its first
         # transforms.records.RAW_RECORD_CAP bytes (1 MiB), offset and length in "message".
         pa.field("raw_record", pa.binary()),
+        # The run's id (the `run=<id>` folder's), the same in every row: tables of many runs read together.
+        RUN_ID_FIELD,
     ]
 )
 
@@ -173,6 +210,8 @@ EXEMPLAR_SCHEMA = pa.schema(
         # JPEG, longest side transforms.thumbnails.TILE px: the image with the CAM overlaid and its boxes
         # drawn (the CAM alone on grey when the image could not be decoded).
         pa.field("thumbnail", pa.binary(), nullable=False),
+        # The run's id (the `run=<id>` folder's), the same in every row: tables of many runs read together.
+        RUN_ID_FIELD,
     ]
 )
 
@@ -200,9 +239,65 @@ COMPARISON_SCHEMA = pa.schema(
         pa.field("current_shortcut", pa.bool_()),
         pa.field("flagged", pa.bool_(), nullable=False),
         pa.field("reasons", pa.list_(pa.string()), nullable=False),
+        # The run's id (the `run=<id>` folder's), the same in every row: tables of many runs read together.
+        RUN_ID_FIELD,
     ]
 )
+
+# Multi-label runs only (README "Multi-label"): appended to the heatmaps and class_stats schemas.
+MULTILABEL_HEATMAP_FIELDS = [
+    pa.field("labels", pa.list_(pa.int64())),  # the image's true classes; null without the label feature
+    pa.field("target_is_label", pa.bool_()),  # target_class is one of them; null without labels
+    pa.field("predicted_labels", pa.list_(pa.int64())),  # classes scoring >= the threshold
+    pa.field("scores", pa.list_(pa.float32())),  # every class's score, on the image's rank-0 row only
+]
+MULTILABEL_CLASS_STATS_FIELDS = [
+    pa.field("threshold", pa.float64(), nullable=False),  # a class is predicted when its score is >= this
+    pa.field("support", pa.int64(), nullable=False),  # images with the class among their labels
+    pa.field("recall", pa.float64()),  # true positives / support
+    pa.field("f1", pa.float64()),  # 2 precision recall / (precision + recall)
+    pa.field("mean_score", pa.float64()),  # the class's mean score over every explained image
+]
+MULTILABEL_HEATMAP_SCHEMA = pa.schema([*HEATMAP_SCHEMA, *MULTILABEL_HEATMAP_FIELDS])
+MULTILABEL_CLASS_STATS_SCHEMA = pa.schema([*CLASS_STATS_SCHEMA, *MULTILABEL_CLASS_STATS_FIELDS])
+
+
+def heatmap_schema(multilabel: bool = False) -> pa.Schema:
+    return MULTILABEL_HEATMAP_SCHEMA if multilabel else HEATMAP_SCHEMA
+
+
+def class_stats_schema(multilabel: bool = False) -> pa.Schema:
+    return MULTILABEL_CLASS_STATS_SCHEMA if multilabel else CLASS_STATS_SCHEMA
+
 
 # Stages a record can be rejected at, in pipeline order. "read" rows describe
 # a shard (corrupt tail, empty shard), not one record.
 STAGES = ("read", "decode", "compute")
+
+
+def versioned(schema: pa.Schema) -> pa.Schema:
+    """`schema` with the schema version in its metadata (what the Parquet writers write)."""
+    return schema.with_metadata({**(schema.metadata or {}), SCHEMA_VERSION_KEY: str(SCHEMA_VERSION).encode()})
+
+
+def version_of(metadata: Optional[dict]) -> object:
+    """The schema version a Parquet file's Arrow schema metadata records (0 when it records none)."""
+    raw = (metadata or {}).get(SCHEMA_VERSION_KEY)
+    if raw is None:
+        return 0
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    return int(text) if text.strip().isdigit() else text
+
+
+def check_schema_version(version, where: str):
+    """Returns `version` if this release reads it; AuditError (one line) otherwise."""
+    if version is None:
+        version = 0
+    if isinstance(version, str) and version.strip().isdigit():
+        version = int(version)
+    if version not in KNOWN_SCHEMA_VERSIONS:
+        raise AuditError(
+            f"{where}: written with table schema version {version!r}; this release of gradcam-audit reads "
+            f"versions {', '.join(map(str, KNOWN_SCHEMA_VERSIONS))}: read it with the release that wrote it "
+            f"(see the run's run_manifest.json, \"versions\") or a newer one")
+    return version

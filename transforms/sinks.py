@@ -7,6 +7,8 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.transforms import window
 
+from transforms.schemas import RUN_ID_FIELD, versioned
+
 TABLES = ("heatmaps", "class_stats", "clusters", "errors", "exemplars")
 
 # Arrow data a writer gathers per bundle before it makes one Parquet row group of it (as Beam's
@@ -66,30 +68,55 @@ class _GatherTables(beam.DoFn):
             yield window.GlobalWindows.windowed_value_at_end_of_window(self._table())
 
 
+def with_run_id(batch: pa.RecordBatch, run_id: str) -> pa.RecordBatch:
+    """`batch` with its `run_id` column set to `run_id` in every row (added at the end when it has none)."""
+    column = pa.array([run_id] * batch.num_rows, pa.string())
+    index = batch.schema.get_field_index("run_id")
+    if index < 0:
+        return pa.RecordBatch.from_arrays([*batch.columns, column], schema=batch.schema.append(RUN_ID_FIELD))
+    arrays = [column if i == index else batch.column(i) for i in range(batch.num_columns)]
+    return pa.RecordBatch.from_arrays(arrays, schema=batch.schema)
+
+
 class WriteParquetTable(beam.PTransform):
     """Writes dict rows (or, with `batches`, Arrow RecordBatches of `schema`) to
-    `<output>/<table>/part-SSSSS-of-NNNNN.parquet`."""
+    `<output>/<table>/part-SSSSS-of-NNNNN.parquet`.
 
-    def __init__(self, output: str, table: str, schema: pa.Schema, codec: str = "snappy", batches: bool = False):
+    Every row gets `run_id` (a plain setting of the launcher, the same in every row: the column that lets
+    many runs' tables be read together); the files' schema metadata records
+    `transforms.schemas.SCHEMA_VERSION`."""
+
+    def __init__(self, output: str, table: str, schema: pa.Schema, codec: str = "snappy", batches: bool = False,
+                 *, run_id: str):
         super().__init__()
+        if not run_id:
+            raise ValueError(f"WriteParquetTable({table!r}): expected the run id, got {run_id!r}")
         self._prefix = table_prefix(output, table)
-        self._schema = schema
+        self._schema = schema if "run_id" in schema.names else schema.append(RUN_ID_FIELD)
         self._codec = codec
         self._batches = batches
+        self._run_id = str(run_id)
 
     def expand(self, rows):
+        run_id = self._run_id
+        written = versioned(self._schema)
         if self._batches:
             return (
                 rows
+                | "AddRunId" >> beam.Map(with_run_id, run_id)
                 | "GatherTables" >> beam.ParDo(_GatherTables(self._schema))
                 | "WriteToParquet" >> beam.io.WriteToParquetBatched(
-                    self._prefix, self._schema, codec=self._codec, file_name_suffix=".parquet")
+                    self._prefix, written, codec=self._codec, file_name_suffix=".parquet")
             )
-        return rows | "WriteToParquet" >> beam.io.WriteToParquet(
-            self._prefix,
-            self._schema,
-            codec=self._codec,
-            file_name_suffix=".parquet",
+        return (
+            rows
+            | "AddRunId" >> beam.Map(lambda row: {**row, "run_id": run_id})
+            | "WriteToParquet" >> beam.io.WriteToParquet(
+                self._prefix,
+                written,
+                codec=self._codec,
+                file_name_suffix=".parquet",
+            )
         )
 
 

@@ -45,8 +45,9 @@ The `suspicious` rule (per cluster; thresholds in `StrategySettings`):
     while the object still draws some of the mass averages anywhere from 0.6
     to 2.8 (demo models trained with other seeds and on other CPUs), where
     diffuse and object-bound strategies also sit; where the peaks land does
-    not move with the CPU (corner strategies miss their own boxes on 53-100%
-    of their members, the demo's circle and square strategies on 0-22%);
+    not move with the CPU (corner strategies miss their own boxes on 52-100%
+    of their members in 39 of 40 clusters over ten demo models, the circle
+    and square strategies on 0-40%; bench/demo_seeds.py);
   - without boxes: its mean border mass is at least `border_mass` (0.6, the
     per-image border flag's threshold), or it is a minority strategy (share
     at most 0.5) whose mean map correlates less than `min_correlation` (0.2)

@@ -81,31 +81,143 @@ def is_spatial(layer) -> bool:
     return h is None or w is None or h * w > 1
 
 
-def find_target_layer(model) -> str:
-    """The default target: the last spatial layer before the classifier head.
+def is_tokens(layer) -> bool:
+    """A layer with a single 3-D output (batch, tokens, channels): a transformer's sequence."""
+    shape = _output_shape(layer)
+    return shape is not None and len(shape) == 3
 
-    Pooling layers are skipped: the map before pooling has more detail and is
-    what Grad-CAM's authors used (e.g. VGG19 -> block5_conv4).
 
-    Returns:
-      The layer's path (see `walk_layers`).
+def _class_name(layer) -> str:
+    return type(layer).__name__
+
+
+def is_attention(layer) -> bool:
+    """An attention layer (keras MultiHeadAttention, Attention, GroupedQueryAttention, or any *Attention*)."""
+    return "Attention" in _class_name(layer)
+
+
+def _sublayers(layer) -> list:
+    flatten = getattr(layer, "_flatten_layers", None)
+    if flatten is None:
+        return []
+    try:
+        return list(flatten(include_self=False, recursive=True))
+    except TypeError:
+        return []
+
+
+def contains_attention(layer) -> bool:
+    """A layer that is not an attention layer itself but holds one (a transformer block or encoder in one layer)."""
+    return not is_attention(layer) and any(is_attention(sub) for sub in _sublayers(layer))
+
+
+def _is_add(layer) -> bool:
+    return isinstance(layer, keras_module(layer).layers.Add)
+
+
+def _is_skipped(layer) -> bool:
+    """Layers whose output is never the block's: pooling, normalisation, dropout."""
+    name = _class_name(layer)
+    return name.startswith(_POOLING_PREFIXES) or "Normalization" in name or "Dropout" in name
+
+
+def block_input_layer(model) -> tuple[str, str]:
+    """The input of the model's last attention block: (path, reason), for heads that read only prefix tokens.
+
+    The output of the last residual Add (else of the last layer with a token or
+    spatial output, normalisation/dropout/pooling skipped) called before the
+    last attention layer: the residual stream that block attends over.
+    """
+    layers = list(walk_layers(model))
+    attention = [i for i, (_, layer) in enumerate(layers) if is_attention(layer) or contains_attention(layer)]
+    if not attention:
+        raise AuditError(f"model {model.name!r} has no attention layer")
+    last_path = layers[attention[-1]][0]
+    candidates = [  # after the first attention: never a layer that runs before all attention
+        i for i in range(attention[0] + 1, attention[-1])
+        if (is_spatial(layers[i][1]) or is_tokens(layers[i][1])) and not _is_skipped(layers[i][1])
+    ]
+    if not candidates:
+        raise AuditError(
+            f"model {model.name!r}: its head reads only the prefix (class) token(s), so the patch tokens of "
+            f"the last attention block's output get zero gradient, and no layer between its attention blocks "
+            f"is reachable (the last attention is in {last_path!r}); pass --target_layer NAME naming the input "
+            "of the last block, or explain a model whose head pools the patch tokens"
+        )
+    adds = [i for i in candidates if _is_add(layers[i][1])]
+    chosen = adds[-1] if adds else candidates[-1]
+    return layers[chosen][0], f"input of the last attention block (the last {'residual Add' if adds else 'token layer'} before {last_path!r})"
+
+
+def choose_target_layer(model) -> tuple[str, str]:
+    """The default target layer and why it was chosen: (path, reason).
+
+    * A model with attention (a layer named *Attention*, or a layer holding one,
+      such as a keras_hub encoder): the output of the last attention block,
+      i.e. what feeds the final normalisation and pooling. Among the layers
+      after the last attention layer (and that layer itself when it is a whole
+      block or encoder) with a token (B, N, D) or spatial (B, h, w, C) output,
+      the last residual Add, else the last one that is not a normalisation,
+      dropout or pooling layer. Never a layer that runs before all attention.
+    * Any other model: the last layer with a 4-D spatial output before the
+      head, pooling layers skipped: the map before pooling has more detail and
+      is what Grad-CAM's authors used (e.g. VGG19 -> block5_conv4).
     """
     if not _is_graph_model(model):
         raise AuditError(
             f"model {model.name!r} ({type(model).__name__}) is a subclassed model: "
             f"no layer with a spatial output can be reached. {_FIXES}"
         )
-    candidates = [
-        path
-        for path, layer in walk_layers(model)
-        if is_spatial(layer) and not type(layer).__name__.startswith(_POOLING_PREFIXES)
-    ]
+    layers = list(walk_layers(model))
+    attention = [i for i, (_, layer) in enumerate(layers) if is_attention(layer) or contains_attention(layer)]
+    if attention:
+        last = attention[-1]
+        last_path, last_layer = layers[last]
+        start = last if contains_attention(last_layer) else last + 1
+        candidates = [
+            i for i in range(start, len(layers))
+            if (is_spatial(layers[i][1]) or is_tokens(layers[i][1])) and not _is_skipped(layers[i][1])
+        ]
+        if not candidates:
+            raise AuditError(
+                f"model {model.name!r}: its last attention layer is {last_path!r} "
+                f"({_class_name(last_layer)}), and no layer after it has a token (batch, tokens, channels) "
+                "or spatial (batch, height, width, channels) output; pass --target_layer NAME naming the "
+                "output of the last transformer block"
+            )
+        adds = [i for i in candidates if _is_add(layers[i][1])]
+        chosen = adds[-1] if adds else candidates[-1]
+        path = layers[chosen][0]
+        if chosen == last:
+            why = f"{path!r} ({_class_name(last_layer)}) holds the model's last attention layers: its output"
+        else:
+            kind = "residual Add" if adds else "layer with a token or spatial output"
+            why = f"the last {kind} after {last_path!r}, the model's last attention layer"
+        return path, f"output of the last attention block: {why}"
+    candidates = [path for path, layer in layers if is_spatial(layer) and not _class_name(layer).startswith(_POOLING_PREFIXES)]
     if not candidates:
         raise AuditError(
             f"model {model.name!r}: expected a layer with a 4-D spatial output "
-            f"(batch, height, width, channels), found none. {_FIXES}"
+            f"(batch, height, width, channels) or an attention block, found none. {_FIXES}"
         )
-    return candidates[-1]
+    return candidates[-1], "the last layer with a 4-D (batch, height, width, channels) output before the head (pooling skipped)"
+
+
+def find_target_layer(model) -> str:
+    """The default target layer's path (see `choose_target_layer`)."""
+    return choose_target_layer(model)[0]
+
+
+def patch_grids_before(model, path: str) -> list[tuple[str, int, int]]:
+    """(path, h, w) of the layers with a static 4-D output called before `path` (input layers excluded)."""
+    grids = []
+    for p, layer in walk_layers(model):
+        if p == path:
+            break
+        shape = _output_shape(layer)
+        if shape and len(shape) == 4 and None not in shape[1:3] and "InputLayer" not in _class_name(layer):
+            grids.append((p, int(shape[1]), int(shape[2])))
+    return grids
 
 
 def resolve_layer_path(model, path: str) -> str:
@@ -116,12 +228,12 @@ def resolve_layer_path(model, path: str) -> str:
     matches = [p for p in layers if p.rsplit("/", 1)[-1] == path]
     if len(matches) == 1:
         return matches[0]
-    spatial = [p for p, layer in layers.items() if is_spatial(layer)]
+    spatial = [p for p, layer in layers.items() if is_spatial(layer) or is_tokens(layer)]
     if matches:
         raise AuditError(f"--target_layer {path!r} is ambiguous: use one of {matches}")
     raise AuditError(
         f"--target_layer: expected a layer of model {model.name!r}, got {path!r}; "
-        f"layers with a spatial output: {spatial[-8:]}"
+        f"layers with a spatial or token output: {spatial[-8:]}"
     )
 
 
@@ -131,14 +243,23 @@ def get_layer(model, path: str):
 
 
 def check_target_layer(model, path: str) -> tuple:
-    """Returns the (h, w, c) output of the target layer (None where dynamic), or raises AuditError."""
+    """Returns the target layer's output shape without the batch: (h, w, c) for a map, (tokens, channels)
+    for a transformer's sequence (None where dynamic), or raises AuditError."""
     layer = get_layer(model, path)
-    if not is_spatial(layer):
+    if not (is_spatial(layer) or is_tokens(layer)):
         raise AuditError(
-            f"--target_layer {path!r}: expected a 4-D (batch, height, width, "
-            f"channels) output, found {_output_shape(layer)}. {_FIXES}"
+            f"--target_layer {path!r}: expected a 4-D (batch, height, width, channels) map or a 3-D "
+            f"(batch, tokens, channels) sequence, found {_output_shape(layer)}; name a layer inside the "
+            "network (for a transformer: the output of its last block)"
         )
     return tuple(None if d is None else int(d) for d in _output_shape(layer)[1:])
+
+
+def release_output(layer) -> None:
+    """Undoes `capture_output` on `layer`."""
+    wrapped = getattr(layer.call, "__wrapped__", None)
+    if wrapped is not None:
+        layer.call = wrapped
 
 
 def capture_output(layer) -> list:
@@ -156,10 +277,10 @@ def capture_output(layer) -> list:
     return store
 
 
-def _output_layer(model):
-    """The innermost layer that produces the model's (first) output."""
+def _output_layer(model, index: int = 0):
+    """The innermost layer that produces the model's output number `index`."""
     try:
-        history = model.outputs[0]._keras_history
+        history = model.outputs[index]._keras_history
         layer = getattr(history, "operation", None) or history.layer  # Keras 3 / tf_keras
     except (AttributeError, IndexError, ValueError, TypeError):
         layer = model.layers[-1]
@@ -168,7 +289,20 @@ def _output_layer(model):
     return layer
 
 
-def linearize_head(model) -> str:
+def output_names(model) -> list[str]:
+    """The names of the model's outputs (Keras's output_names, else the producing layers' names)."""
+    names = list(getattr(model, "output_names", None) or [])
+    if len(names) == len(model.outputs):
+        return [str(n) for n in names]
+    out = []
+    for i, tensor in enumerate(model.outputs):
+        history = getattr(tensor, "_keras_history", None)
+        layer = getattr(history, "operation", None) or getattr(history, "layer", None)
+        out.append(getattr(layer, "name", f"output_{i}"))
+    return out
+
+
+def linearize_head(model, index: int = 0) -> str:
     """Makes the model output pre-softmax (pre-sigmoid) scores, in place.
 
     When the output layer's activation is softmax or sigmoid (a Dense/Conv
@@ -181,7 +315,7 @@ def linearize_head(model) -> str:
       (probabilities are then the softmax of those scores).
     """
     km = keras_module(model)
-    layer = _output_layer(model)
+    layer = _output_layer(model, index)
     if isinstance(layer, km.layers.Softmax):
         layer.call = lambda inputs, *args, **kwargs: inputs
         return "softmax"
