@@ -44,6 +44,7 @@ from pipeline.manifest import iter_batches, load_manifest, read_json, read_table
 from pipeline.report_strategies import CSS as STRATEGY_CSS
 from pipeline.report_strategies import strategies_section
 from transforms.attention import BORDER_FRACTION
+from transforms.errors import AuditError
 from transforms.exemplars import FLAG_RANKING, PER_KIND, flag_kind, shortcut_kind
 from transforms.flags import CELL_NAMES, DEFAULT_THRESHOLDS, FlagThresholds
 from transforms.thumbnails import ALPHA, COLORMAP
@@ -466,8 +467,6 @@ def write_report(run_dir: str, *, manifest: Optional[dict] = None, comparison: O
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from transforms.errors import AuditError
-
     parser = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", help="A run folder (<output>/run=<id>, local or gs://)")
     parser.add_argument("--out", default=None, help="Where to write the HTML (default: <run_dir>/report.html)")
