@@ -10,14 +10,24 @@ those of photographs rather than of flat colours.
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from typing import Callable, Optional
 
 import numpy as np
 
+from pipeline.demo import encode, make_example
+from transforms.cam.explainer import CamExplainer
+from transforms.model_loading import load_keras_model
+from transforms.records import write_records
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 IMAGE_SIZE = 224
 BATCH_SIZE = 32
@@ -62,9 +72,6 @@ def write_shards(folder: str, n: int, fmt: str, *, shards: int = 4, pool: int = 
     Returns:
       {"pattern": glob, "images": n, "bytes_per_image": mean encoded size}.
     """
-    from pipeline.demo import encode, make_example
-    from transforms.records import write_records
-
     os.makedirs(folder, exist_ok=True)
     images = natural_images(min(pool, n), seed=seed)
     encoded = [encode(image, fmt) for image in images]
@@ -86,8 +93,6 @@ def write_shards(folder: str, n: int, fmt: str, *, shards: int = 4, pool: int = 
 
 def load_model(name: str):
     """A fresh copy of keras.applications `name` with the project's fixed random weights."""
-    from transforms.model_loading import load_keras_model
-
     return load_keras_model(name)
 
 
@@ -151,8 +156,6 @@ def round_robin(steps: dict, batch: int, *, min_seconds: float, warmup: bool = T
 
 def write_results(results: dict, path: str, table: Callable[[dict], str], default=float) -> dict:
     """Adds the printed table to `results`, writes them as JSON to `path` and prints the table."""
-    import json
-
     text = table(results)
     results["table"] = text
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -176,8 +179,6 @@ def forward_probe(model_name: str, *, min_seconds: float, batch: int = BATCH_SIZ
     32 and 42 img/s on one afternoon here), so each P repeat is divided by
     the F measured right before and after it (`bench.run_bench.measure_pipeline`).
     """
-    from transforms.cam.explainer import CamExplainer
-
     images = natural_images(batch, seed=seed).astype(np.float32)
     explainer = CamExplainer(load_model(model_name))
     explainer.forward(images).numpy()  # trace once
@@ -202,8 +203,6 @@ def measure_forward_and_cams(model_name: str, methods, *, repeats: int, min_seco
       {"forward": {"runs": [...], "median": ips}, "cam": {method: {...}},
        "target_layer": ..., "cam_shape": ...}
     """
-    from transforms.cam.explainer import CamExplainer
-
     images = natural_images(batch, seed=seed).astype(np.float32)
     labels = np.full([batch], -1, np.int32)
     explainers = {}
@@ -242,3 +241,93 @@ def measure_forward_and_cams(model_name: str, methods, *, repeats: int, min_seco
         "cam": {m: {"runs": runs, "median": median(runs), "cpu_runs": cam_cpu[m],
                     "cpu_median": median(cam_cpu[m])} for m, runs in cam_runs.items()},
     }
+
+
+# ------------------------------------------------- tables and pipeline runs ----
+
+
+def fmt(value, spec: str = ".1f") -> str:
+    """A number of a bench table; "-" for None or NaN."""
+    if value is None or value != value:
+        return "-"
+    return format(value, spec)
+
+
+def grid(rows) -> list[str]:
+    """Rows of cells as aligned text lines: the first column left-aligned, the others right-aligned."""
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+            for r in rows]
+
+
+def pipeline_flags() -> list[str]:
+    """Flags for the measured runs: the Parquet tables only (no HTML report), so P measures the data path."""
+    return ["--no_report"]
+
+
+class RunawayMemory(RuntimeError):
+    """A measured run grew past the bench's memory limit and was stopped (by its PID)."""
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def run_pipeline_process(pattern: str, model_name: str, output: str, *, levers=(), extra_args=(),
+                         profile: str | None = None, profile_out: str | None = None,
+                         timeout: float = 1800, cpus: set | None = None, max_rss_mb: float | None = None) -> dict:
+    """Runs `bench.pipeline_worker` (-> pipeline.graph.run) in a fresh process (on `cpus` only, if given:
+    its CPU affinity, which TensorFlow's thread pools follow). A run whose RSS passes `max_rss_mb`
+    (default: a third of the machine's memory) is stopped and raises RunawayMemory, before the
+    kernel's OOM killer picks a process of its own."""
+    if max_rss_mb is None:
+        max_rss_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 3 / 2**20
+    result_path = output.rstrip("/") + ".result.json"
+    cmd = [sys.executable, "-m", "bench.pipeline_worker", "--result", result_path]
+    for lever in levers:
+        cmd += ["--lever", lever]
+    if profile:
+        cmd += ["--profile", profile]
+        if profile_out:
+            cmd += ["--profile_out", profile_out]
+    cmd += ["--", "--input", pattern, "--model", model_name, "--output", output,
+            "--batch_size", str(BATCH_SIZE), "--quiet", *pipeline_flags(), *extra_args]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    started = time.perf_counter()
+    with open(output.rstrip("/") + ".log", "w") as log_file:
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=pin)
+        deadline = time.time() + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.time() > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                raise RuntimeError(f"pipeline run timed out after {timeout} s: {' '.join(cmd)}")
+            rss = rss_mb(proc.pid)
+            if rss > max_rss_mb:
+                proc.kill()
+                os.wait4(proc.pid, 0)
+                raise RunawayMemory(f"pipeline run stopped at {rss:.0f} MB RSS (limit {max_rss_mb:.0f}): {' '.join(cmd)}")
+            time.sleep(0.05)
+    wall = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        with open(output.rstrip("/") + ".log") as handle:
+            tail = handle.read()[-3000:]
+        raise RuntimeError(f"pipeline run failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
+    with open(result_path) as handle:
+        result = json.load(handle)
+    result["process_seconds"] = wall
+    result["cpu_seconds"] = usage.ru_utime + usage.ru_stime  # whole process, imports included
+    result["load_average_1min"] = os.getloadavg()[0]
+    return result

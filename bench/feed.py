@@ -46,7 +46,14 @@ import time
 
 import numpy as np
 
-from bench.common import BATCH_SIZE, median
+from bench.common import BATCH_SIZE, RunawayMemory, fmt, grid, median, run_pipeline_process
+from bench.photos import encode_jpeg, photo_images, write_photo_shards
+from pipeline.demo import make_example
+from transforms.cam.explainer import CamExplainer
+from transforms.decode import BatchImageDecoder, DecodeImageExamples, decode_batch
+from transforms.image_header import read_header
+from transforms.model_loading import load_keras_model
+from transforms.records import ShardRecord, iter_records
 
 FEED_MODEL_NAME = "near_free.keras"
 FEED_TARGET_LAYER = "pool"
@@ -108,8 +115,6 @@ def eager_decode_record(data: bytes, size: int = 224) -> np.ndarray:
     """The previous per-record path: parse, header check, eager decode + cast + resize."""
     import tensorflow as tf
 
-    from transforms.image_header import read_header
-
     example = tf.train.Example.FromString(data)
     encoded = example.features.feature["image/encoded"].bytes_list.value[0]
     read_header(encoded)
@@ -121,9 +126,6 @@ def eager_decode_record(data: bytes, size: int = 224) -> np.ndarray:
 
 def decode_ab(records: list[bytes], *, repeats: int) -> dict:
     """ms per image (wall and CPU of this process): eager per record vs checks + batched decode."""
-    from transforms.decode import BatchImageDecoder, DecodeImageExamples, decode_batch
-    from transforms.records import ShardRecord
-
     dofn = DecodeImageExamples(image_key="image/encoded", label_key="image/class/label",
                                id_key="image/filename", label_offset=0, num_classes=1000,
                                max_image_pixels=40_000_000, require_label=False)
@@ -156,11 +158,6 @@ def decode_ab(records: list[bytes], *, repeats: int) -> dict:
 
 def measure_feed(workdir: str, n: int, *, repeats: int, log=print) -> dict:
     """The feed table: tf.data vs the pipeline at 1 and 2 threads, and the decode A/B."""
-    from bench.photos import write_photo_shards
-    from bench.run_bench import RunawayMemory, run_pipeline_process
-    from transforms.cam.explainer import CamExplainer
-    from transforms.model_loading import load_keras_model
-
     model_path = near_free_model(os.path.join(workdir, FEED_MODEL_NAME))
     data = {size: write_photo_shards(os.path.join(workdir, f"photos-{size}"), size, seed=3) for size in (n, 2 * n)}
     explainer = CamExplainer(load_keras_model(model_path), target_layer=FEED_TARGET_LAYER)
@@ -202,7 +199,7 @@ def measure_feed(workdir: str, n: int, *, repeats: int, log=print) -> dict:
                     continue
                 runs[key][size].append(result)
         log(f"  feed repeat {r + 1}/{repeats}: tf.data {', '.join(f'{v:.0f}' for v in passes[True][0][-TF_DATA_PASSES:])} img/s; "
-            + ", ".join(f"P {key} {_fmt(_steady(runs[key], n, -1))}" for key in configs)
+            + ", ".join(f"P {key} {fmt(_steady(runs[key], n, -1), '.0f')}" for key in configs)
             + f" (load {os.getloadavg()[0]:.1f})")
     out: dict = {
         "images_n": n, "images_pair": 2 * n, "bytes_per_image": data[n]["bytes_per_image"], "lost_runs": lost,
@@ -235,7 +232,6 @@ def measure_feed(workdir: str, n: int, *, repeats: int, log=print) -> dict:
     out["targets"] = {key: {"value": out["ratios"][key], "target": f">= {minimum}",
                             "met": out["ratios"][key] is not None and out["ratios"][key] >= minimum}
                       for key, minimum in FEED_TARGETS.items()}
-    from transforms.records import iter_records
 
     shard = data[n]["pattern"].replace("*", "photos-00000-of-00004")
     with open(shard, "rb") as handle:
@@ -247,10 +243,6 @@ def measure_feed(workdir: str, n: int, *, repeats: int, log=print) -> dict:
         f"({ab['eager_per_record']['cpu_ms']:.2f} CPU-ms), batched {ab['batched']['wall_ms']:.2f} ms/img "
         f"({ab['batched']['cpu_ms']:.2f} CPU-ms)")
     return out
-
-
-def _fmt(value) -> str:
-    return "-" if value is None or value != value else f"{value:.0f}"
 
 
 def _steady(pair: dict, n: int, r: int):
@@ -296,8 +288,6 @@ def _cores_busy(pair: dict, r: int):
 
 def feed_table(feed: dict) -> list[str]:
     """Lines of the feed section of the bench table."""
-    from bench.run_bench import _grid, fmt
-
     ab = feed["decode_ab"]
     title = (f"Feed: near-free model, {feed['image_size']} photo-like JPEG shards "
              f"(~{feed['bytes_per_image'] / 1000:.0f} kB), images/s, steady state {feed['images_n']} -> "
@@ -310,7 +300,7 @@ def feed_table(feed: dict) -> list[str]:
              fmt(feed["2 threads"]["steady_median"]), fmt(feed["1 core"]["steady_median"]),
              fmt(feed["ratios"]["feed ratio"], ".2f"), fmt(feed["ratios"]["feed ratio 1 thread"], ".2f"),
              fmt(feed["ratios"]["2-thread scaling"], ".2f"), fmt(feed["ratios"]["core scaling"], ".2f")]]
-    lines += _grid(rows)
+    lines += grid(rows)
     busy = {name: feed[key].get("cores_busy") for name, key in
             (("tf.data (median)", "tf_data"), ("P 1 thread", "1 thread"), ("P 2 threads", "2 threads"),
              ("P 1 core", "1 core"))}
@@ -347,11 +337,6 @@ def feed_rate_per_core(images: int = 4 * BATCH_SIZE, *, repeats: int = 3, size: 
     counted) is the rate one core sustains; times the cores is what the
     worker's CPUs can feed a model, when nothing else runs on them.
     """
-    from bench.photos import encode_jpeg, photo_images
-    from pipeline.demo import make_example
-    from transforms.decode import BatchImageDecoder, DecodeImageExamples, decode_batch
-    from transforms.records import ShardRecord
-
     pool = [encode_jpeg(image) for image in photo_images(min(images, 32), seed=9)]
     records = [ShardRecord("feed.tfrecord", i, make_example(pool[i % len(pool)], label=i % 1000))
                for i in range(images)]

@@ -38,11 +38,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,17 +50,25 @@ import numpy as np
 from bench.common import (
     BATCH_SIZE,
     METHOD_NAMES,
+    REPO,
+    fmt,
     forward_probe,
+    grid,
+    images_per_second,
     load_model,
     measure_forward_and_cams,
     median,
     natural_images,
+    pipeline_flags,
+    run_pipeline_process,
     set_quick,
     write_results,
     write_shards,
 )
+from bench.feed import feed_table, measure_feed
+from bench.photos import write_photo_shards
+from bench.scale import measure_scale, verdicts
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_JSON = os.path.join(REPO, "bench", "results", "latest.json")
 FORMATS = ("jpeg", "png")
 TARGETS = {
@@ -115,8 +121,6 @@ def measure_keras_io(model_name: str, target_layer: str, *, repeats: int, min_se
         make_gradcam_heatmap(images[state["i"] % len(images)][None])
         state["i"] += 1
 
-    from bench.common import images_per_second
-
     cpu: list = []
     runs = [images_per_second(step, 1, min_seconds=min_seconds, cpu=cpu) for _ in range(repeats)]
     return {"runs": runs, "median": median(runs), "cpu_runs": cpu, "cpu_median": median(cpu),
@@ -134,8 +138,6 @@ def measure_tf_keras_vis(model_name: str, target_layer: str, *, repeats: int, mi
     except Exception as exc:  # noqa: BLE001 - report any import failure
         return {"error": f"import failed: {type(exc).__name__}: {exc} (pip install tf-keras-vis)"}
     try:
-        from bench.common import images_per_second
-
         model = load_model(model_name)
         images = natural_images(batch, seed=5).astype(np.float32)
         classes = [int(c) for c in np.argmax(model(images[:batch], training=False), axis=-1)]
@@ -171,83 +173,10 @@ def measure_tf_keras_vis(model_name: str, target_layer: str, *, repeats: int, mi
 # ------------------------------------------------------------- pipeline ----
 
 
-def pipeline_flags() -> list[str]:
-    """Flags for the measured runs: the Parquet tables only (no HTML report), so P measures the data path."""
-    return ["--no_report"]
-
-
 # N for the feed pair (N and 2N images). Below ~1600 the difference of the two runs still holds the
 # strategies' clustering of a sample that grows with N (up to --strategy_sample_size maps per class),
 # a cost a dataset pays once: the same code measured 303-312 img/s at N=800 and 323-336 at N=1600.
 FEED_IMAGES = 1600
-
-
-class RunawayMemory(RuntimeError):
-    """A measured run grew past the bench's memory limit and was stopped (by its PID)."""
-
-
-def _rss_mb(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def run_pipeline_process(pattern: str, model_name: str, output: str, *, levers=(), extra_args=(),
-                         profile: str | None = None, profile_out: str | None = None,
-                         timeout: float = 1800, cpus: set | None = None, max_rss_mb: float | None = None) -> dict:
-    """Runs `bench.pipeline_worker` (-> pipeline.graph.run) in a fresh process (on `cpus` only, if given:
-    its CPU affinity, which TensorFlow's thread pools follow). A run whose RSS passes `max_rss_mb`
-    (default: a third of the machine's memory) is stopped and raises RunawayMemory, before the
-    kernel's OOM killer picks a process of its own."""
-    if max_rss_mb is None:
-        max_rss_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 3 / 2**20
-    result_path = output.rstrip("/") + ".result.json"
-    cmd = [sys.executable, "-m", "bench.pipeline_worker", "--result", result_path]
-    for lever in levers:
-        cmd += ["--lever", lever]
-    if profile:
-        cmd += ["--profile", profile]
-        if profile_out:
-            cmd += ["--profile_out", profile_out]
-    cmd += ["--", "--input", pattern, "--model", model_name, "--output", output,
-            "--batch_size", str(BATCH_SIZE), "--quiet", *pipeline_flags(), *extra_args]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    started = time.perf_counter()
-    with open(output.rstrip("/") + ".log", "w") as log_file:
-        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=pin)
-        deadline = time.time() + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.time() > deadline:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                raise RuntimeError(f"pipeline run timed out after {timeout} s: {' '.join(cmd)}")
-            rss = _rss_mb(proc.pid)
-            if rss > max_rss_mb:
-                proc.kill()
-                os.wait4(proc.pid, 0)
-                raise RunawayMemory(f"pipeline run stopped at {rss:.0f} MB RSS (limit {max_rss_mb:.0f}): {' '.join(cmd)}")
-            time.sleep(0.05)
-    wall = time.perf_counter() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        with open(output.rstrip("/") + ".log") as handle:
-            tail = handle.read()[-3000:]
-        raise RuntimeError(f"pipeline run failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
-    with open(result_path) as handle:
-        result = json.load(handle)
-    result["process_seconds"] = wall
-    result["cpu_seconds"] = usage.ru_utime + usage.ru_stime  # whole process, imports included
-    result["load_average_1min"] = os.getloadavg()[0]
-    return result
 
 
 def measure_pipeline(model_name: str, n: int, workdir: str, *, repeats: int, formats=FORMATS,
@@ -268,10 +197,10 @@ def measure_pipeline(model_name: str, n: int, workdir: str, *, repeats: int, for
     side, whatever the machine does between repeats.
     """
     out: dict = {}
-    for fmt in formats:
+    for image_format in formats:
         big_n = pair_factor * n
-        sizes = [n, big_n] + ([rss_factor * n] if fmt == "jpeg" and rss_factor != pair_factor else [])
-        datasets = {size: make_shards(os.path.join(workdir, f"data-{fmt}-{size}"), size, fmt, seed=size)
+        sizes = [n, big_n] + ([rss_factor * n] if image_format == "jpeg" and rss_factor != pair_factor else [])
+        datasets = {size: make_shards(os.path.join(workdir, f"data-{image_format}-{size}"), size, image_format, seed=size)
                     for size in sizes}
         runs = {n: [], big_n: []}
         beside: list = []  # (F wall, F per CPU-s) around each pair
@@ -280,7 +209,7 @@ def measure_pipeline(model_name: str, n: int, workdir: str, *, repeats: int, for
             for size in (n, big_n):
                 result = run_pipeline_process(
                     datasets[size]["pattern"], model_name,
-                    os.path.join(workdir, f"out-{model_name}-{fmt}-{size}-{r}"),
+                    os.path.join(workdir, f"out-{model_name}-{image_format}-{size}-{r}"),
                     levers=levers, extra_args=extra_args,
                 )
                 if result["images_explained"] != size:
@@ -293,7 +222,7 @@ def measure_pipeline(model_name: str, n: int, workdir: str, *, repeats: int, for
                 beside.append(((before[0] + after[0]) / 2, (before[1] + after[1]) / 2))
                 log(f"  {model_name} F beside repeat {r + 1}: {before[0]:.1f} before, {after[0]:.1f} after")
             log(
-                f"  {model_name} {fmt} repeat {r + 1}/{repeats}: run({n}) {small['run_seconds']:.1f} s, "
+                f"  {model_name} {image_format} repeat {r + 1}/{repeats}: run({n}) {small['run_seconds']:.1f} s, "
                 f"run({big_n}) {large['run_seconds']:.1f} s -> steady "
                 f"{((big_n - n) / delta if delta > 0 else float('nan')):.1f} img/s; "
                 f"peak RSS {small['maxrss_mb']:.0f}/{large['maxrss_mb']:.0f} MB; load {os.getloadavg()[0]:.1f}"
@@ -329,14 +258,14 @@ def measure_pipeline(model_name: str, n: int, workdir: str, *, repeats: int, for
             kept_cpu = [v for v in entry["pf_cpu_runs"] if v is not None]
             entry["pf_median"] = median(kept) if kept else None
             entry["pf_cpu_median"] = median(kept_cpu) if kept_cpu else None
-        if fmt == "jpeg":
+        if image_format == "jpeg":
             if rss_factor == pair_factor:
                 big = {"maxrss_mb": median(r["maxrss_mb"] for r in runs[big_n]),
                        "run_seconds": median(r["run_seconds"] for r in runs[big_n])}
             else:
                 big = run_pipeline_process(
                     datasets[rss_factor * n]["pattern"], model_name,
-                    os.path.join(workdir, f"out-{model_name}-{fmt}-{rss_factor * n}"),
+                    os.path.join(workdir, f"out-{model_name}-{image_format}-{rss_factor * n}"),
                     levers=levers, extra_args=extra_args,
                 )
             entry["rss"] = {
@@ -355,15 +284,13 @@ def measure_pipeline(model_name: str, n: int, workdir: str, *, repeats: int, for
                 f"  {model_name} RSS: {n} images {entry['maxrss_mb_n']:.0f} MB, {rss_factor * n} images "
                 f"{big['maxrss_mb']:.0f} MB ({100 * entry['rss']['growth']:+.1f}%)"
             )
-        out[fmt] = entry
+        out[image_format] = entry
     return out
 
 
 def make_shards(folder: str, n: int, fmt: str, *, seed: int) -> dict:
     """P's shards: photo-like 500x375 JPEGs (`bench.photos`), or 224x224 synthetic PNGs."""
     if fmt == "jpeg":
-        from bench.photos import write_photo_shards
-
         return write_photo_shards(folder, n, seed=seed)
     return write_shards(folder, n, fmt, seed=seed)
 
@@ -376,12 +303,12 @@ def ratios_and_targets(name: str, m: dict) -> None:
     ratios = {f"K/F {method}": m["cam"][method]["median"] / f for method in m["cam"]}
     n_ips = m["keras_io"].get("median")
     v_ips = m["tf_keras_vis"].get("median")
-    for fmt, p in m["pipeline"].items():
+    for image_format, p in m["pipeline"].items():
         # P/F: each repeat's P over the F measured beside it, when the bench did (medians of those);
         # else the medians' ratio (F from the F/K round robin, minutes before P).
-        ratios[f"P/F {fmt}"] = p["pf_median"] if p.get("pf_median") else p["steady_median"] / f
-        ratios[f"P/N {fmt}"] = p["steady_median"] / n_ips if n_ips else None
-        ratios[f"P/V {fmt}"] = p["steady_median"] / v_ips if v_ips else None
+        ratios[f"P/F {image_format}"] = p["pf_median"] if p.get("pf_median") else p["steady_median"] / f
+        ratios[f"P/N {image_format}"] = p["steady_median"] / n_ips if n_ips else None
+        ratios[f"P/V {image_format}"] = p["steady_median"] / v_ips if v_ips else None
     for method in m["cam"]:
         ratios[f"K/N {method}"] = m["cam"][method]["median"] / n_ips if n_ips else None
     m["ratios"] = ratios
@@ -405,12 +332,6 @@ def ratios_and_targets(name: str, m: dict) -> None:
     m["targets"] = targets
 
 
-def fmt(value, spec: str = ".1f") -> str:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return "-"
-    return format(value, spec)
-
-
 def table(results: dict) -> str:
     models = results["models"]
     lines = []
@@ -428,19 +349,19 @@ def table(results: dict) -> str:
             fmt(p.get("jpeg", {}).get("steady_median")), fmt(p.get("png", {}).get("steady_median")),
             fmt(m["keras_io"]["median"], ".2f"), fmt(m["tf_keras_vis"].get("median")),
         ])
-    lines += _grid(rows)
+    lines += grid(rows)
     lines.append("")
     lines.append("Ratios")
     rkeys = [f"K/F {x}" for x in methods] + ["P/F jpeg", "P/F png", "P/N jpeg", "P/N png", "P/V jpeg", "P/V png"]
     rows = [["model", *rkeys]]
     for name, m in models.items():
         rows.append([name, *[fmt(m.get("ratios", {}).get(k), ".2f") for k in rkeys]])
-    lines += _grid(rows)
+    lines += grid(rows)
     rows = [["model (CPU-s)", *rkeys[: len(methods) + 4]]]
     for name, m in models.items():
         rows.append([name, *[fmt(m.get("cpu_ratios", {}).get(k), ".2f") for k in rkeys[: len(methods) + 4]]])
     lines.append("Same ratios from images per CPU-second (robust to other load; blind to idle cores)")
-    lines += _grid(rows)
+    lines += grid(rows)
     for name, m in models.items():
         for key, p in m["pipeline"].items():
             if p.get("forward_beside"):
@@ -461,10 +382,8 @@ def table(results: dict) -> str:
                      fmt(j["startup_seconds_n"]), fmt(j["end_to_end_images_per_second_n"]),
                      fmt(rss["maxrss_mb_n"], ".0f"), str(rss["images_big"]), fmt(rss["maxrss_mb_big"], ".0f"),
                      f"{100 * rss['growth']:+.1f}%"])
-    lines += _grid(rows)
+    lines += grid(rows)
     if results.get("feed"):
-        from bench.feed import feed_table
-
         lines.append("")
         lines += feed_table(results["feed"])
     lines.append("")
@@ -481,12 +400,6 @@ def table(results: dict) -> str:
         if "error" in m["tf_keras_vis"]:
             lines.append(f"  {name:13s} tf-keras-vis did not run: {m['tf_keras_vis']['error']}")
     return "\n".join(lines)
-
-
-def _grid(rows) -> list[str]:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-            for r in rows]
 
 
 def versions() -> dict:
@@ -570,7 +483,6 @@ def main(argv=None) -> dict:
         if "feed" not in skip:
             feed_n = args.feed_images or (64 if quick else FEED_IMAGES)
             log(f"feed: near-free model, tf.data vs the pipeline at 1 and 2 threads and on 1 core, N={feed_n}, 2N")
-            from bench.feed import measure_feed
 
             results["feed"] = measure_feed(workdir, feed_n, repeats=repeats, log=log)
         for name in ([] if "models" in skip else model_names):
@@ -609,8 +521,6 @@ def main(argv=None) -> dict:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     if args.scale:
-        from bench.scale import measure_scale, verdicts
-
         log(f"launcher scale rehearsal (bench.scale) at {args.scale} rows")
         with tempfile.TemporaryDirectory(prefix="gradcam-scale-", dir=args.workdir) as scale_dir:
             runs = measure_scale([int(r) for r in args.scale.split(",")], scale_dir)

@@ -9,16 +9,26 @@ project's parsers print as one line with exit status 2. `negate=True` makes
 the "off" spelling of an option (`--no_report`, `--no_report=false`).
 
 `exit_status` checks an exit status given on the command line (0-255).
+`OneLineParser` is the project's argparse parser: a bad option is one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Optional
 
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
 BOOLEAN_METAVAR = "true|false"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line on stderr ("error: ... (see --help)"), exit status 2."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"error: {message} (see --help)\n")
+        sys.exit(2)
 
 
 def parse_bool(text: str) -> bool:

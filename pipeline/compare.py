@@ -68,7 +68,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.argtypes import add_boolean, exit_status
+from pipeline.argtypes import OneLineParser, add_boolean, exit_status
+from pipeline.manifest import MANIFEST_NAME, load_manifest, read_table
+from transforms.attention import correlation, upsample
 from transforms.errors import AuditError
 from transforms.schemas import COMPARISON_SCHEMA, versioned
 
@@ -158,8 +160,6 @@ class RunData:
 
 def load_run(run_dir: str, role: str) -> RunData:
     """Reads a run folder's manifest and class_stats; CompareError if it is not a run."""
-    from pipeline.manifest import MANIFEST_NAME, load_manifest, read_table
-
     run_dir = run_dir.rstrip("/")
     try:
         manifest = load_manifest(run_dir)
@@ -228,19 +228,6 @@ def compare_strategies(base: list[dict], cur: list[dict], t: CompareThresholds) 
     return reasons
 
 
-def _resize(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Bilinear resampling of a 2-D map (cell centres aligned)."""
-    if a.shape == shape:
-        return a
-
-    def coords(n_in, n_out):
-        return np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
-
-    ys, xs = coords(a.shape[0], shape[0]), coords(a.shape[1], shape[1])
-    rows = np.stack([np.interp(ys, np.arange(a.shape[0]), a[:, j]) for j in range(a.shape[1])], axis=1)
-    return np.stack([np.interp(xs, np.arange(a.shape[1]), rows[i]) for i in range(shape[0])], axis=0)
-
-
 def mean_cam(row: Optional[dict]) -> Optional[np.ndarray]:
     if not row or row.get("mean_cam") is None:
         return None
@@ -248,14 +235,12 @@ def mean_cam(row: Optional[dict]) -> Optional[np.ndarray]:
 
 
 def cam_correlation(a: Optional[np.ndarray], b: Optional[np.ndarray]) -> Optional[float]:
-    """Pearson correlation of two maps (resampled to the larger shape); None if undefined."""
+    """Pearson correlation of two maps, bilinearly resampled (`transforms.attention.upsample`) to the
+    larger shape; None if undefined."""
     if a is None or b is None:
         return None
     shape = max(a.shape, b.shape, key=lambda s: s[0] * s[1])
-    a, b = _resize(a, shape).ravel(), _resize(b, shape).ravel()
-    if a.std() == 0 or b.std() == 0:
-        return None
-    return float(np.corrcoef(a, b)[0, 1])
+    return correlation(*(m if m.shape == shape else upsample(m, *shape) for m in (a, b)))
 
 
 def _delta(base: Optional[dict], cur: Optional[dict], key: str) -> Optional[float]:
@@ -480,14 +465,8 @@ def exit_code(comparison: dict, flagged_exit_code: int = EXIT_FLAGGED) -> int:
     return flagged_exit_code if comparison["flagged"] else EXIT_OK
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        sys.stderr.write(f"error: {message} (see --help)\n")
-        sys.exit(EXIT_FAILED)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+    parser = OneLineParser(
         prog="python -m pipeline.compare",
         description="Compare two audit runs class by class. Exit status: 0 nothing flagged, "
         "1 something flagged (--flagged_exit_code N: N), 2 bad option or the comparison could not run. "

@@ -15,14 +15,17 @@ from typing import Optional
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.argtypes import add_boolean
+from pipeline.argtypes import OneLineParser, add_boolean
 from pipeline.compare import add_flagged_exit_code_argument, add_threshold_arguments
+from pipeline.history import check_run_id
 from pipeline.runners import RUNNER_DESTS, add_runner_arguments, runner_of, translate_runner_args
 from transforms.cam.methods import METHODS
 from transforms.cam.preprocess import PRESETS, parse_image_size
 from transforms.cam.targets import DEFAULT_MAX_TARGETS, LABEL_FORMATS, TARGET_HELP, TargetSpec, parse_target
 from transforms.errors import AuditError
+from transforms.flags import DEFAULT_THRESHOLDS, FlagThresholds
 from transforms.precision import MIXED_PRECISION
+from transforms.strategies import StrategySettings
 
 DEFAULT_RUNNER = "FnApiRunner"
 # --faithfulness_images: the check's cost is its scorer's trace (~170 forward passes of MobileNetV2,
@@ -92,8 +95,6 @@ def _int(text: str) -> int:
 
 
 def _run_id(text: str) -> str:
-    from pipeline.history import check_run_id
-
     try:
         return check_run_id(text)
     except AuditError as exc:
@@ -168,10 +169,11 @@ def add_audit_arguments(parser) -> None:
                 help="Write <run>/report.html, a self-contained visual report (default)")
     add_boolean(parser, "--no_report", dest="report", negate=True, default=argparse.SUPPRESS,  # --report's
                 help="Do not write report.html (the same as --report=false)")
-    add("--outside_box_concentration", type=_non_negative_float, default=1.0,
+    add("--outside_box_concentration", type=_non_negative_float,
+        default=DEFAULT_THRESHOLDS.outside_box_concentration,
         help="attention_outside_box: set when the CAM peak misses every box and box_mass / box_area is at most "
         "this (1 = what a flat map gives the boxes)")
-    add("--pointing_tolerance", type=_non_negative_float, default=15.0,
+    add("--pointing_tolerance", type=_non_negative_float, default=DEFAULT_THRESHOLDS.pointing_tolerance_px,
         help="Pointing game: a peak within this many image pixels of a box is a hit (Zhang et al. 2016: 15)")
     add("--strategy_sample_size", type=_positive_int, default=1000,
         help="Strategies (SpRAy): maps sampled per class for the spectral clustering")
@@ -227,12 +229,6 @@ class AuditOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
         add_audit_arguments(parser)
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        sys.stderr.write(f"error: {message} (see --help)\n")
-        sys.exit(2)
 
 
 @dataclasses.dataclass
@@ -316,17 +312,12 @@ class AuditConfig:
             return self.label_threshold
         return self.target.threshold if self.target.mode == "above" else 0.5
 
-    def flag_thresholds(self):
-        """The per-image flag thresholds these options set (transforms.flags.FlagThresholds)."""
-        from transforms.flags import FlagThresholds
+    def flag_thresholds(self) -> FlagThresholds:
+        """The per-image flag thresholds these options set."""
+        return FlagThresholds.from_options(vars(self))
 
-        return FlagThresholds(outside_box_concentration=self.outside_box_concentration,
-                              pointing_tolerance_px=self.pointing_tolerance)
-
-    def strategy_settings(self):
-        """The strategy (SpRAy) settings these options set (transforms.strategies.StrategySettings)."""
-        from transforms.strategies import StrategySettings
-
+    def strategy_settings(self) -> StrategySettings:
+        """The strategy (SpRAy) settings these options set."""
         return StrategySettings(sample_size=self.strategy_sample_size, max_clusters=self.strategy_max_clusters,
                                 min_share=self.strategy_min_share,
                                 max_concentration=self.strategy_max_concentration,
@@ -369,7 +360,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+    parser = OneLineParser(
         prog="python -m pipeline",
         description=(
             "Explain an image classifier over a whole TFRecord dataset with batched "

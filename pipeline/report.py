@@ -27,9 +27,7 @@ Strategies (SpRAy clusters, one strip per class): `pipeline.report_strategies`.
 from __future__ import annotations
 
 import argparse
-import base64
 import datetime
-import html
 import io
 import logging
 import sys
@@ -37,8 +35,18 @@ from typing import Optional
 
 import numpy as np
 
+from pipeline.compare import COMPARISON_JSON
+from pipeline.formatting import class_name as _class_name
+from pipeline.formatting import data_uri as _data_uri
+from pipeline.formatting import esc as _esc
+from pipeline.formatting import fmt as _fmt
+from pipeline.manifest import iter_batches, load_manifest, read_json, read_table, table_files
 from pipeline.report_strategies import CSS as STRATEGY_CSS
+from pipeline.report_strategies import strategies_section
+from transforms.attention import BORDER_FRACTION
+from transforms.errors import AuditError
 from transforms.exemplars import FLAG_RANKING, PER_KIND, flag_kind, shortcut_kind
+from transforms.flags import CELL_NAMES, DEFAULT_THRESHOLDS, FlagThresholds
 from transforms.thumbnails import ALPHA, COLORMAP
 
 _LOG = logging.getLogger(__name__)
@@ -47,19 +55,29 @@ REPORT_NAME = "report.html"
 PER_FLAG = PER_KIND  # the most the exemplars table holds per kind
 MAX_CLASS_MAPS = 24
 
-# flag column -> (title, what it means); worst first as ranked by transforms.exemplars.FLAG_RANKING
-FLAG_GRIDS = {
-    "confident_wrong": ("Confidently wrong", "wrong prediction with a score of at least 0.8"),
-    "low_confidence": ("Low confidence", "no class gets half of the probability"),
-    "attention_outside_box": ("Attention outside the box",
-                              ("the CAM peak misses every box (by more than 15 px) and the boxes get no more of its "
-                               "mass than a flat map would (box_mass / box_area <= 1)")),
-    "attention_on_border": ("Attention on the border", "at least 60% of the CAM's mass in the outer 12.5% band"),
+# flag column -> title; worst first as ranked by transforms.exemplars.FLAG_RANKING
+FLAG_TITLES = {
+    "confident_wrong": "Confidently wrong",
+    "low_confidence": "Low confidence",
+    "attention_outside_box": "Attention outside the box",
+    "attention_on_border": "Attention on the border",
 }
 
 
-def _data_uri(data: bytes, mime: str) -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+def flag_rules(thresholds: FlagThresholds = DEFAULT_THRESHOLDS) -> dict[str, str]:
+    """Flag column -> the rule that sets it, worded from the thresholds the run used (transforms.flags)."""
+    t = thresholds
+    flat = ("no more of its mass than a flat map would" if t.outside_box_concentration == 1
+            else f"at most {t.outside_box_concentration:g} times the share of its mass a flat map would")
+    return {
+        "confident_wrong": f"wrong prediction with a score of at least {t.confident:g}",
+        "low_confidence": ("no class gets half of the probability" if t.low_confidence == 0.5
+                           else f"the top score is below {t.low_confidence:g}"),
+        "attention_outside_box": (f"the CAM peak misses every box (by more than {t.pointing_tolerance_px:g} px) and "
+                                  f"the boxes get {flat} (box_mass / box_area <= {t.outside_box_concentration:g})"),
+        "attention_on_border": (f"at least {t.border_mass:.0%} of the CAM's mass in the outer "
+                                f"{BORDER_FRACTION:.1%} band"),
+    }
 
 
 def _figure_uri(fig) -> str:
@@ -71,30 +89,11 @@ def _figure_uri(fig) -> str:
     return _data_uri(buf.getvalue(), "image/png")
 
 
-def _esc(value) -> str:
-    return html.escape("" if value is None else str(value))
-
-
-def _fmt(value, spec: str = ".2f") -> str:
-    if value is None or (isinstance(value, float) and not np.isfinite(value)):
-        return "-"
-    return format(value, spec)
-
-
-def _class_name(names: dict, class_id) -> str:
-    if class_id is None:
-        return "-"
-    name = names.get(int(class_id))
-    return f"{class_id} {name}" if name else str(class_id)
-
-
 # -- image grids from the exemplars table -------------------------------------------------------
 
 
 def exemplars_by_kind(run_dir: str) -> Optional[dict[str, list[dict]]]:
     """{kind: exemplar rows, worst first} of the run, or None when it has no exemplars table."""
-    from pipeline.manifest import read_table, table_files
-
     if not table_files(run_dir, "exemplars"):
         return None
     by_kind: dict[str, list[dict]] = {}
@@ -109,12 +108,10 @@ def flag_totals(run_dir: str) -> dict[str, int]:
     """Images (rank-0 rows) with each flag set, counted over projected columns in record batches."""
     import pyarrow.compute as pc
 
-    from pipeline.manifest import iter_batches
-
-    totals = dict.fromkeys(FLAG_GRIDS, 0)
-    for batch in iter_batches(run_dir, "heatmaps", ["target_rank", *FLAG_GRIDS]):
+    totals = dict.fromkeys(FLAG_TITLES, 0)
+    for batch in iter_batches(run_dir, "heatmaps", ["target_rank", *FLAG_TITLES]):
         first = pc.equal(batch.column("target_rank"), 0)
-        for flag in FLAG_GRIDS:
+        for flag in FLAG_TITLES:
             totals[flag] += pc.sum(pc.and_(first, pc.fill_null(batch.column(flag), False))).as_py() or 0
     return totals
 
@@ -141,7 +138,7 @@ def class_plots(stats: list[dict], names: dict) -> str:
     axes[0].bar(x + width / 2, values("pointing_accuracy"), width, label="pointing game")
     axes[0].set_ylim(0, 1.05)
     axes[0].set_title("Accuracy and pointing game per class")
-    flags = list(FLAG_GRIDS)
+    flags = list(FLAG_TITLES)
     width = 0.8 / len(flags)
     for i, flag in enumerate(flags):
         axes[1].bar(x - 0.4 + width * (i + 0.5), values(f"share_{flag}"), width, label=flag.replace("_", " "))
@@ -279,8 +276,6 @@ def faithfulness_section(manifest: dict, stats: list[dict], names: dict) -> str:
 
 
 def _class_table(stats: list[dict], names: dict) -> str:
-    from transforms.flags import CELL_NAMES
-
     head = ("<tr><th class=l>class</th><th>images</th><th>accuracy</th><th>precision</th><th>mean score</th>"
             "<th>in-box mass</th><th>border mass</th><th>pointing game</th><th>flagged</th>"
             "<th class=l>peaks in one ninth</th><th>boxes there</th><th>shortcut score</th><th>shortcut?</th></tr>")
@@ -352,8 +347,6 @@ def _comparison_section(comparison: dict, names: dict, current_stats: list[dict]
     flagged = set(comparison["flagged_classes"])
     if flagged:
         try:
-            from pipeline.manifest import read_table
-
             before = [s for s in read_table(b["run_dir"], "class_stats").to_pylist() if s["class_id"] in flagged]
             after = [s for s in current_stats if s["class_id"] in flagged]
             for title, rows in ((f"Baseline {b['run_id']}: mean CAM of the flagged classes", before),
@@ -370,9 +363,6 @@ def render_report(run_dir: str, manifest: dict, comparison: Optional[dict] = Non
     """The HTML of the report of the run whose tables are in `run_dir`."""
     import pyarrow as pa
 
-    from pipeline.manifest import read_table
-    from transforms.flags import CELL_NAMES
-
     stats = sorted(read_table(run_dir, "class_stats").to_pylist(), key=lambda s: s["class_id"])  # one row/class
     names = {s["class_id"]: s["class_name"] for s in stats if s["class_name"]}
     exemplars = exemplars_by_kind(run_dir)
@@ -380,10 +370,11 @@ def render_report(run_dir: str, manifest: dict, comparison: Optional[dict] = Non
         totals = flag_totals(run_dir)
     else:
         totals = {flag: (exemplars.get(flag_kind(flag)) or [{"kind_total": 0}])[0]["kind_total"]
-                  for flag in FLAG_GRIDS}
+                  for flag in FLAG_TITLES}
     has_exemplars, exemplars = exemplars is not None, exemplars or {}
-    grids = [(flag, title, meaning, totals[flag], exemplars.get(flag_kind(flag), [])[:per_flag])
-             for flag, (title, meaning) in FLAG_GRIDS.items()]
+    rules = flag_rules(FlagThresholds.from_options(manifest.get("options") or {}))  # the run's thresholds
+    grids = [(flag, title, rules[flag], totals[flag], exemplars.get(flag_kind(flag), [])[:per_flag])
+             for flag, title in FLAG_TITLES.items()]
     shortcut_grids = [(s, exemplars.get(shortcut_kind(s["class_id"]), [])[:per_flag])
                       for s in stats if s.get("shortcut") and s.get("peak_cell") is not None]
 
@@ -433,7 +424,6 @@ def render_report(run_dir: str, manifest: dict, comparison: Optional[dict] = Non
             parts.append(f"<h2>Mean heatmap per class{more}</h2>"
                          "<p class=muted>Mean of each image's CAM divided by its maximum; lines cut the image in "
                          f"ninths.</p><p><img alt='mean heatmaps' src='{maps}'></p>")
-    from pipeline.report_strategies import strategies_section
 
     parts.append(strategies_section(run_dir, names, exemplars if has_exemplars else None))
     parts.append(faithfulness_section(manifest, stats, names))
@@ -465,13 +455,9 @@ def write_report(run_dir: str, *, manifest: Optional[dict] = None, comparison: O
     """Renders the report of the run in `run_dir` and writes it; returns its path."""
     from apache_beam.io.filesystems import FileSystems
 
-    from pipeline.manifest import load_manifest, read_json
-
     run_dir = run_dir.rstrip("/")
     manifest = manifest if manifest is not None else load_manifest(run_dir)
     if comparison is None:
-        from pipeline.compare import COMPARISON_JSON
-
         comparison = read_json(f"{run_dir}/{COMPARISON_JSON}")
     page = render_report(run_dir, manifest, comparison, per_flag)
     out = out or f"{run_dir}/{REPORT_NAME}"
@@ -481,8 +467,6 @@ def write_report(run_dir: str, *, manifest: Optional[dict] = None, comparison: O
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from transforms.errors import AuditError
-
     parser = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", help="A run folder (<output>/run=<id>, local or gs://)")
     parser.add_argument("--out", default=None, help="Where to write the HTML (default: <run_dir>/report.html)")

@@ -17,7 +17,14 @@ from typing import Optional
 
 import numpy as np
 
-from transforms.exemplars import STRATEGY_EXEMPLARS
+from pipeline.formatting import class_name as _class_name
+from pipeline.formatting import data_uri as _data_uri
+from pipeline.formatting import esc as _esc
+from pipeline.formatting import fmt as _fmt
+from pipeline.manifest import read_table
+from transforms.exemplars import STRATEGY_EXEMPLARS, strategy_kind
+from transforms.flags import CELL_NAMES
+from transforms.thumbnails import COLORMAP
 
 _LOG = logging.getLogger(__name__)
 
@@ -34,8 +41,6 @@ width:auto;font-size:11px} .strategy.suspicious{border:2px solid #b00020;backgro
 
 def read_clusters(run_dir: str) -> list[dict]:
     """The clusters table (a few rows per class); empty for runs made before strategies existed."""
-    from pipeline.manifest import read_table
-
     try:
         return read_table(run_dir, "clusters").to_pylist()
     except (OSError, ValueError, KeyError) as exc:
@@ -49,8 +54,6 @@ def map_tile(mean_cam: np.ndarray, size: int = MAP_TILE) -> bytes:
 
     import matplotlib
     from PIL import Image, ImageDraw
-
-    from pipeline.report import COLORMAP
 
     peak = float(mean_cam.max())
     norm = mean_cam / peak if peak > 0 else np.zeros_like(mean_cam)
@@ -75,8 +78,6 @@ def exemplar_tiles(exemplars: Optional[dict[str, list[dict]]], clusters: list[di
         The tiles are the thumbnails the job drew for kind "strategy:<class>:<cluster>";
         neither the heatmaps nor the shards are read.
     """
-    from transforms.exemplars import strategy_kind
-
     tiles: dict[tuple[int, int], list[tuple[str, bytes]]] = {}
     for c in clusters if exemplars else ():
         rows = exemplars.get(strategy_kind(c["class_id"], c["cluster_id"]), [])[:TILES_PER_STRATEGY]
@@ -101,8 +102,6 @@ def strategies_section(run_dir: str, names: dict, exemplars: Optional[dict[str, 
     Args:
       exemplars: `pipeline.report.exemplars_by_kind` of the run (None when it has no exemplars table).
     """
-    from pipeline.report import _class_name, _data_uri, _esc, _fmt
-
     clusters = read_clusters(run_dir) if clusters is None else clusters
     if not clusters:
         return ""
@@ -149,8 +148,6 @@ def strategies_section(run_dir: str, names: dict, exemplars: Optional[dict[str, 
 
 def summary_lines(clusters: list[dict], names: dict) -> list[str]:
     """One '! class' line per class with suspicious strategies (for the printed summary)."""
-    from transforms.flags import CELL_NAMES
-
     lines = []
     for class_id in sorted({c["class_id"] for c in clusters if c["suspicious"]}):
         mine = [c for c in clusters if c["class_id"] == class_id]

@@ -208,12 +208,7 @@ def portable_args(args: list, settings: dict) -> list:
     return out
 
 
-_TRANSLATORS: dict = {"dataflow": dataflow_args, "flink": flink_args, "portable": portable_args}
-
-
-def register_translator(name: str, translator: Translator) -> None:
-    """Replaces (or adds) the translation of `--runner=<name>` (e.g. the Flink cluster's)."""
-    _TRANSLATORS[name.lower()] = translator
+_TRANSLATORS: dict[str, Translator] = {"dataflow": dataflow_args, "flink": flink_args, "portable": portable_args}
 
 
 def translate_runner_args(beam_args: list, **settings) -> list:

@@ -114,7 +114,7 @@ def test_gpu_check_runs_its_cpu_table_without_a_gpu(tmp_path):
 
 def test_a_run_past_the_memory_limit_is_stopped_not_left_to_the_oom_killer(tmp_path):
     """The bench stops a measured run whose RSS passes its limit (by its PID) and says so."""
-    from bench.run_bench import RunawayMemory, run_pipeline_process
+    from bench.common import RunawayMemory, run_pipeline_process
 
     with pytest.raises(RunawayMemory, match="MB RSS"):
         run_pipeline_process(str(tmp_path / "none-*.tfrecord"), "no-model.keras", str(tmp_path / "out"),

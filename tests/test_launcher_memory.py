@@ -7,6 +7,7 @@ and the Python objects alive at the peak are a small fraction of what the
 table would be as dicts.
 """
 
+import sys
 import tracemalloc
 
 import pytest
@@ -34,7 +35,9 @@ def no_whole_heatmaps(monkeypatch):
         assert table != "heatmaps", "the heatmaps table was read whole"
         return original(output, table, columns)
 
-    monkeypatch.setattr(manifest_module, "read_table", guarded)
+    for module in list(sys.modules.values()):  # every module that imported read_table by name (pipeline.report ...)
+        if getattr(module, "read_table", None) is original:
+            monkeypatch.setattr(module, "read_table", guarded)
     monkeypatch.setattr(manifest_module, "BATCH_ROWS", 4096)
 
 

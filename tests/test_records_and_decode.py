@@ -15,7 +15,7 @@ from tests.helpers import good_examples, jpeg_bytes, png_bytes, write_shard
 from transforms.dead_letters import ERRORS_TAG, error_row
 from transforms.decode import BatchImageDecoder, DecodedImage, DecodeImageExamples, decode_batch
 from transforms.image_header import read_header
-from transforms.records import ReadShardRecords, ShardRecord, read_record_at
+from transforms.records import CorruptRecord, ReadShardRecords, ShardRecord, iter_records, read_record_at
 
 
 def run_dofn(dofn, element):
@@ -84,6 +84,20 @@ def test_truncated_shard(tmp_path):
     (error,) = errors
     assert error["error"] == "CorruptRecord" and "truncated" in error["message"]
     assert error["raw_record"] == data[21:-3] and error["record_index"] == 1
+
+
+def test_iter_records_reads_a_whole_file_and_stops_at_the_first_damage(tmp_path):
+    """iter_records (a plain file's records, for the benches) checks what ReadShardRecords checks."""
+    path = write_shard(str(tmp_path), "a.tfrecord", [b"one", b"two", b"three"])
+    data = open(path, "rb").read()
+    with open(path, "rb") as handle:
+        assert list(iter_records(handle)) == [b"one", b"two", b"three"]
+    for damaged, message in ((data[:-3], "truncated record"), (data[:5], "truncated record header"),
+                             (data[:12 + 2] + b"X" + data[12 + 3:], "CRC mismatch in the record data"),
+                             (b"\xff" + data[1:], "CRC mismatch in the record length")):
+        open(path, "wb").write(damaged)
+        with open(path, "rb") as handle, pytest.raises(CorruptRecord, match=message):
+            list(iter_records(handle))
 
 
 def test_empty_shard(tmp_path):

@@ -1,15 +1,19 @@
 """The visual report: self-contained HTML, tiles from the exemplars table, loads in a real browser."""
 
+import html
 import os
 import re
 
 import pytest
 
-from pipeline.demo import SHORTCUT_CLASS
+from pipeline.demo import SHORTCUT_CLASS, make_example
+from pipeline.graph import run
 from pipeline.manifest import read_table
+from pipeline.report import flag_rules
 from pipeline.report import main as report_main
 from tests.audit_fixtures import RUN_IDS
 from tests.browser import dump_dom, find_browser, screenshot
+from tests.helpers import SIZE, png_bytes, write_shard
 
 
 def _html(demo_runs, run_id):
@@ -125,3 +129,27 @@ def test_report_shows_the_strategy_strips(demo_runs):
     first = next(c for c in clusters if c["class_id"] == MOVING_SHORTCUT_CLASS)
     for image_id in first["exemplar_ids"][:3]:
         assert f"title='{image_id}'" in page
+
+
+def test_default_rule_texts():
+    rules = flag_rules()
+    assert rules["confident_wrong"] == "wrong prediction with a score of at least 0.8"
+    assert rules["attention_outside_box"] == (
+        "the CAM peak misses every box (by more than 15 px) and the boxes get no more of its mass than a flat map "
+        "would (box_mass / box_area <= 1)")
+    assert rules["attention_on_border"] == "at least 60% of the CAM's mass in the outer 12.5% band"
+
+
+def test_rule_texts_are_the_runs_thresholds(model_path, tmp_path):
+    """`python -m pipeline --pointing_tolerance 30 --outside_box_concentration 0.8`: the report says 30 px, 0.8."""
+    records = [make_example(png_bytes(SIZE, SIZE, seed=i), label=i % 3, image_id=f"x-{i}",
+                            boxes=[(0.1, 0.1, 0.6, 0.7)]) for i in range(6)]
+    shard = write_shard(str(tmp_path), "only.tfrecord", records)
+    _, manifest = run(["--input", shard, "--model", model_path, "--output", str(tmp_path / "out"), "--run_id", "t",
+                       "--batch_size", "4", "--faithfulness_sample", "0", "--sanity_images", "0", "--quiet",
+                       "--pointing_tolerance", "30", "--outside_box_concentration", "0.8"])
+    assert manifest["options"]["pointing_tolerance"] == 30 and manifest["options"]["outside_box_concentration"] == 0.8
+    page = html.unescape(open(manifest["report"], encoding="utf-8").read())
+    assert ("the CAM peak misses every box (by more than 30 px) and the boxes get at most 0.8 times the share of its "
+            "mass a flat map would (box_mass / box_area <= 0.8)") in page
+    assert "15 px" not in page and "box_area <= 1)" not in page

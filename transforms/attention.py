@@ -17,6 +17,10 @@ statistics cost ~60 us instead of ~0.3-1 ms (the grid's 300 kB temporaries).
 
 Entropy stays on the layer's cells (0 = one cell, 1 = uniform): upsampling
 would only smooth it.
+
+The map maths other modules share lives here too: `upsample` (the bilinear
+resize; `pipeline.compare` resamples maps of two runs with it) and
+`correlation` (of two maps; the comparison and the strategies' rule).
 """
 
 from __future__ import annotations
@@ -33,17 +37,6 @@ POINTING_TOLERANCE_PX = 15.0  # Zhang et al. 2016, "Top-down neural attention by
 
 STAT_KEYS = ("peak_y", "peak_x", "entropy", "border_mass", "box_mass", "box_area", "box_concentration",
              "peak_in_box")
-
-
-def cell_overlap(height: int, width: int, box) -> np.ndarray:
-    """Share of each cell of an h x w grid inside box (ymin, xmin, ymax, xmax)."""
-    ymin, xmin, ymax, xmax = box
-
-    def axis(n: int, lo: float, hi: float) -> np.ndarray:
-        start = np.arange(n) / n
-        return np.clip(np.minimum(start + 1.0 / n, hi) - np.maximum(start, lo), 0.0, None) * n
-
-    return np.outer(axis(height, ymin, ymax), axis(width, xmin, xmax))
 
 
 @functools.lru_cache(maxsize=256)
@@ -72,6 +65,14 @@ def upsample(cam: np.ndarray, height: int, width: int) -> np.ndarray:
     """Bilinear upsampling of cam[h, w] to [height, width] (half-pixel centres, as image resizers do)."""
     cam = np.asarray(cam, np.float64)
     return _interpolation_matrix(cam.shape[0], height) @ cam @ _interpolation_matrix(cam.shape[1], width).T
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> Optional[float]:
+    """Pearson correlation of two maps of one shape (as flat vectors); None when either is constant."""
+    a, b = np.ravel(a), np.ravel(b)
+    if a.std() == 0 or b.std() == 0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
 
 
 def box_mask(height: int, width: int, boxes: Sequence) -> np.ndarray:

@@ -35,7 +35,11 @@ from typing import Any, Callable, Iterable, NamedTuple, Optional
 import apache_beam as beam
 import numpy as np
 
+from transforms.decode import _boxes
 from transforms.flags import DEFAULT_THRESHOLDS, FlagThresholds
+from transforms.records import read_record_at
+from transforms.rows import ExemplarSource, heatmap_rows  # ExemplarSource: FormatHeatmapRows makes them
+from transforms.thumbnails import example_image, overlay_tile
 
 _LOG = logging.getLogger(__name__)
 
@@ -170,23 +174,11 @@ def record_and_boxes(winner: Candidate) -> tuple[bytes, tuple]:
         return winner.raw_record, winner.boxes
     import tensorflow as tf
 
-    from transforms.decode import _boxes
-    from transforms.records import read_record_at
-
     fields = winner.fields
     if fields.get("record_offset") is None:
         raise ValueError(f"exemplar {winner.image_id}: no record bytes and no record_offset to read them from")
     raw = read_record_at(fields["source"], int(fields["record_offset"]))
     return raw, _boxes(tf.train.Example.FromString(raw).features.feature)
-
-
-class ExemplarSource(NamedTuple):
-    """What the exemplar proposals need of one explained image: its heatmap rows (all target
-    ranks), its serialized record (for the thumbnail) and its object boxes; no pixels."""
-
-    rows: list
-    raw_record: bytes
-    boxes: tuple = ()
 
 
 def exemplar_source(result, *, method: str, target_layer: str,
@@ -197,7 +189,6 @@ def exemplar_source(result, *, method: str, target_layer: str,
         return result
     if result.error is not None:
         return None
-    from transforms.rows import heatmap_rows
 
     rows = heatmap_rows(result, method=method, target_layer=target_layer, thresholds=thresholds)
     return ExemplarSource(rows, result.image.raw_record, result.image.boxes)
@@ -262,8 +253,6 @@ class DrawThumbnails(beam.DoFn):
             pool.shutdown(wait=True)
 
     def _tile(self, winner: Candidate) -> bytes:
-        from transforms.thumbnails import example_image, overlay_tile
-
         f = winner.fields
         cam = np.asarray(f["cam"], np.float32).reshape(f["cam_height"], f["cam_width"])
         try:

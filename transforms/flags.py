@@ -64,14 +64,15 @@ above 0.15.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
+
+from transforms.attention import POINTING_TOLERANCE_PX
 
 CONFIDENT = 0.8
 LOW_CONFIDENCE = 0.5
 OUTSIDE_BOX_CONCENTRATION = 1.0
-POINTING_TOLERANCE_PX = 15.0
 BORDER_MASS = 0.6
 SHORTCUT_MIN_IMAGES = 10
 SHORTCUT_PEAK_SHARE = 0.5
@@ -80,6 +81,11 @@ SHORTCUT_SCORE = 0.3
 IMAGE_FLAGS = ("confident_wrong", "low_confidence", "attention_outside_box", "attention_on_border")
 CENTRE_CELL = 4
 NUM_CELLS = 9
+
+# command-line option (pipeline.options; a run manifest's "options") -> the FlagThresholds field it sets
+OPTION_FIELDS = {"outside_box_concentration": "outside_box_concentration",
+                 "pointing_tolerance": "pointing_tolerance_px"}
+
 
 @dataclasses.dataclass(frozen=True)
 class FlagThresholds:
@@ -93,6 +99,15 @@ class FlagThresholds:
     shortcut_min_images: int = SHORTCUT_MIN_IMAGES
     shortcut_peak_share: float = SHORTCUT_PEAK_SHARE
     shortcut_score: float = SHORTCUT_SCORE
+
+    @classmethod
+    def from_options(cls, options: Mapping) -> "FlagThresholds":
+        """The thresholds a run used, from its option values (`AuditConfig` fields or a manifest's "options").
+
+        An option missing or None (a run made before the option existed) keeps its default.
+        """
+        return cls(**{field: options[name] for name, field in OPTION_FIELDS.items()
+                      if options.get(name) is not None})
 
 
 DEFAULT_THRESHOLDS = FlagThresholds()

@@ -17,7 +17,7 @@ import io
 import os
 import random
 import struct
-from typing import Iterator, NamedTuple, Union
+from typing import Iterator, NamedTuple, Optional, Union
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -77,25 +77,39 @@ def iter_records(handle) -> Iterator[bytes]:
     Raises:
       CorruptRecord: at the first record that is truncated or fails a CRC.
     """
-    while True:
-        header = handle.read(_HEADER)
-        if not header:
-            return
-        if len(header) < _HEADER:
-            raise CorruptRecord(f"truncated record header ({len(header)} of {_HEADER} bytes)")
-        (length,) = struct.unpack("<Q", header[:8])
-        (length_crc,) = struct.unpack("<I", header[8:])
-        if masked_crc32c(header[:8]) != length_crc:
-            raise CorruptRecord("CRC mismatch in the record length")
-        if length > _MAX_RECORD_BYTES:
-            raise CorruptRecord(f"record length {length} exceeds {_MAX_RECORD_BYTES}")
-        data = handle.read(length)
-        footer = handle.read(_FOOTER)
-        if len(data) < length or len(footer) < _FOOTER:
-            raise CorruptRecord(f"truncated record ({len(data)} of {length} data bytes)")
-        if masked_crc32c(data) != struct.unpack("<I", footer)[0]:
-            raise CorruptRecord("CRC mismatch in the record data")
-        yield data
+    while (checked := _read_record(handle)) is not None:
+        if isinstance(checked, str):
+            raise CorruptRecord(checked)
+        yield checked
+
+
+def _read_record(handle, left: Optional[int] = None) -> Union[bytes, str, None]:
+    """The data of the record at the handle's position (both CRCs checked), why it is damaged (a str),
+    or None when nothing is left to read.
+
+    Args:
+      left: the bytes from the position to the end of the file, when known: a record longer than
+        that is truncated, found without reading its data.
+    """
+    header = handle.read(_HEADER)
+    if not header:
+        return None
+    if len(header) < _HEADER:
+        return f"truncated record header ({len(header)} of {_HEADER} bytes)"
+    (length,) = struct.unpack("<Q", header[:8])
+    if masked_crc32c(header[:8]) != struct.unpack("<I", header[8:])[0]:
+        return "CRC mismatch in the record length"
+    if length > _MAX_RECORD_BYTES:
+        return f"record length {length} exceeds {_MAX_RECORD_BYTES}"
+    if left is not None and length + _FOOTER > left - _HEADER:
+        return f"truncated record ({max(0, min(length, left - _HEADER))} of {length} data bytes)"
+    data = handle.read(length)
+    footer = handle.read(_FOOTER)
+    if len(data) < length or len(footer) < _FOOTER:
+        return f"truncated record ({len(data)} of {length} data bytes)"
+    if masked_crc32c(data) != struct.unpack("<I", footer)[0]:
+        return "CRC mismatch in the record data"
+    return data
 
 
 def _crc_table():
@@ -215,24 +229,8 @@ def find_next_record(handle, start: int, size: int) -> int:
 
 def _check_record(handle, offset: int, size: int) -> Union[bytes, str]:
     """The data of the record at `offset` (handle positioned there), or why it is damaged."""
-    header = handle.read(_HEADER)
-    if len(header) < _HEADER:
-        return f"truncated record header ({len(header)} of {_HEADER} bytes)"
-    (length,) = struct.unpack("<Q", header[:8])
-    if masked_crc32c(header[:8]) != struct.unpack("<I", header[8:])[0]:
-        return "CRC mismatch in the record length"
-    if length > _MAX_RECORD_BYTES:
-        return f"record length {length} exceeds {_MAX_RECORD_BYTES}"
-    left = size - offset - _HEADER
-    if length + _FOOTER > left:
-        return f"truncated record ({max(0, min(length, left))} of {length} data bytes)"
-    data = handle.read(length)
-    footer = handle.read(_FOOTER)
-    if len(data) < length or len(footer) < _FOOTER:
-        return f"truncated record ({len(data)} of {length} data bytes)"
-    if masked_crc32c(data) != struct.unpack("<I", footer)[0]:
-        return "CRC mismatch in the record data"
-    return data
+    checked = _read_record(handle, left=size - offset)
+    return f"truncated record header (0 of {_HEADER} bytes)" if checked is None else checked
 
 
 def read_shard(handle, size: int) -> Iterator[Union[bytes, DamagedSpan]]:

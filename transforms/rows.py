@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import apache_beam as beam
 import numpy as np
 
@@ -12,6 +14,15 @@ from transforms.flags import DEFAULT_THRESHOLDS, FlagThresholds, image_flags
 from transforms.model_handler import Explained
 from transforms.progress import flush as flush_progress
 from transforms.progress import tally
+
+
+class ExemplarSource(NamedTuple):
+    """What the exemplar proposals (`transforms.exemplars`) need of one explained image: its heatmap
+    rows (all target ranks), its serialized record (for the thumbnail) and its object boxes; no pixels."""
+
+    rows: list
+    raw_record: bytes
+    boxes: tuple = ()
 
 
 def heatmap_rows(
@@ -110,7 +121,7 @@ class FormatHeatmapRows(beam.DoFn):
     """Explained -> heatmap row dicts; images that failed (decode or compute) -> the "errors" output.
 
     With `exemplar_sources`, each explained image also goes to the "exemplar_sources" output as a
-    `transforms.exemplars.ExemplarSource` (its rows, serialized record and boxes; no pixels), what
+    `ExemplarSource` (its rows, serialized record and boxes; no pixels), what
     `SelectAuditExemplars` takes without formatting the rows again.
     """
 
@@ -157,7 +168,5 @@ class FormatHeatmapRows(beam.DoFn):
         )
         yield from rows
         if self._exemplar_sources:
-            from transforms.exemplars import ExemplarSource
-
             yield beam.pvalue.TaggedOutput(
                 EXEMPLAR_SOURCES_TAG, ExemplarSource(rows, result.image.raw_record, result.image.boxes))

@@ -73,6 +73,7 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 
+from transforms.attention import correlation
 from transforms.exemplars import PER_KIND, ROW_FIELDS, Candidate, strategy_kind
 from transforms.flags import CELL_NAMES, NUM_CELLS
 from transforms.schemas import HEATMAP_SCHEMA
@@ -453,12 +454,6 @@ class ClusterStatsFn(beam.CombineFn):
         }
 
 
-def _correlation(a: np.ndarray, b: np.ndarray) -> Optional[float]:
-    if a.std() == 0 or b.std() == 0:
-        return None
-    return float(np.corrcoef(a, b)[0, 1])
-
-
 def suspicion(cluster: dict, others_map: Optional[np.ndarray], settings: StrategySettings) -> tuple[bool, Optional[str]]:
     """(suspicious, reason) of one cluster (see the module docstring for the rule)."""
     s = settings
@@ -485,7 +480,7 @@ def suspicion(cluster: dict, others_map: Optional[np.ndarray], settings: Strateg
     if border is not None and border >= s.border_mass:
         return True, f"{share:.0%} of the class ({size} maps) look at the border: mass {border:.2f}{where}"
     if others_map is not None and share <= 0.5:
-        corr = _correlation(np.asarray(cluster["mean_cam"], np.float64), others_map)
+        corr = correlation(np.asarray(cluster["mean_cam"], np.float64), others_map)
         if corr is not None and corr < s.min_correlation:
             return True, (
                 f"{share:.0%} of the class ({size} maps) look where its other strategies do not: "
