@@ -211,6 +211,13 @@ def _errors(n: int) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=ERROR_SCHEMA)
 
 
+def _stamped(table: pa.Table, run_id: str) -> pa.Table:
+    """`table` with every row's run_id set, as the job's sink sets it (`transforms.sinks.with_run_id`)."""
+    from transforms.sinks import with_run_id
+
+    return pa.Table.from_batches([with_run_id(b, run_id) for b in table.to_batches()], schema=table.schema)
+
+
 def synthesize_run(run_dir: str, rows: int, *, num_classes: int = NUM_CLASSES, seed: int = 0,
                    chunk: int = CHUNK, rows_per_file: int = ROWS_PER_FILE, num_errors: int = 100,
                    run_id: str = "bench") -> dict:
@@ -228,7 +235,7 @@ def synthesize_run(run_dir: str, rows: int, *, num_classes: int = NUM_CLASSES, s
         path = os.path.join(run_dir, "heatmaps", f"part-{part:05d}-of-{files:05d}.parquet")
         writer = None
         for begin in range(start, stop, chunk):
-            table = _heatmap_chunk(rng, begin, min(chunk, stop - begin), num_classes)
+            table = _stamped(_heatmap_chunk(rng, begin, min(chunk, stop - begin), num_classes), run_id)
             for flag in totals:
                 totals[flag] += int(np.sum(table.column(flag).fill_null(False).to_numpy()))
             boxed = table.column("peak_in_box").drop_null().to_numpy()
@@ -243,7 +250,7 @@ def synthesize_run(run_dir: str, rows: int, *, num_classes: int = NUM_CLASSES, s
                         ("exemplars", _exemplars(rng, totals, num_classes)),
                         ("clusters", _clusters(rng, num_classes, rows)), ("errors", _errors(num_errors))):
         os.makedirs(os.path.join(run_dir, name), exist_ok=True)
-        pq.write_table(table, os.path.join(run_dir, name, "part-00000-of-00001.parquet"))
+        pq.write_table(_stamped(table, run_id), os.path.join(run_dir, name, "part-00000-of-00001.parquet"))
     counts = {
         "records_read": rows + num_errors, "images_explained": rows,
         "records_rejected": {"decode": num_errors, "compute": 0}, "shard_errors": 1,
