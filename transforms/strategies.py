@@ -300,6 +300,12 @@ def _row_fields(batch, rows: np.ndarray) -> list[dict]:
     return [{f: row.get(f) for f in ROW_FIELDS} for row in found]
 
 
+def _known_sum(values: np.ndarray) -> tuple[float, int]:
+    """(sum, count) of the values that are not NaN (NaN: the column was null)."""
+    known = ~np.isnan(values)
+    return float(values[known].sum()), int(known.sum())
+
+
 def _members(vectors: np.ndarray, distances: np.ndarray, image_ids: list, concentration: np.ndarray,
              box_mass: np.ndarray, border: np.ndarray, cells: np.ndarray, hits: np.ndarray,
              exemplars: int) -> "_ClusterAccumulator":
@@ -308,14 +314,11 @@ def _members(vectors: np.ndarray, distances: np.ndarray, image_ids: list, concen
     hits: `peak_in_box` as 1.0 / 0.0, NaN where the row has no box.
     """
     acc = _ClusterAccumulator(count=len(vectors), sum_map=vectors.astype(np.float64).sum(axis=0))
-    known = ~np.isnan(concentration)
-    acc.sum_concentration, acc.num_concentration = float(concentration[known].sum()), int(known.sum())
-    known = ~np.isnan(box_mass)
-    acc.sum_box_mass, acc.num_box_mass = float(box_mass[known].sum()), int(known.sum())
-    known = ~np.isnan(hits)
-    acc.misses, acc.num_pointed = int((hits[known] == 0).sum()), int(known.sum())
-    known = ~np.isnan(border)
-    acc.sum_border, acc.num_border = float(border[known].sum()), int(known.sum())
+    acc.sum_concentration, acc.num_concentration = _known_sum(concentration)
+    acc.sum_box_mass, acc.num_box_mass = _known_sum(box_mass)
+    acc.sum_border, acc.num_border = _known_sum(border)
+    pointed_hits, acc.num_pointed = _known_sum(hits)
+    acc.misses = acc.num_pointed - int(pointed_hits)
     acc.peak_cells = np.bincount(cells[cells >= 0], minlength=NUM_CELLS).astype(np.int64)
     acc.closest = heapq.nlargest(exemplars, zip((-distances).tolist(), image_ids, strict=True))
     heapq.heapify(acc.closest)
@@ -343,7 +346,7 @@ class AssignStrategies(beam.DoFn):
             classes = numpy_column(batch, "target_class", np.int64)
             cam_max = numpy_column(batch, "cam_max")
             shapes = np.stack([numpy_column(batch, "cam_height", np.int64), numpy_column(batch, "cam_width", np.int64)], 1)
-            # The members' statistics, read from the batch once (not once per class in it).
+            # The members' statistics in `_members`' argument order, read from the batch once (not per class).
             stats = (numpy_column(batch, "box_concentration"), numpy_column(batch, "box_mass"),
                      numpy_column(batch, "border_mass"),
                      numpy_column(batch, "peak_cell", np.int64), numpy_column(batch, "peak_in_box"))
@@ -368,13 +371,11 @@ class AssignStrategies(beam.DoFn):
 
     def _cluster_outputs(self, batch, class_id, rows, vectors, distances, nearest, stats):
         image_ids = batch.column("image_id").take(rows).to_pylist()
-        concentration, box_mass, border, cells, hits = stats
         for cluster in np.unique(nearest).tolist():
             mine = np.flatnonzero(nearest == cluster)
             ids = [image_ids[i] for i in mine]
             yield beam.pvalue.TaggedOutput(MEMBERS_TAG, ((class_id, cluster), _members(
-                vectors[mine], distances[mine], ids, concentration[mine], box_mass[mine], border[mine], cells[mine], hits[mine],
-                self._exemplars)))
+                vectors[mine], distances[mine], ids, *(column[mine] for column in stats), self._exemplars)))
             # The closest rows as exemplars of their strategy (ties to the smallest image id); the winners'
             # records are read again only at the end. The first stands for the batch's count of the kind.
             best = sorted(range(len(mine)), key=lambda i: (distances[mine[i]], ids[i]))[: self._per_kind]
