@@ -11,7 +11,6 @@ import sys
 
 import numpy as np
 import pytest
-import tomllib
 
 from tests.isolated import ChildCrashed, ChildFailed, in_child
 
@@ -47,8 +46,8 @@ def test_the_child_gets_the_reference_environment_and_returns_its_result():
 def test_a_test_that_aborts_in_process_fails_alone_and_the_rest_runs(tmp_path):
     """The suite's own pytest options (pyproject.toml's addopts) on a file whose second test aborts pytest's
     process: that test is reported failed with the crash, the tests before and after it pass."""
-    addopts = tomllib.load(open(os.path.join(REPO, "pyproject.toml"), "rb"))["tool"]["pytest"]["ini_options"]
-    assert "-n 1" in addopts["addopts"]
+    addopts = [line for line in open(os.path.join(REPO, "pyproject.toml")) if line.startswith("addopts")]
+    assert len(addopts) == 1 and "-n 1" in addopts[0]  # (tomllib would need Python 3.11)
     (tmp_path / "test_crash.py").write_text(
         "import os\n\n"
         "def test_before():\n    assert True\n\n"
