@@ -85,7 +85,9 @@ def test_the_changed_model_is_flagged_on_the_shortcut_class(demo_runs):
     assert {SHORTCUT_CLASS, MOVING_SHORTCUT_CLASS} <= set(flagged) and result["model_changed"]
     row = result["classes"][SHORTCUT_CLASS]
     assert row["box_mass_change"] > 0.15 and row["border_mass_change"] < -0.15, row
-    assert row["cam_correlation"] < 0.5 and row["peak_shift"] > 0.25, row
+    # The mean peak leaves the marker's corner (seen 0.43-0.64 of the diagonal, oneDNN on and off); the mean
+    # maps' correlation is no verdict (0.33 and 0.63: the shortcut model's maps held the object too).
+    assert row["peak_shift"] > 0.25, row
     moving = result["classes"][MOVING_SHORTCUT_CLASS]
     assert moving["border_mass_change"] < -0.15, moving
     assert any(r.startswith("baseline strategy") and "-> 0%" in r for r in moving["reasons"])  # corners gone
