@@ -28,8 +28,6 @@ def test_demo_summary_flags_both_shortcut_classes(tmp_path, demo_runs, monkeypat
     assert "Explained 400 of 403 records (rejected: decode 3; shard errors: 0)." in out
     shortcut = f"{SHORTCUT_CLASS} {CLASS_NAMES[SHORTCUT_CLASS]}"
     moving = f"{MOVING_SHORTCUT_CLASS} {CLASS_NAMES[MOVING_SHORTCUT_CLASS]}"
-    line = next(line for line in out.splitlines() if line.startswith(shortcut))
-    assert "top-left corner" in line, out
     # What every model that reaches the demo's accuracy shows (bench/demo_seeds.py: 5 seeds x oneDNN on/off):
     # the two shortcut classes flagged, the clean ones not. The fixed marker is caught by the one-ninth
     # signal; the moving one escapes it (its peaks split over four corners) and is caught by the strategies.
