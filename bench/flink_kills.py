@@ -42,16 +42,6 @@ def _rows(manifest: dict) -> list:
     return sorted(map(heatmap_key, read_rows(manifest, "heatmaps")))
 
 
-def _wait_state(cluster, known: set, states: set, timeout: float):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = [j for j in cluster.jobs() if j["jid"] not in known and j["state"] in states]
-        if found:
-            return found[0]
-        time.sleep(0.2)
-    return None
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)
@@ -92,13 +82,13 @@ def main(argv=None) -> None:
 
             thread = threading.Thread(target=target, daemon=True)
             thread.start()
-            job = _wait_state(cluster, known, {"RUNNING"}, timeout=180)
+            job = cluster.new_job(known, {"RUNNING"}, timeout=180)
             delay = rng.uniform(0.0, length * 0.8)
             time.sleep(delay)
             killed = cluster.kill_taskmanager() if job else None
             cluster.start_taskmanager()
             thread.join(900)
-            final = _wait_state(cluster, known, {"FINISHED", "FAILED", "CANCELED"}, timeout=60)
+            final = cluster.new_job(known, {"FINISHED", "FAILED", "CANCELED"}, timeout=60)
             restarts = None
             if final:
                 history = cluster.rest(f"/v1/jobs/{final['jid']}/exceptions").get("exceptionHistory", {})

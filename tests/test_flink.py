@@ -84,12 +84,7 @@ def test_killed_taskmanager_restarts_with_exactly_the_expected_rows(cluster, big
     known = {job["jid"] for job in cluster.jobs()}
     thread, box = run_in_thread(bigger_dataset["pattern"], model_path, str(tmp_path),
                                 *cluster.pipeline_args(parallelism=1), "--batch_size", "2")
-    deadline = time.monotonic() + 180
-    job = None
-    while time.monotonic() < deadline and job is None:
-        running = [j for j in cluster.jobs() if j["jid"] not in known and j["state"] == "RUNNING"]
-        job = running[0] if running else None
-        time.sleep(0.5)
+    job = cluster.new_job(known, {"RUNNING"}, timeout=180)
     assert job is not None, "the job never reached RUNNING"
     time.sleep(8)  # let the SDK harness load the model and start writing
     assert thread.is_alive(), "the job ended before the TaskManager could be killed: make the data bigger"
@@ -165,17 +160,6 @@ def test_one_shard_fans_out_to_both_subtasks(cluster, one_shard, model_path, tmp
     assert manifest["counts"]["shard_errors"] == 1
 
 
-def _new_job(cluster, known: set, states: set, timeout: float) -> dict:
-    """The first job not in `known` whose state is in `states` (polled every 0.5 s)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = [j for j in cluster.jobs() if j["jid"] not in known and j["state"] in states]
-        if found:
-            return found[0]
-        time.sleep(0.5)
-    raise AssertionError(f"no new job reached {sorted(states)} in {timeout:.0f} s: {cluster.jobs()}")
-
-
 @pytest.mark.parametrize("launcher", ["killed", "no_wait"])
 def test_the_job_completes_its_run_without_its_launcher(cluster, dataset, model_path, tmp_path, launcher):
     """Issue 22: the launcher SIGKILLed as soon as Flink reports the job RUNNING (or `--wait=false`, which
@@ -198,7 +182,8 @@ def test_the_job_completes_its_run_without_its_launcher(cluster, dataset, model_
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     try:
-        job = _new_job(cluster, known, {"RUNNING", "FINISHED"}, timeout=180)
+        job = cluster.new_job(known, {"RUNNING", "FINISHED"}, timeout=180)
+        assert job is not None, f"no new job reached RUNNING in 180 s: {cluster.jobs()}"
         if launcher == "killed":
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
@@ -210,8 +195,8 @@ def test_the_job_completes_its_run_without_its_launcher(cluster, dataset, model_
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    done = _new_job(cluster, known, {"FINISHED", "FAILED", "CANCELED"}, timeout=RUN_TIMEOUT)
-    assert done["jid"] == job["jid"] and done["state"] == "FINISHED", done
+    done = cluster.new_job(known, {"FINISHED", "FAILED", "CANCELED"}, timeout=RUN_TIMEOUT)
+    assert done is not None and done["jid"] == job["jid"] and done["state"] == "FINISHED", (done, cluster.jobs())
     run = output / "run=2026-01-02"
     assert (run / "_SUCCESS").exists() and (run / "report.html").exists()
     assert not [p for p in os.listdir(output) if p.startswith("_tmp-run=2026-01-02")]

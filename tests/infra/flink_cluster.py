@@ -36,6 +36,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,6 +304,17 @@ class FlinkCluster:
 
     def jobs(self) -> list[dict]:
         return self.rest("/v1/jobs/overview").get("jobs", [])
+
+    def new_job(self, known: set, states: set, timeout: float, poll: float = 0.2) -> dict | None:
+        """The first job whose id is not in `known` and whose state is in `states`, polled every `poll` s;
+        None after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [j for j in self.jobs() if j["jid"] not in known and j["state"] in states]
+            if found:
+                return found[0]
+            time.sleep(poll)
+        return None
 
     def process_group_pids(self) -> set[int]:
         """Every live PID in the process groups of the recorded processes."""
