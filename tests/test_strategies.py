@@ -275,8 +275,7 @@ def test_assign_strategies_on_a_batch_equals_assigning_each_row():
 def _sampled(batches, n: int, seed: int, merge: str = "fold") -> dict:
     """class -> [(shape, map)]: SampleBatchMaps over the batches, then SampleMapsFn, its accumulators
     made one per batch and merged ("merge"), or every part added to one ("fold")."""
-    sampler, fn = SampleBatchMaps(n, seed=seed), SampleMapsFn(n)
-    sampler.setup()
+    sampler, fn = SampleBatchMaps(n, salt=f"{seed}:"), SampleMapsFn(n)
     parts: dict = {}
     for batch in batches:
         for class_id, part in sampler.process(batch):
@@ -313,7 +312,7 @@ def test_sampling_keeps_every_map_of_a_class_below_the_sample_size(merge):
 
 
 def test_sampling_is_uniform_whatever_the_batches():
-    """10 maps of a class in batches of 7 and 3, a sample of 2, 4000 seeds: every map is in the sample
+    """10 maps of a class in batches of 7 and 3, a sample of 2, 4000 salts of the id hash: every map is in the sample
     with probability 2/10 (within 4 standard deviations: 0.2 +- 0.025), whichever batch holds it."""
     rows = _rows(10, 1, seed=7, class_id=0)
     batches = [pa.RecordBatch.from_pylist(rows[:7], schema=TEST_SCHEMA),

@@ -30,6 +30,19 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     return f"{name}: {message[:limit]}"
 
 
+_FUNCTION_NODE = re.compile(r"^\{\{function_node [^}]*\}\}\s*")
+_OP_NOISE = ("Graph execution error", "Detected at node", "File ", "[[{{node")
+
+
+def op_error_line(exc: BaseException, limit: int = 300) -> str:
+    """A TensorFlow run-time error (`tf.errors.OpError`) as "Type: what the kernel said", without the
+    graph's traceback ("Graph execution error", "Detected at node", file lines, node names)."""
+    text = getattr(exc, "message", None) or str(exc)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    said = [_FUNCTION_NODE.sub("", line) for line in lines if not line.startswith(_OP_NOISE)]
+    return f"{type(exc).__name__}: {(said[0] if said else one_line(exc))[:limit]}"
+
+
 def own_message(exc: BaseException) -> str:
     """An exception's own message without TensorFlow's "in user code:" stack (for re-raising an AuditError)."""
     name = type(exc).__name__

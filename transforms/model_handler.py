@@ -62,9 +62,10 @@ class CamWorker:
     works through the proxy Beam serves a `--large_model` with.
     """
 
-    def __init__(self, explainer, decoder: BatchImageDecoder):
+    def __init__(self, explainer, decoder: BatchImageDecoder, precision: str = "float32"):
         self.explainer = explainer
         self.decoder = decoder
+        self.precision = precision  # the dtype the layers compute in (`--mixed_precision`, or its float32 fallback)
 
     def decode(self, encoded):
         """Encoded images -> (pixels [B, H, W, C], decoded sizes [B, 2]) (`BatchImageDecoder`)."""
@@ -119,33 +120,36 @@ class KerasCamModelHandler(ModelHandler[DecodedImage, Explained, Any]):
     def load_model(self) -> CamWorker:
         from transforms.cam.explainer import CamExplainer
         from transforms.model_loading import configure_devices, load_keras_model
-        from transforms.precision import apply_mixed_precision
+        from transforms.precision import explainer_in_precision
 
         gpus = configure_devices()
         model = load_keras_model(self._model_uri, weights=self._weights, safe_mode=self._safe_mode)
-        apply_mixed_precision(model, self._mixed_precision)
-        explainer = CamExplainer(
+        explainer, precision = explainer_in_precision(
+            lambda m: CamExplainer(
+                m,
+                target_layer=self._target_layer,
+                method=self._method,
+                target=self._target,
+                preprocess=self._preprocess,
+                jit_compile=self._jit_compile,
+                image_size=self._image_size,
+                token_grid=self._token_grid,
+                prefix_tokens=self._prefix_tokens,
+                output=self._output,
+            ),
             model,
-            target_layer=self._target_layer,
-            method=self._method,
-            target=self._target,
-            preprocess=self._preprocess,
-            jit_compile=self._jit_compile,
-            image_size=self._image_size,
-            token_grid=self._token_grid,
-            prefix_tokens=self._prefix_tokens,
-            output=self._output,
+            self._mixed_precision,
         )
         _LOG.info(
-            "Loaded %s on %s; target layer %s %s; method %s; mixed precision %s",
+            "Loaded %s on %s; target layer %s %s; method %s; computing in %s",
             self._model_uri,
             f"{len(gpus)} GPU(s)" if gpus else "CPU",
             explainer.target_layer,
             explainer.cam_shape,
             self._method,
-            self._mixed_precision,
+            precision,
         )
-        return CamWorker(explainer, BatchImageDecoder(explainer.input_shape))
+        return CamWorker(explainer, BatchImageDecoder(explainer.input_shape), precision)
 
     def run_inference(
         self,

@@ -9,7 +9,7 @@ corner"), and a cluster that looks off the objects is a suspect.
 `FindStrategies` (a composite PTransform) does it with bounded cost:
 
     heatmap rows --BatchRows--> Arrow batches
-      --SampleBatchMaps (max-normalised maps, random priorities)--> (class, maps of a batch)
+      --SampleBatchMaps (max-normalised maps, image-id hash priorities)--> (class, maps of a batch)
       --SampleMapsPerClass (SampleMapsFn: the sample_size highest priorities)--> (class, [maps])
       --ClusterClassMaps--> (class, ClassStrategies: cluster means, eigengap)
     Arrow batches --AssignStrategies (side input: the cluster means,
@@ -74,6 +74,7 @@ import numpy as np
 import pyarrow as pa
 
 from transforms.attention import correlation
+from transforms.faithfulness import id_hash
 from transforms.exemplars import PER_KIND, ROW_FIELDS, Candidate, strategy_kind
 from transforms.flags import CELL_NAMES, NUM_CELLS
 from transforms.schemas import HEATMAP_SCHEMA
@@ -219,7 +220,7 @@ def strategies_of(
 class SampleMapsFn(beam.CombineFn):
     """A uniform sample of up to `n` max-normalised maps per class, from batches' parts.
 
-    Each map draws a random priority where it is made (`SampleBatchMaps`) and the `n` highest
+    Each map gets a priority where it is made (`SampleBatchMaps`: its id's hash) and the `n` highest
     priorities are kept, which merges in any order into a uniform sample of all the class's maps
     (Beam's `Sample.FixedSizePerKey` does the same one element at a time). A part and the
     accumulator hold float32 matrices: {(h, w): (priorities [m], maps [m, h*w])}, one pickled
@@ -262,15 +263,22 @@ class SampleMapsFn(beam.CombineFn):
 
 class SampleBatchMaps(beam.DoFn):
     """Arrow batch of heatmap rows -> (class, {(h, w): (priorities, maps)}): each row with CAM mass
-    as its max-normalised map (`normalised_map`, float32) with a random priority; per class and map
-    size at most `n` of a batch go on (those of the highest priorities: the sample keeps no others)."""
+    as its max-normalised map (`normalised_map`, float32) with its image id's hash as priority; per
+    class and map size at most `n` of a batch go on (those of the highest priorities: the sample keeps
+    no others).
 
-    def __init__(self, n: int, seed: Optional[int] = None):
+    The priority is a hash of the image id (`faithfulness.id_hash`), so a class's sample is the same
+    images on every run of the same data however Beam batches it, and the strategies found are too
+    (a nightly comparison sees the model change, not the draw); over ids it is a uniform sample.
+    """
+
+    def __init__(self, n: int, salt: str = ""):
         self._n = n
-        self._seed = seed  # tests only; a job's workers each draw their own
+        self._salt = salt  # tests only: another uniform draw of the same ids
 
-    def setup(self):
-        self._rng = np.random.default_rng(self._seed)
+    def _priorities(self, batch, rows: np.ndarray) -> np.ndarray:
+        ids = batch.column("image_id").take(pa.array(rows, pa.int64())).to_pylist()
+        return np.array([id_hash(self._salt + image_id)[0] for image_id in ids], dtype=np.float64)
 
     def process(self, batch):
         cam_max = numpy_column(batch, "cam_max", np.float32)
@@ -281,7 +289,7 @@ class SampleBatchMaps(beam.DoFn):
                          for name in ("target_class", "cam_height", "cam_width")], axis=1)
         groups, inverse = np.unique(keys, axis=0, return_inverse=True)
         inverse = inverse.reshape(-1)
-        priorities = self._rng.random(len(rows))
+        priorities = self._priorities(batch, rows)
         order = np.argsort(inverse, kind="stable")
         bounds = np.searchsorted(inverse[order], np.arange(len(groups) + 1))
         for g, (class_id, height, width) in enumerate(groups.tolist()):
