@@ -9,6 +9,8 @@ project's parsers print as one line with exit status 2. `negate=True` makes
 the "off" spelling of an option (`--no_report`, `--no_report=false`).
 
 `exit_status` checks an exit status given on the command line (0-255).
+`add_settings_arguments` adds the options of a settings dataclass
+(`transforms/settings.py`), with the number checks below.
 `OneLineParser` is the project's argparse parser: a bad option is one line.
 """
 
@@ -17,6 +19,8 @@ from __future__ import annotations
 import argparse
 import sys
 from typing import Optional
+
+from transforms.settings import option_fields
 
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
@@ -51,6 +55,44 @@ class BooleanAction(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, (not values) if self.negate else values)
+
+
+def _number(kind, accept, expected: str):
+    """An argparse type: `kind(text)` (int or float) that `accept` takes, else "expected <expected>"."""
+
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return convert
+
+
+positive_int = _number(int, lambda v: v >= 1, "a whole number >= 1")
+non_negative_float = _number(float, lambda v: v >= 0, "a number >= 0")  # NaN fails the comparison
+share = _number(float, lambda v: 0.0 <= v <= 1.0, "a share between 0 and 1")
+count = _number(int, lambda v: v >= 0, "a whole number >= 0")
+whole = _number(int, lambda v: True, "a whole number")
+number = _number(float, lambda v: True, "a number")
+
+# transforms.settings.option(kind=...) -> the argparse type that checks it
+KIND_TYPES = {"share": share, "count": count, "positive": positive_int, "non_negative": non_negative_float,
+              "number": number, "int": whole}
+
+
+def add_settings_arguments(parser, cls, prefix: str = "") -> None:
+    """One option per option field of the settings dataclass `cls` (`transforms.settings.option`):
+    `--<prefix><field>` (or the field's own name), its default, help and check."""
+    for name, field in option_fields(cls, prefix):
+        kind, help_text = field.metadata["kind"], field.metadata["help"]
+        if kind is None:
+            add_boolean(parser, f"--{name}", default=field.default, help=help_text, dest=name)
+        else:
+            parser.add_argument(f"--{name}", type=KIND_TYPES[kind], default=field.default, help=help_text)
 
 
 def add_boolean(parser, name: str, *, default=False, help: Optional[str] = None,

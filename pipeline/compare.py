@@ -68,11 +68,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.argtypes import OneLineParser, add_boolean, exit_status
+from pipeline.argtypes import OneLineParser, add_boolean, add_settings_arguments, exit_status
 from pipeline.manifest import MANIFEST_NAME, load_manifest, read_table
 from transforms.attention import correlation, upsample
 from transforms.errors import AuditError
 from transforms.schemas import COMPARISON_SCHEMA, versioned
+from transforms.settings import option, settings_from
 
 COMPARISON_JSON = "comparison.json"
 COMPARISON_PARQUET = "comparison.parquet"
@@ -84,37 +85,31 @@ MIN_FAITHFULNESS_ROWS = 5
 class CompareThresholds:
     """When a change between two runs is flagged (see the module docstring)."""
 
-    max_images_change: float = 0.2
-    max_accuracy_drop: float = 0.05
-    max_score_change: float = 0.1
-    min_cam_correlation: float = 0.7
-    max_peak_shift: float = 0.15
-    max_border_mass_change: float = 0.15
-    max_box_mass_change: float = 0.15
-    max_rejected_increase: float = 0.02
-    min_images: int = 10
-    check_moves_inside_boxes: bool = False
-    max_strategy_share_change: float = 0.1
-    max_gap_drop: float = 0.1
-
-
-_THRESHOLD_HELP = {
-    "max_images_change": "Flag a class whose number of images changed by this share of the baseline's",
-    "max_accuracy_drop": "Flag a class whose accuracy dropped by at least this much",
-    "max_score_change": "Flag a class whose mean predicted score moved by at least this much",
-    "min_cam_correlation": "Flag a class whose mean CAMs correlate less than this",
-    "max_peak_shift": "Flag a class whose mean peak moved at least this far (fraction of the image side)",
-    "max_border_mass_change": "Flag a class whose mean border mass moved by at least this much",
-    "max_box_mass_change": "Flag a class whose mean in-box mass moved by at least this much",
-    "max_rejected_increase": "Flag the run when the share of rejected records rose by at least this much",
-    "min_images": "Compare attention only for classes with at least this many images in both runs",
-    "max_strategy_share_change": "Flag a class one of whose strategies (SpRAy clusters) changed its share of the "
-    "class by at least this much",
-    "max_gap_drop": "Flag a class whose mean faithfulness gap (MoRF - random deletion drop) fell by at least "
-    "this much (only classes with at least 5 scored rows in both runs)",
-    "check_moves_inside_boxes": "Also apply --min_cam_correlation and --max_peak_shift to classes with boxes "
-    "(by default their box and border masses decide whether attention moved)",
-}
+    max_images_change: float = option(0.2,
+        "Flag a class whose number of images changed by this share of the baseline's", kind="number")
+    max_accuracy_drop: float = option(0.05, "Flag a class whose accuracy dropped by at least this much", kind="number")
+    max_score_change: float = option(0.1,
+        "Flag a class whose mean predicted score moved by at least this much", kind="number")
+    min_cam_correlation: float = option(0.7, "Flag a class whose mean CAMs correlate less than this", kind="number")
+    max_peak_shift: float = option(0.15,
+        "Flag a class whose mean peak moved at least this far (fraction of the image side)", kind="number")
+    max_border_mass_change: float = option(0.15,
+        "Flag a class whose mean border mass moved by at least this much", kind="number")
+    max_box_mass_change: float = option(0.15,
+        "Flag a class whose mean in-box mass moved by at least this much", kind="number")
+    max_rejected_increase: float = option(0.02,
+        "Flag the run when the share of rejected records rose by at least this much", kind="number")
+    min_images: int = option(10,
+        "Compare attention only for classes with at least this many images in both runs", kind="int")
+    check_moves_inside_boxes: bool = option(False,
+        "Also apply --min_cam_correlation and --max_peak_shift to classes with boxes (by default their box "
+        "and border masses decide whether attention moved)")
+    max_strategy_share_change: float = option(0.1,
+        "Flag a class one of whose strategies (SpRAy clusters) changed its share of the class by at least "
+        "this much", kind="number")
+    max_gap_drop: float = option(0.1,
+        "Flag a class whose mean faithfulness gap (MoRF - random deletion drop) fell by at least this much "
+        "(only classes with at least 5 scored rows in both runs)", kind="number")
 
 
 class CompareError(Exception):
@@ -123,16 +118,7 @@ class CompareError(Exception):
 
 def add_threshold_arguments(parser) -> None:
     """Adds one --<threshold> option per CompareThresholds field."""
-    for field in dataclasses.fields(CompareThresholds):
-        if field.type in (bool, "bool"):
-            add_boolean(parser, f"--{field.name}", default=field.default, help=_THRESHOLD_HELP[field.name])
-            continue
-        parser.add_argument(
-            f"--{field.name}",
-            type=int if field.type in (int, "int") else float,
-            default=field.default,
-            help=_THRESHOLD_HELP[field.name],
-        )
+    add_settings_arguments(parser, CompareThresholds)
 
 
 def add_flagged_exit_code_argument(parser) -> None:
@@ -143,9 +129,9 @@ def add_flagged_exit_code_argument(parser) -> None:
                         "that retries every non-zero status: what was flagged is written all the same)")
 
 
-def thresholds_from(namespace) -> CompareThresholds:
-    """CompareThresholds from parsed options (argparse namespace or dataclass)."""
-    return CompareThresholds(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(CompareThresholds)})
+def thresholds_from(options) -> CompareThresholds:
+    """CompareThresholds from parsed options (argparse namespace, AuditConfig or a manifest's "options")."""
+    return settings_from(CompareThresholds, options)
 
 
 @dataclasses.dataclass

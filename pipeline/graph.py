@@ -225,7 +225,7 @@ class ExplainDataset(beam.PTransform):
             | "FormatHeatmapRows"
             >> beam.ParDo(
                 FormatHeatmapRows(method=c.method, target_layer=self._info.target_layer,
-                                  thresholds=c.flag_thresholds(), exemplar_sources=True,
+                                  thresholds=c.flags, exemplar_sources=True,
                                   label_threshold=c.multilabel_threshold())
             ).with_outputs(ERRORS_TAG, EXEMPLAR_SOURCES_TAG, main="rows")
         )
@@ -234,31 +234,31 @@ class ExplainDataset(beam.PTransform):
         # class statistics are computed from in numpy, and what the heatmaps table is written from.
         batches = rows.rows | "BatchRows" >> ToRecordBatches(heatmap_schema(c.multilabel), BATCH_ROWS)
         scored, sanity = self.checks(batches)
-        strategies = batches | "FindStrategies" >> FindStrategies(c.strategy_settings(), batched=True)
+        strategies = batches | "FindStrategies" >> FindStrategies(c.strategies, batched=True)
         heatmaps = strategies["heatmaps"]
         if scored is not None:  # the few scored rows' columns, filled as the batches go to the sink
             heatmaps = heatmaps | "AddFaithfulnessScores" >> beam.Map(
                 with_scores, beam.pvalue.AsDict(scored | "KeyScoresByRecord" >> beam.Map(record_key)))
         stats = (
             batches
-            | "ComputeClassStats" >> ComputeClassStats(self._class_names, c.flag_thresholds(),
+            | "ComputeClassStats" >> ComputeClassStats(self._class_names, c.flags,
                                                        c.multilabel_threshold(), faithfulness=scored)
             | "AddStrategyColumns" >> AddStrategyColumns(strategies["clusters"])
         )
         exemplars = (rows[EXEMPLAR_SOURCES_TAG], stats, strategies["exemplar_candidates"]) | "SelectExemplars" >> SelectAuditExemplars(
             method=c.method, target_layer=self._info.target_layer, image_key=c.image_key,
-            thresholds=c.flag_thresholds(),
+            thresholds=c.flags,
         )
         outputs = {"heatmaps": heatmaps, "class_stats": stats, "clusters": strategies["clusters"],
                    "errors": errors, "exemplars": exemplars,
                    # the job's own count of what it read: the tables must account for every record
                    "records_read": read.records | "CountRecordsRead" >> beam.combiners.Count.Globally()}
-        if c.faithfulness_sample > 0 or c.sanity_images > 0:
+        if c.checks.faithfulness_sample > 0 or c.checks.sanity_images > 0:
             pipeline = batches.pipeline
             scores = scored if scored is not None else pipeline | "NoFaithfulnessScores" >> beam.Create([])
             checks = sanity if sanity is not None else pipeline | "NoSanityCheck" >> beam.Create([])
             outputs["faithfulness"] = (scores, checks) | "SummariseFaithfulness" >> SummariseFaithfulness(
-                c.faithfulness_sample, max_images=c.faithfulness_images if scored is not None else 0)
+                c.checks.faithfulness_sample, max_images=c.checks.faithfulness_images if scored is not None else 0)
         return outputs
 
     def checks(self, batches):
@@ -266,8 +266,8 @@ class ExplainDataset(beam.PTransform):
         the images with the smallest id hashes, chosen over the heatmap batches without pixels; its records
         are read again after the main pass, so the checks cost their images' model passes and no more."""
         c = self._config
-        faithfulness = c.faithfulness_images if c.faithfulness_sample > 0 else 0
-        sanity_images, settings = c.sanity_images, None
+        faithfulness = c.checks.faithfulness_images if c.checks.faithfulness_sample > 0 else 0
+        sanity_images, settings = c.checks.sanity_images, None
         if sanity_images > 0:
             settings = {"model_uri": c.model, "weights": c.weights, "safe_mode": not c.unsafe_model,
                         "target_layer": self._info.target_layer, "method": c.method, "preprocess": c.preprocess,
@@ -283,10 +283,10 @@ class ExplainDataset(beam.PTransform):
         scored = sanity = None
         if faithfulness:
             scored = sample | "ScoreFaithfulness" >> beam.ParDo(ScoreCheckImages(
-                self.handler(), c.faithfulness_sample, faithfulness, c.image_key, c.batch_size))
+                self.handler(), c.checks.faithfulness_sample, faithfulness, c.image_key, c.batch_size))
         if sanity_images:
             sanity = sample | "CheckSanity" >> beam.ParDo(RunSanityCheck(
-                settings, c.max_sanity_correlation, sanity_images, c.image_key, c.batch_size))
+                settings, c.checks.max_sanity_correlation, sanity_images, c.image_key, c.batch_size))
         return scored, sanity
 
 

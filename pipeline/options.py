@@ -15,24 +15,29 @@ from typing import Optional
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.argtypes import OneLineParser, add_boolean
-from pipeline.compare import add_flagged_exit_code_argument, add_threshold_arguments
+from pipeline.argtypes import OneLineParser, add_boolean, add_settings_arguments, count, positive_int, share, whole
+from pipeline.compare import CompareThresholds, add_flagged_exit_code_argument
 from pipeline.history import check_run_id
 from pipeline.runners import RUNNER_DESTS, add_runner_arguments, runner_of, translate_runner_args
 from transforms.cam.methods import METHODS
 from transforms.cam.preprocess import PRESETS, parse_image_size
 from transforms.cam.targets import DEFAULT_MAX_TARGETS, LABEL_FORMATS, TARGET_HELP, TargetSpec, parse_target
 from transforms.errors import AuditError
-from transforms.flags import DEFAULT_THRESHOLDS, FlagThresholds
+from transforms.faithfulness import CheckSettings
+from transforms.flags import FlagThresholds
 from transforms.precision import MIXED_PRECISION
+from transforms.settings import settings_from, settings_options
 from transforms.strategies import StrategySettings
 
 DEFAULT_RUNNER = "FnApiRunner"
-# --faithfulness_images: the check's cost is its scorer's trace (~170 forward passes of MobileNetV2,
-# once per run) + 12.3 forward passes per scored image (13 model passes in batches); 5% of a
-# 10,000-image job at P/F 0.9 (11,100 forward passes) allows (0.05/0.95 x 11,100 - 170) / 12.3 = 34
-# images; 32, so the sanity check's 32 are the same images (README, "Can the heatmaps be trusted?").
-DEFAULT_FAITHFULNESS_IMAGES = 32
+# The settings groups whose fields are also options (transforms/settings.py): AuditConfig attribute ->
+# (dataclass, option prefix). Their defaults and help texts live in the dataclasses only.
+SETTINGS_GROUPS = {
+    "flags": (FlagThresholds, ""),
+    "strategies": (StrategySettings, "strategy_"),
+    "checks": (CheckSettings, ""),
+    "compare": (CompareThresholds, ""),
+}
 
 # Set in the Flex Template's launcher image (templates/flex/Dockerfile): the Dataflow Flex launcher runs
 # this command at each launch (with --template_location=<the job file it then submits>); there the
@@ -66,34 +71,6 @@ def _token_grid(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
 
 
-def _number(kind, accept, expected: str):
-    """An argparse type: `kind(text)` (int or float) that `accept` takes, else "expected <expected>"."""
-
-    def convert(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not accept(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
-
-    return convert
-
-
-_positive_int = _number(int, lambda v: v >= 1, "a whole number >= 1")
-_non_negative_float = _number(float, lambda v: v >= 0, "a number >= 0")  # NaN fails the comparison
-_share = _number(float, lambda v: 0.0 <= v <= 1.0, "a share between 0 and 1")
-_count = _number(int, lambda v: v >= 0, "a whole number >= 0")
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-
-
 def _run_id(text: str) -> str:
     try:
         return check_run_id(text)
@@ -119,7 +96,7 @@ def add_audit_arguments(parser) -> None:
     add("--token_grid", type=_token_grid, default=None,
         help="Transformers: ROWSxCOLUMNS of the patch grid of a target layer with a (batch, tokens, channels) "
         "output, e.g. 14x14 (default: from the patch embedding's output or the sequence length)")
-    add("--prefix_tokens", type=_count, default=None,
+    add("--prefix_tokens", type=count, default=None,
         help="Transformers: tokens before the patch tokens (class, distillation, register tokens), dropped "
         "from the map (default: inferred with the grid)")
     add("--model_output", default=None,
@@ -131,21 +108,21 @@ def add_audit_arguments(parser) -> None:
     add("--label_format", choices=list(LABEL_FORMATS), default="single",
         help="The label feature: single (one int64 class per image), index (a list of int64 class indices) or "
         "multi_hot (one 0/1 int64 per class); index and multi_hot make a multi-label run (README 'Multi-label')")
-    add("--max_targets", type=_positive_int, default=DEFAULT_MAX_TARGETS,
+    add("--max_targets", type=positive_int, default=DEFAULT_MAX_TARGETS,
         help="--target labels / above:T: the most maps per image (the highest-scoring wanted classes; at most "
         "the class count)")
-    add("--label_threshold", type=_share, default=None,
+    add("--label_threshold", type=share, default=None,
         help="Multi-label runs: a class counts as predicted when its score is >= this (class_stats' precision, "
         "recall, F1; heatmaps' predicted_labels). Default: T of --target above:T, else 0.5")
     add("--method", choices=list(METHODS), default="gradcam", help="CAM method")
     add("--image_key", default="image/encoded", help="Feature with the encoded image")
     add("--label_key", default="image/class/label", help="Feature with the int64 label")
     add("--id_key", default="image/filename", help="Feature with the image id (when absent: <shard>:<index>)")
-    add("--label_offset", type=_int, default=0, help="Subtracted from every label (1 for ImageNet TFRecords with 1-based labels)")
+    add("--label_offset", type=whole, default=0, help="Subtracted from every label (1 for ImageNet TFRecords with 1-based labels)")
     add("--class_names", default=None, help="Text file with one class name per line (local or gs://)")
     add("--preprocess", choices=list(PRESETS), default="none", help="Input scaling: none = float32 pixels 0-255, scale_0_1, or a keras.applications preset")
-    add("--batch_size", type=_positive_int, default=32, help="Images per model call")
-    add("--max_image_pixels", type=_positive_int, default=40_000_000, help="Images with more pixels (width x height, read from the header) are rejected before decoding")
+    add("--batch_size", type=positive_int, default=32, help="Images per model call")
+    add("--max_image_pixels", type=positive_int, default=40_000_000, help="Images with more pixels (width x height, read from the header) are rejected before decoding")
     add_boolean(parser, "--jit_compile", help="Compile the CAM function with XLA (slower for some models on CPU; try on GPU)")
     add("--mixed_precision", choices=list(MIXED_PRECISION), default="off",
         help="Run the model's layers in float16 or bfloat16 (GPU speed-up; the CAM and scores stay float32)")
@@ -169,44 +146,14 @@ def add_audit_arguments(parser) -> None:
                 help="Write <run>/report.html, a self-contained visual report (default)")
     add_boolean(parser, "--no_report", dest="report", negate=True, default=argparse.SUPPRESS,  # --report's
                 help="Do not write report.html (the same as --report=false)")
-    add("--outside_box_concentration", type=_non_negative_float,
-        default=DEFAULT_THRESHOLDS.outside_box_concentration,
-        help="attention_outside_box: set when the CAM peak misses every box and box_mass / box_area is at most "
-        "this (1 = what a flat map gives the boxes)")
-    add("--pointing_tolerance", type=_non_negative_float, default=DEFAULT_THRESHOLDS.pointing_tolerance_px,
-        help="Pointing game: a peak within this many image pixels of a box is a hit (Zhang et al. 2016: 15)")
-    add("--strategy_sample_size", type=_positive_int, default=1000,
-        help="Strategies (SpRAy): maps sampled per class for the spectral clustering")
-    add("--strategy_max_clusters", type=_positive_int, default=8,
-        help="Strategies: at most this many clusters per class (the eigengap picks the number)")
-    add("--strategy_max_concentration", type=_non_negative_float, default=0.9,
-        help="Strategies: a cluster whose mean box_concentration is at most this looks off the objects "
-        "(1 = a flat map)")
-    add("--strategy_min_miss_share", type=_share, default=0.5,
-        help="Strategies: a cluster of boxed images is also suspicious when at least this share of its members "
-        "peak off their own boxes (pointing game, --pointing_tolerance) and ...")
-    add("--strategy_max_box_mass", type=_share, default=0.5,
-        help="... their maps' mean box_mass (share of the mass inside the boxes) is below this")
-    add("--strategy_min_share", type=_non_negative_float, default=0.05,
-        help="Strategies: a cluster with at least this share of its class can be suspicious")
-    add("--faithfulness_sample", type=_share, default=0.02,
-        help="Share of the images (chosen by a hash of the image id, the same every run) whose maps get "
-        "deletion scores (faithfulness_* columns; 0 turns it off); at most --faithfulness_images of them")
-    add("--faithfulness_images", type=_count, default=DEFAULT_FAITHFULNESS_IMAGES,
-        help="At most this many images get deletion scores: the smallest id hashes among the "
-        "--faithfulness_sample share (the same every run), read again after the main pass and scored in "
-        "full batches, so the check's cost does not grow with the dataset (0 turns it off)")
-    add("--sanity_images", type=_count, default=32,
-        help="Images (the same every run) re-explained with the head's weights randomised (sanity check; 0: off)")
-    add("--max_sanity_correlation", type=float, default=0.5,
-        help="Flag the run when the real and randomised maps still rank-correlate more than this")
     add("--reshuffle_records", choices=["auto", "on", "off"], default="auto",
         help="Spread the records of every shard over all workers (a shuffle after reading; costs one "
         "shuffle of the raw records). auto = on for cluster runners (Flink, Dataflow, portable), off for "
         "the local in-process runners, which would hold the whole dataset in memory")
     add_boolean(parser, "--verbose",
                 help="Keep TensorFlow/absl/gRPC start-up logging (hidden by default) and Beam's INFO logging")
-    add_threshold_arguments(parser)
+    for cls, prefix in SETTINGS_GROUPS.values():
+        add_settings_arguments(parser, cls, prefix)
 
 
 def resolve_reshuffle_records(value: str, runner: Optional[str]) -> str:
@@ -261,39 +208,20 @@ class AuditConfig:
     compare_with_previous: bool
     flagged_exit_code: int
     report: bool
-    outside_box_concentration: float
-    pointing_tolerance: float
-    strategy_sample_size: int
-    strategy_max_clusters: int
-    strategy_min_share: float
-    strategy_max_concentration: float
-    strategy_min_miss_share: float
-    strategy_max_box_mass: float
-    max_images_change: float
-    max_accuracy_drop: float
-    max_score_change: float
-    min_cam_correlation: float
-    max_peak_shift: float
-    max_border_mass_change: float
-    max_box_mass_change: float
-    max_rejected_increase: float
-    min_images: int
-    check_moves_inside_boxes: bool
-    max_strategy_share_change: float
-    faithfulness_sample: float = 0.02
-    faithfulness_images: int = DEFAULT_FAITHFULNESS_IMAGES
-    sanity_images: int = 32
-    max_sanity_correlation: float = 0.5
-    max_gap_drop: float = 0.1
-    reshuffle_records: str = "auto"
-    verbose: bool = False
-    wait: bool = True
-    token_grid: Optional[tuple[int, int]] = None
-    prefix_tokens: Optional[int] = None
-    model_output: Optional[str] = None
-    label_format: str = "single"
-    max_targets: int = DEFAULT_MAX_TARGETS
-    label_threshold: Optional[float] = None
+    reshuffle_records: str
+    verbose: bool
+    wait: bool
+    token_grid: Optional[tuple[int, int]]
+    prefix_tokens: Optional[int]
+    model_output: Optional[str]
+    label_format: str
+    max_targets: int
+    label_threshold: Optional[float]
+    # The settings groups (SETTINGS_GROUPS): their options, parsed into their dataclasses.
+    flags: FlagThresholds
+    strategies: StrategySettings
+    checks: CheckSettings
+    compare: CompareThresholds
 
     @property
     def is_demo(self) -> bool:
@@ -312,20 +240,11 @@ class AuditConfig:
             return self.label_threshold
         return self.target.threshold if self.target.mode == "above" else 0.5
 
-    def flag_thresholds(self) -> FlagThresholds:
-        """The per-image flag thresholds these options set."""
-        return FlagThresholds.from_options(vars(self))
-
-    def strategy_settings(self) -> StrategySettings:
-        """The strategy (SpRAy) settings these options set."""
-        return StrategySettings(sample_size=self.strategy_sample_size, max_clusters=self.strategy_max_clusters,
-                                min_share=self.strategy_min_share,
-                                max_concentration=self.strategy_max_concentration,
-                                min_miss_share=self.strategy_min_miss_share,
-                                max_box_mass=self.strategy_max_box_mass)
-
     def as_json(self) -> dict:
-        out = dataclasses.asdict(self)
+        """Every option by its command-line name (the settings groups flattened back): the manifest's "options"."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in SETTINGS_GROUPS}
+        for group, (_, prefix) in SETTINGS_GROUPS.items():
+            out.update(settings_options(getattr(self, group), prefix))
         out["target"] = str(self.target)
         out["image_size"] = "{}x{}".format(*self.image_size) if self.image_size else None
         out["token_grid"] = "{}x{}".format(*self.token_grid) if self.token_grid else None
@@ -422,4 +341,9 @@ def parse_args(argv: Optional[list[str]]) -> tuple[AuditConfig, list[str]]:
         from transforms.cam.tokens import parse_token_grid
 
         known.token_grid = parse_token_grid(known.token_grid)
-    return AuditConfig(**vars(known)), beam_args
+    values = vars(known)
+    groups = {group: settings_from(cls, values, prefix) for group, (cls, prefix) in SETTINGS_GROUPS.items()}
+    for cls, prefix in SETTINGS_GROUPS.values():
+        for name in settings_options(cls(), prefix):
+            del values[name]
+    return AuditConfig(**values, **groups), beam_args

@@ -231,10 +231,12 @@ def test_options_defaults_and_bad_values_exit_2(capsys):
     from pipeline.options import parse_args
 
     config, _ = parse_args(["--input", "x", "--model", "m"])
-    assert (config.faithfulness_sample, config.sanity_images, config.max_sanity_correlation, config.max_gap_drop) \
-        == (0.02, 32, 0.5, 0.1)
+    checks = config.checks
+    assert (checks.faithfulness_sample, checks.sanity_images, checks.max_sanity_correlation,
+            config.compare.max_gap_drop) == (0.02, 32, 0.5, 0.1)
     config, _ = parse_args(["--input", "x", "--model", "m", "--faithfulness_sample", "0", "--sanity_images", "0"])
-    assert config.faithfulness_sample == 0 and config.sanity_images == 0
+    assert config.checks.faithfulness_sample == 0 and config.checks.sanity_images == 0
+    assert config.as_json()["faithfulness_sample"] == 0  # the manifest keeps the flat option names
     for bad in (["--faithfulness_sample", "1.5"], ["--faithfulness_sample", "x"], ["--sanity_images", "-1"]):
         with pytest.raises(SystemExit) as exc:
             parse_args(["--input", "x", "--model", "m", *bad])

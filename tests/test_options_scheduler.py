@@ -30,7 +30,7 @@ BOOLEANS = ("compare_with_previous", "quiet", "jit_compile", "check_moves_inside
 ])
 def test_booleans_take_the_bare_flag_true_and_false(name, args, expected):
     config, beam_args = parse_args([a.format(name) for a in args])
-    assert getattr(config, name) is expected
+    assert config.as_json()[name] is expected
     assert beam_args == ["--runner=FnApiRunner"]  # nothing leaks to Beam
 
 

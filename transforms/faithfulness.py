@@ -34,6 +34,7 @@ overwrites its copy's weights).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from typing import NamedTuple, Optional
@@ -44,17 +45,42 @@ from apache_beam.utils import shared
 
 from transforms.cam.faithfulness import FRACTIONS, ORDERS
 from transforms.model_handler import Explained, handler_tag
+from transforms.settings import option
 
 _LOG = logging.getLogger(__name__)
 _NAMESPACE = "gradcam_audit"
 _SHARED = shared.Shared()
 GAP_SAMPLE = 10_000  # gaps kept for the bootstrap (bottom-k by id hash: deterministic, mergeable)
 BOOTSTRAP_RESAMPLES = 1000
-DEFAULT_SANITY_CORRELATION = 0.5
 COLUMNS = ("faithfulness_morf", "faithfulness_lerf", "faithfulness_random", "faithfulness_gap")
 CURVE_COLUMNS = ("deletion_morf", "deletion_lerf", "deletion_random")
 FAITHFULNESS_SUMMARY = "faithfulness.json"  # written by the job into the run folder
 FAITHFULNESS_NULLS = dict.fromkeys(COLUMNS + CURVE_COLUMNS)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckSettings:
+    """The run's checks of its own maps; every field is also an option of `python -m pipeline`.
+
+    `faithfulness_images`: the check's cost is its scorer's trace (~170 forward passes of MobileNetV2,
+    once per run) + 12.3 forward passes per scored image (13 model passes in batches); 5% of a
+    10,000-image job at P/F 0.9 (11,100 forward passes) allows (0.05/0.95 x 11,100 - 170) / 12.3 = 34
+    images; 32, so the sanity check's 32 are the same images (README, "Can the heatmaps be trusted?").
+    """
+
+    faithfulness_sample: float = option(
+        0.02, "Share of the images (chosen by a hash of the image id, the same every run) whose maps get "
+        "deletion scores (faithfulness_* columns; 0 turns it off); at most --faithfulness_images of them",
+        kind="share")
+    faithfulness_images: int = option(
+        32, "At most this many images get deletion scores: the smallest id hashes among the "
+        "--faithfulness_sample share (the same every run), read again after the main pass and scored in "
+        "full batches, so the check's cost does not grow with the dataset (0 turns it off)", kind="count")
+    sanity_images: int = option(
+        32, "Images (the same every run) re-explained with the head's weights randomised (sanity check; 0: off)",
+        kind="count")
+    max_sanity_correlation: float = option(
+        0.5, "Flag the run when the real and randomised maps still rank-correlate more than this", kind="number")
 
 
 class Measured(NamedTuple):

@@ -69,6 +69,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from transforms.attention import POINTING_TOLERANCE_PX
+from transforms.settings import option, settings_from
 
 CONFIDENT = 0.8
 LOW_CONFIDENCE = 0.5
@@ -82,19 +83,21 @@ IMAGE_FLAGS = ("confident_wrong", "low_confidence", "attention_outside_box", "at
 CENTRE_CELL = 4
 NUM_CELLS = 9
 
-# command-line option (pipeline.options; a run manifest's "options") -> the FlagThresholds field it sets
-OPTION_FIELDS = {"outside_box_concentration": "outside_box_concentration",
-                 "pointing_tolerance": "pointing_tolerance_px"}
-
-
 @dataclasses.dataclass(frozen=True)
 class FlagThresholds:
-    """The thresholds of every flag (defaults: the module constants above)."""
+    """The thresholds of every flag (defaults: the module constants above); the `option` fields are also
+    options of `python -m pipeline` (`transforms/settings.py`)."""
 
     confident: float = CONFIDENT
     low_confidence: float = LOW_CONFIDENCE
-    outside_box_concentration: float = OUTSIDE_BOX_CONCENTRATION
-    pointing_tolerance_px: float = POINTING_TOLERANCE_PX
+    outside_box_concentration: float = option(
+        OUTSIDE_BOX_CONCENTRATION,
+        "attention_outside_box: set when the CAM peak misses every box and box_mass / box_area is at most "
+        "this (1 = what a flat map gives the boxes)", kind="non_negative")
+    pointing_tolerance_px: float = option(
+        POINTING_TOLERANCE_PX,
+        "Pointing game: a peak within this many image pixels of a box is a hit (Zhang et al. 2016: 15)",
+        name="pointing_tolerance", kind="non_negative")
     border_mass: float = BORDER_MASS
     shortcut_min_images: int = SHORTCUT_MIN_IMAGES
     shortcut_peak_share: float = SHORTCUT_PEAK_SHARE
@@ -106,8 +109,7 @@ class FlagThresholds:
 
         An option missing or None (a run made before the option existed) keeps its default.
         """
-        return cls(**{field: options[name] for name, field in OPTION_FIELDS.items()
-                      if options.get(name) is not None})
+        return settings_from(cls, options)
 
 
 DEFAULT_THRESHOLDS = FlagThresholds()

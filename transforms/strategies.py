@@ -78,6 +78,7 @@ from transforms.faithfulness import id_hash
 from transforms.exemplars import PER_KIND, ROW_FIELDS, Candidate, strategy_kind
 from transforms.flags import CELL_NAMES, NUM_CELLS
 from transforms.schemas import HEATMAP_SCHEMA
+from transforms.settings import option
 from transforms.sinks import ToRecordBatches, cam_matrix, numpy_column
 
 _LOG = logging.getLogger(__name__)
@@ -93,18 +94,28 @@ ASSIGN_COLUMNS = ("image_id", "target_class", "cam", "cam_height", "cam_width", 
 
 @dataclasses.dataclass(frozen=True)
 class StrategySettings:
-    """How strategies are found and when one is suspicious (module docstring)."""
+    """How strategies are found and when one is suspicious (module docstring); the `option` fields are
+    also the options `--strategy_<field>` of `python -m pipeline` (`transforms/settings.py`)."""
 
-    sample_size: int = 1000
-    max_clusters: int = 8
+    sample_size: int = option(
+        1000, "Strategies (SpRAy): maps sampled per class for the spectral clustering (uniformly over image "
+        "ids: the highest id hashes, so the same images every run)", kind="positive")
+    max_clusters: int = option(
+        8, "Strategies: at most this many clusters per class (the eigengap picks the number)", kind="positive")
     neighbors: int = 10
     min_sample: int = 20
     eigengap_floor: float = 0.01
-    min_share: float = 0.05
+    min_share: float = option(
+        0.05, "Strategies: a cluster with at least this share of its class can be suspicious", kind="non_negative")
     min_rows: int = 5
-    max_concentration: float = 0.9
-    min_miss_share: float = 0.5
-    max_box_mass: float = 0.5
+    max_concentration: float = option(
+        0.9, "Strategies: a cluster whose mean box_concentration is at most this looks off the objects "
+        "(1 = a flat map)", kind="non_negative")
+    min_miss_share: float = option(
+        0.5, "Strategies: a cluster of boxed images is also suspicious when at least this share of its members "
+        "peak off their own boxes (pointing game, --pointing_tolerance) and ...", kind="share")
+    max_box_mass: float = option(
+        0.5, "... their maps' mean box_mass (share of the mass inside the boxes) is below this", kind="share")
     border_mass: float = 0.6
     min_correlation: float = 0.2
     exemplars: int = EXEMPLARS
