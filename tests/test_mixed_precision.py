@@ -13,7 +13,6 @@ fallback's maps are the float32 maps.
 
 import logging
 
-
 import numpy as np
 import pytest
 
