@@ -1,5 +1,5 @@
 """Runs queried together (issue 22, item 6): every table's run_id column, the schema version in the
-Parquet metadata, the manifest and runs.json, README's DuckDB and pyarrow queries over three runs
+Parquet metadata, the manifest and runs.json, docs/querying.md's DuckDB and pyarrow queries over three runs
 (tests/audit_fixtures.py), and readers refusing a run of an unknown version in one line."""
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from transforms.errors import AuditError
 from transforms.schemas import SCHEMA_VERSION, SCHEMA_VERSION_KEY
 from transforms.sinks import TABLES
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+QUERYING_DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "querying.md")
 
 
 def readme_block(name: str) -> str:
-    """The fenced code between `<!-- name:begin -->` and `<!-- name:end -->` in README.md."""
-    text = open(README, encoding="utf-8").read()
+    """The fenced code between `<!-- name:begin -->` and `<!-- name:end -->` in docs/querying.md."""
+    text = open(QUERYING_DOC, encoding="utf-8").read()
     block = re.search(rf"<!-- {name}:begin -->\s*```\w+\n(.*?)```\s*<!-- {name}:end -->", text, re.S)
     assert block, name
     return block.group(1)
@@ -105,7 +105,7 @@ def test_readme_duckdb_query_reads_every_run(demo_runs, tmp_path):
 def test_readme_pyarrow_dataset_reads_every_run(demo_runs):
     scope: dict = {}
     code = readme_block("query-runs-pyarrow").replace('"/audits/classifier"', repr(demo_runs.output))
-    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - README's own snippet
+    exec(compile(code, "docs/querying.md", "exec"), scope)  # noqa: S102 - the doc's own snippet
     got = [(r["run_id"], r["class_id"], r["accuracy"], r["shortcut"]) for r in scope["stats"].to_pylist()]
     assert got == expected_rows(demo_runs.output, RUN_IDS)
 
