@@ -32,7 +32,7 @@ setuptools.setup(
         # (its own requirements pull opencv-python with GUI libraries); pandas, cachetools, tqdm and
         # opencv-python-headless are the dependencies it imports.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "gcp-storage-emulator>=2024.8.3", "ruff", "scikit-image>=0.22", "pandas",
-                 "duckdb",  # README's query of many runs (tests/test_query_runs.py)
+                 "duckdb",  # docs/querying.md's query of many runs (tests/test_query_runs.py)
                  "cachetools", "tqdm", "opencv-python-headless"],
         "report": ["matplotlib>=3.8", "pillow>=10"],
         "bench": ["tf-keras-vis>=0.8.7", "pyinstrument>=4.6"],

@@ -192,7 +192,7 @@ def measure_feed(workdir: str, n: int, *, repeats: int, log=print) -> dict:
                     log(f"  ! {key}, {size} images: {str(exc)[:120]}; run left out")
                     continue
                 if result["images_explained"] != size:
-                    # Beam 2.77's multi_threading FnApiRunner can drop an element (README, "Speed"):
+                    # Beam 2.77's multi_threading FnApiRunner can drop an element (docs/design.md, "The input path and the GPU"):
                     # say so and leave the run out of the rates.
                     lost.append({"config": key, "images": size, "explained": result["images_explained"]})
                     log(f"  ! {key}, {size} images: {result['images_explained']} explained; run left out")

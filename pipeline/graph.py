@@ -202,7 +202,7 @@ class ExplainDataset(beam.PTransform):
             | "ReadRecords" >> beam.ParDo(ReadShardRecords()).with_outputs(ERRORS_TAG, main="records")
         )
         records = read.records
-        if c.reshuffle_records == "on":  # every worker gets records, whatever the shard count (README)
+        if c.reshuffle_records == "on":  # every worker gets records, whatever the shard count (docs/scale.md)
             records = records | "FanOutRecords" >> FanOutRecords()
         decoded = records | "DecodeImages" >> beam.ParDo(
             DecodeImageExamples(

@@ -1,6 +1,6 @@
 """`--mixed_precision`: float16 / bfloat16 compute against the float32 CAM, on the CPU.
 
-Stated tolerance (README): per batch, the correlation of the low-precision
+Stated tolerance (docs/design.md): per batch, the correlation of the low-precision
 CAMs with the float32 ones >= 0.99, the largest absolute difference <= 5% of
 the float32 CAM's maximum, and scores within 0.02. Measured here: float16
 0.14%, bfloat16 1.1% of the maximum.

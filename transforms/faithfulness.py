@@ -65,7 +65,7 @@ class CheckSettings:
     `faithfulness_images`: the check's cost is its scorer's trace (~170 forward passes of MobileNetV2,
     once per run) + 12.3 forward passes per scored image (13 model passes in batches); 5% of a
     10,000-image job at P/F 0.9 (11,100 forward passes) allows (0.05/0.95 x 11,100 - 170) / 12.3 = 34
-    images; 32, so the sanity check's 32 are the same images (README, "Can the heatmaps be trusted?").
+    images; 32, so the sanity check's 32 are the same images (docs/checks.md).
     """
 
     faithfulness_sample: float = option(

@@ -1,6 +1,6 @@
 """Loading Keras models from files, SavedModel folders or keras.applications.
 
-What is accepted (the README's "Models" section lists the same):
+What is accepted (docs/models.md lists the same):
 
 | what the user has                                | loaded with               |
 |--------------------------------------------------|---------------------------|

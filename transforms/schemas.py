@@ -14,7 +14,7 @@ run's tables are exactly HEATMAP_SCHEMA and CLASS_STATS_SCHEMA.
 
 Every table has a `run_id` column (the run's id, the same in every row; filled by the sink,
 `transforms.sinks.WriteParquetTable`), so the tables of many runs can be queried together
-(README, "Querying runs together"): `<output>/run=*/class_stats/*.parquet`.
+(docs/querying.md): `<output>/run=*/class_stats/*.parquet`.
 
 Schema version: `SCHEMA_VERSION` is written into every Parquet file's metadata
 (`SCHEMA_VERSION_KEY`, `versioned`), the run manifest and the run's `runs.json` entry
