@@ -38,6 +38,13 @@ setuptools.setup(
         "bench": ["tf-keras-vis>=0.8.7", "pyinstrument>=4.6"],
         # tf.keras 2 models (.h5 saved by tf.keras 2, SavedModel folders) load with tf_keras.
         "keras2": ["tf_keras>=2.16"],
+        # keras_hub image classifiers (ViTImageClassifier, DeiTImageClassifier, ...): what `import keras_hub`
+        # imports. keras-hub itself (0.32.0) is installed with --no-deps by scripts/setup_venv.sh: on Linux it
+        # requires tensorflow-text, a compiled package pinned to one TensorFlow minor version that its image
+        # models never import, so it cannot be listed here. These are keras-hub 0.32's other requirements
+        # (kagglesdk pinned as it pins it).
+        "hub": ["keras>=3.15", "absl-py", "packaging", "regex", "rich", "kagglehub>=0.3,!=1.0.1",
+                "kagglesdk==0.1.28", "sentencepiece>=0.2", "tokenizers>=0.20"],
     },
     entry_points={"console_scripts": ["gradcam-audit=pipeline.cli:main"]},
 )

@@ -8,6 +8,7 @@ What is accepted (docs/models.md lists the same):
 | `.h5`/`.hdf5`/`.keras` saved by (tf.)Keras 2     | `tf_keras` (extra `keras2`) |
 | SavedModel folder written by tf.keras 2          | `tf_keras` (extra `keras2`) |
 | a keras.applications name (`resnet50`, ...)      | `keras.applications`      |
+| a keras_hub model saved as `.keras`              | `keras.models.load_model` (extra `hub`) |
 
 Grad-CAM needs the model's layers (to read a layer's activations), so a
 SavedModel holding only signatures (no `keras_metadata.pb`) is refused with a
@@ -40,6 +41,10 @@ _KERAS_METADATA_FILE = "keras_metadata.pb"
 _RANDOM_SEED = 1234
 _BUILD_LOCK = threading.Lock()
 KERAS2_EXTRA = "pip install 'gradcam-audit[keras2]' (the tf_keras package)"
+HUB_EXTRA = (
+    "pip install 'gradcam-audit[hub]' then pip install --no-deps keras-hub==0.32.0 (keras-hub's own "
+    "requirements pull tensorflow-text; scripts/setup_venv.sh does both)"
+)
 
 
 def application_names() -> dict[str, str]:
@@ -202,13 +207,29 @@ def _load_tf_keras(path: str, model_uri: str, safe_mode: bool):
         raise AuditError(f"--model {model_uri}: tf_keras could not load it ({one_line(exc)})") from exc
 
 
+def _keras_hub_import_error() -> str | None:
+    """Why `import keras_hub` fails, or None when it imports."""
+    try:
+        import keras_hub  # noqa: F401
+    except ImportError as exc:
+        return one_line(exc)
+    return None
+
+
 def _load_keras3(path: str, model_uri: str, safe_mode: bool):
+    """A Keras 3 file. Classes of other packages (keras_hub's ViTImageClassifier, ...) are found by the
+    module their config names, which Keras imports: keras_hub needs no import here."""
     import keras
 
     try:
         return keras.models.load_model(path, compile=False, safe_mode=safe_mode)
     except (ValueError, TypeError, KeyError, OSError, AttributeError, NotImplementedError) as exc:
         _refuse_unsafe(model_uri, exc)
+        if "keras_hub" in str(exc) and (why := _keras_hub_import_error()):
+            raise AuditError(
+                f"--model {model_uri}: the model is made of keras_hub classes, and keras_hub cannot be imported "
+                f"({why}); to load it, {HUB_EXTRA}"
+            ) from exc
         raise AuditError(f"--model {model_uri}: Keras could not load it ({one_line(exc)})") from exc
 
 

@@ -32,9 +32,11 @@ from transforms.cam.layers import (
     check_target_layer,
     choose_target_layer,
     get_layer,
+    has_opaque_layers,
     linearize_head,
     output_names,
     patch_grids_before,
+    probe_layer_calls,
     release_output,
     resolve_layer_path,
 )
@@ -102,11 +104,13 @@ class CamExplainer:
         self.model = model
         self.method = method
         self.target = target or TargetSpec()
+        self._probe_settings = (image_size, preprocess)
+        self._calls = None  # see _layer_calls
         if target_layer:
             self.target_layer, self.target_layer_reason = resolve_layer_path(model, target_layer), "given by --target_layer"
         else:
             self.target_layer, self.target_layer_reason = choose_target_layer(model)
-        self._layer_shape = check_target_layer(model, self.target_layer)
+        self._layer_shape = check_target_layer(model, self.target_layer, self._layer_calls())
         self.input_shape = model_input_shape(model, image_size)
         self.input_dtype = model_input_dtype(model, preprocess)
         self.output_index, self.output_name = select_output(model, output)
@@ -135,14 +139,16 @@ class CamExplainer:
             # so their gradient (and every map) is zero there; the last block's input is what it attends over.
             release_output(get_layer(model, self.target_layer))
             skipped = self.target_layer
-            self.target_layer, why = block_input_layer(model)
+            self.target_layer, why = block_input_layer(model, self._layer_calls())
             self.target_layer_reason = (
                 f"{why}: the head reads only the prefix token(s), so the output of the last block "
                 f"({skipped!r}) gets zero gradient on every patch token"
             )
-            self._layer_shape = check_target_layer(model, self.target_layer)
+            self._layer_shape = check_target_layer(model, self.target_layer, self._layer_calls())
             self._set_token_layout()
             self._captured = capture_output(get_layer(model, self.target_layer))
+        for call in (self._calls or {}).values():  # the probe's tensors were only for choosing the layer
+            call.input = call.output = None
         self._method_fn = METHODS[method]
         self.explain = tf.function(
             self._explain,
@@ -161,8 +167,25 @@ class CamExplainer:
         )
         self.cam_shape = self._trace()
 
+    def _layer_calls(self):
+        """For a model holding layers that are not functional (keras_hub's encoders, see
+        `transforms.cam.layers.is_opaque`): each layer's first call in one eager forward pass on a random
+        image (`probe_layer_calls`), computed once. None for other models (their layers' symbolic outputs
+        say the same)."""
+        if self._calls is None:
+            self._calls = {}
+            if has_opaque_layers(self.model):
+                import numpy as np
+
+                image_size, preprocess = self._probe_settings
+                shape = model_input_shape(self.model, image_size)
+                images = np.random.default_rng(0).uniform(0, 255, (1, *shape)).astype(np.float32)
+                inputs = cast_to_input(get_preprocess_fn(preprocess)(images), model_input_dtype(self.model, preprocess))
+                self._calls = probe_layer_calls(self.model, inputs)
+        return self._calls or None
+
     def _set_token_layout(self) -> None:
-        self._patch_grids = patch_grids_before(self.model, self.target_layer)
+        self._patch_grids = patch_grids_before(self.model, self.target_layer, self._layer_calls())
         self.token_layout: TokenLayout | None = None
         if len(self._layer_shape) == 2 and self._layer_shape[0] is not None:
             self.token_layout = self._token_layout(self._layer_shape[0])

@@ -6,12 +6,21 @@ Keras 3 or with tf_keras (Keras 2): the target layer may sit at any depth.
 Its output is captured by wrapping that layer's `call` on the explainer's own
 copy of the model, so the activations are the very tensors the forward pass
 used and `GradientTape` differentiates through the head only.
+
+Layers that hold other layers without being functional models (keras_hub's
+`ViTEncoder`, whose `call` runs every transformer block) are opened too: their
+sublayers get paths below theirs ("vi_t_backbone/vit_encoder/transformer_block_1",
+see `walk_inner`), and as such a sublayer has no symbolic output, its output
+shape and call order come from one eager forward pass (`probe_layer_calls`).
+A layer that returns several tensors (keras_hub's `DeiTEncoder`: sequence,
+hidden states, attention scores) is explained on its first one (`primary_output`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Iterator
+from typing import Iterator, Optional
 
 from transforms.errors import AuditError
 
@@ -61,10 +70,17 @@ def walk_layers(model, prefix: str = "") -> Iterator[tuple[str, object]]:
             yield path, layer
 
 
+def primary_output(out):
+    """A layer's output, or the first of the tensors it returns (a list or tuple, e.g. (sequence, scores))."""
+    while isinstance(out, (list, tuple)) and out:
+        out = out[0]
+    return out
+
+
 def _output_shape(layer):
     try:
-        return tuple(layer.output.shape)
-    except (AttributeError, ValueError, RuntimeError):
+        return tuple(primary_output(layer.output).shape)
+    except (AttributeError, ValueError, RuntimeError, TypeError):
         return None
 
 
@@ -111,6 +127,138 @@ def contains_attention(layer) -> bool:
     return not is_attention(layer) and any(is_attention(sub) for sub in _sublayers(layer))
 
 
+def _children(layer) -> list:
+    flatten = getattr(layer, "_flatten_layers", None)
+    if flatten is None:
+        return []
+    try:
+        return list(flatten(include_self=False, recursive=False))
+    except TypeError:
+        return []
+
+
+def is_opaque(layer) -> bool:
+    """A layer that holds other layers but is no functional/Sequential model (not an attention layer itself):
+    its sublayers have no symbolic outputs (e.g. keras_hub's ViTEncoder holding every transformer block)."""
+    return not (_is_model(layer) and _is_graph_model(layer)) and not is_attention(layer) and bool(_children(layer))
+
+
+def _walk_children(layer, prefix: str) -> Iterator[tuple[str, object]]:
+    for child in _children(layer):
+        path = f"{prefix}{child.name}"
+        yield path, child
+        if not is_attention(child):
+            yield from _walk_children(child, f"{path}/")
+
+
+def walk_inner(model) -> Iterator[tuple[str, object]]:
+    """Yields (path, layer) of the layers inside opaque layers (see `is_opaque`), depth-first.
+
+    Paths continue the holder's: "vi_t_backbone/vit_encoder/transformer_block_2". Attention layers are
+    yielded but not opened.
+    """
+    for path, layer in walk_layers(model):
+        if is_opaque(layer):
+            yield from _walk_children(layer, f"{path}/")
+
+
+def has_opaque_layers(model) -> bool:
+    """Does the model hold a layer whose sublayers `walk_inner` opens?"""
+    return any(is_opaque(layer) for _, layer in walk_layers(model))
+
+
+@dataclasses.dataclass
+class LayerCall:
+    """A layer's first call in the probe's forward pass (`probe_layer_calls`).
+
+    Attributes:
+      path: the layer's path (graph layers as in `walk_layers`, sublayers as in `walk_inner`).
+      shape: its (first) output's shape without the batch, e.g. (tokens, channels).
+      holds_attention: the layer is, or holds, an attention layer (a transformer block or encoder).
+      input, output: for layers holding attention, the first positional input and the output (numpy), to
+        check that one block's output is the next one's input; cleared once the target layer is chosen.
+    """
+
+    path: str
+    shape: tuple
+    holds_attention: bool
+    input: object = None
+    output: object = None
+
+
+def _unwrap(layer, own: bool, original) -> None:
+    if own:
+        layer.call = original
+    else:
+        del layer.call  # back to the class's method
+
+
+def probe_layer_calls(model, inputs) -> dict[str, LayerCall]:
+    """Runs the model once, eagerly, on `inputs` (what the model takes, batch 1) with every layer of
+    `walk_layers` and `walk_inner` wrapped; returns path -> `LayerCall` of each layer called, in the order
+    the calls started (a holder comes before the layers it calls)."""
+    import numpy as np
+
+    calls: dict[str, Optional[LayerCall]] = {}
+    wrapped = []
+
+    def wrap(path, layer):
+        original, own = layer.call, "call" in vars(layer)
+        holds = is_attention(layer) or contains_attention(layer)
+
+        @functools.wraps(original)
+        def call(*args, **kwargs):
+            first = path not in calls
+            if first:
+                calls[path] = None  # the order of the calls' starts
+            out = original(*args, **kwargs)
+            if first:
+                tensor = primary_output(out)
+                shape = tuple(getattr(tensor, "shape", ()) or ())
+                record = LayerCall(path, tuple(None if d is None else int(d) for d in shape[1:]), holds)
+                if holds and args:
+                    record.input = np.asarray(primary_output(args[0]))
+                    record.output = np.asarray(tensor)
+                calls[path] = record
+            return out
+
+        layer.call = call
+        wrapped.append((layer, own, original))
+
+    seen = set()
+    for path, layer in [*walk_layers(model), *walk_inner(model)]:
+        if id(layer) not in seen and "InputLayer" not in _class_name(layer):
+            seen.add(id(layer))
+            wrap(path, layer)
+    try:
+        model(inputs, training=False)
+    finally:
+        for layer, own, original in reversed(wrapped):
+            _unwrap(layer, own, original)
+    return {path: call for path, call in calls.items() if call is not None and call.shape}
+
+
+def _inner_block_input(holder: str, calls: dict[str, LayerCall]) -> Optional[tuple[str, str]]:
+    """Inside `holder` (a layer holding every block): the output of the block before the last one, when it is
+    the last block's input (blocks called in a chain). None otherwise."""
+    import numpy as np
+
+    blocks = [c for p, c in calls.items() if c.holds_attention and p.startswith(f"{holder}/")]
+    blocks = [c for c in blocks if not any(c.path.startswith(f"{o.path}/") for o in blocks)]  # outermost
+    if len(blocks) < 2:
+        return None
+    before, last = blocks[-2], blocks[-1]
+    if (
+        len(before.shape) not in (2, 3) or before.output is None or last.input is None
+        or before.output.shape != last.input.shape or not np.array_equal(before.output, last.input)
+    ):
+        return None
+    return before.path, (
+        f"input of the last attention block ({last.path!r}, inside {holder!r}): the output of the block "
+        f"before it, {before.path!r}"
+    )
+
+
 def _is_add(layer) -> bool:
     return isinstance(layer, keras_module(layer).layers.Add)
 
@@ -121,12 +269,15 @@ def _is_skipped(layer) -> bool:
     return name.startswith(_POOLING_PREFIXES) or "Normalization" in name or "Dropout" in name
 
 
-def block_input_layer(model) -> tuple[str, str]:
+def block_input_layer(model, calls: Optional[dict[str, LayerCall]] = None) -> tuple[str, str]:
     """The input of the model's last attention block: (path, reason), for heads that read only prefix tokens.
 
     The output of the last residual Add (else of the last layer with a token or
     spatial output, normalisation/dropout/pooling skipped) called before the
-    last attention layer: the residual stream that block attends over.
+    last attention layer: the residual stream that block attends over. When
+    every block lives inside one layer (keras_hub's ViTEncoder), `calls` (see
+    `probe_layer_calls`) opens it: the output of the block before the last one,
+    when it is the last block's input.
     """
     layers = list(walk_layers(model))
     attention = [i for i, (_, layer) in enumerate(layers) if is_attention(layer) or contains_attention(layer)]
@@ -137,6 +288,10 @@ def block_input_layer(model) -> tuple[str, str]:
         i for i in range(attention[0] + 1, attention[-1])
         if (is_spatial(layers[i][1]) or is_tokens(layers[i][1])) and not _is_skipped(layers[i][1])
     ]
+    if not candidates and calls and contains_attention(layers[attention[-1]][1]):
+        found = _inner_block_input(last_path, calls)
+        if found:
+            return found
     if not candidates:
         raise AuditError(
             f"model {model.name!r}: its head reads only the prefix (class) token(s), so the patch tokens of "
@@ -208,8 +363,20 @@ def find_target_layer(model) -> str:
     return choose_target_layer(model)[0]
 
 
-def patch_grids_before(model, path: str) -> list[tuple[str, int, int]]:
-    """(path, h, w) of the layers with a static 4-D output called before `path` (input layers excluded)."""
+def patch_grids_before(model, path: str, calls: Optional[dict[str, LayerCall]] = None) -> list[tuple[str, int, int]]:
+    """(path, h, w) of the layers with a static 4-D output called before `path` (input layers excluded).
+
+    With `calls` (see `probe_layer_calls`): the layers whose call started before the target's, sublayers
+    included (a patch embedding's Conv2D inside keras_hub's ViTPatchingAndEmbedding), the target's holders
+    excluded.
+    """
+    if calls is not None:
+        order = list(calls)
+        stop = order.index(path) if path in order else len(order)
+        return [
+            (p, calls[p].shape[0], calls[p].shape[1]) for p in order[:stop]
+            if len(calls[p].shape) == 3 and None not in calls[p].shape[:2] and not path.startswith(f"{p}/")
+        ]
     grids = []
     for p, layer in walk_layers(model):
         if p == path:
@@ -228,6 +395,11 @@ def resolve_layer_path(model, path: str) -> str:
     matches = [p for p in layers if p.rsplit("/", 1)[-1] == path]
     if len(matches) == 1:
         return matches[0]
+    if not matches:  # a layer inside a layer (keras_hub's transformer blocks): its full path or a tail of it
+        inner = [p for p, _ in walk_inner(model)]
+        matches = [p for p in inner if p == path] or [p for p in inner if p.endswith(f"/{path}")]
+        if len(matches) == 1:
+            return matches[0]
     spatial = [p for p, layer in layers.items() if is_spatial(layer) or is_tokens(layer)]
     if matches:
         raise AuditError(f"--target_layer {path!r} is ambiguous: use one of {matches}")
@@ -239,12 +411,34 @@ def resolve_layer_path(model, path: str) -> str:
 
 def get_layer(model, path: str):
     """The layer at `path` (see `resolve_layer_path`)."""
-    return dict(walk_layers(model))[resolve_layer_path(model, path)]
+    resolved = resolve_layer_path(model, path)
+    layers = dict(walk_layers(model))
+    return layers[resolved] if resolved in layers else dict(walk_inner(model))[resolved]
 
 
-def check_target_layer(model, path: str) -> tuple:
+def check_target_layer(model, path: str, calls: Optional[dict[str, LayerCall]] = None) -> tuple:
     """Returns the target layer's output shape without the batch: (h, w, c) for a map, (tokens, channels)
-    for a transformer's sequence (None where dynamic), or raises AuditError."""
+    for a transformer's sequence (None where dynamic), or raises AuditError.
+
+    A layer inside another layer (`walk_inner`) has no symbolic output: its shape is the one `calls` (see
+    `probe_layer_calls`) saw.
+    """
+    resolved = resolve_layer_path(model, path)
+    if resolved not in dict(walk_layers(model)):
+        call = (calls or {}).get(resolved)
+        if call is None:
+            raise AuditError(
+                f"--target_layer {path!r}: the model's forward pass never calls it (or it outputs no tensor); "
+                "pick a layer the model uses"
+            )
+        shape = call.shape
+        if not (len(shape) == 2 or (len(shape) == 3 and (None in shape[:2] or shape[0] * shape[1] > 1))):
+            raise AuditError(
+                f"--target_layer {path!r}: expected a 4-D (batch, height, width, channels) map or a 3-D "
+                f"(batch, tokens, channels) sequence, found {(None, *shape)}; name a layer inside the "
+                "network (for a transformer: the output of its last block)"
+            )
+        return shape
     layer = get_layer(model, path)
     if not (is_spatial(layer) or is_tokens(layer)):
         raise AuditError(
@@ -270,7 +464,7 @@ def capture_output(layer) -> list:
     @functools.wraps(original)
     def call(*args, **kwargs):
         out = original(*args, **kwargs)
-        store.append(out)
+        store.append(primary_output(out))
         return out
 
     layer.call = call
