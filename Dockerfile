@@ -50,8 +50,11 @@ WORKDIR /opt/gradcam-audit
 COPY setup.py ./
 COPY pipeline/ pipeline/
 COPY transforms/ transforms/
-RUN pip install -c /opt/beam-constraints.txt . \
- && python -c "import apache_beam, tensorflow, pipeline.graph, transforms.model_handler; print('beam', apache_beam.__version__, 'tf', tensorflow.__version__)"
+# With the hub extra and keras-hub itself (--no-deps: its own requirements pull tensorflow-text, which
+# pins TensorFlow's minor version; its image models never import it), so keras_hub models load too.
+RUN pip install -c /opt/beam-constraints.txt ".[hub]" \
+ && pip install --no-deps "keras-hub==0.32.0" \
+ && python -c "import apache_beam, tensorflow, keras_hub, pipeline.graph, transforms.model_handler; print('beam', apache_beam.__version__, 'tf', tensorflow.__version__)"
 
 WORKDIR /
 ENTRYPOINT ["/opt/apache/beam/boot"]
