@@ -338,3 +338,30 @@ def test_token_options_parse_and_bad_values_exit_2(capsys):
             parse_args(["--input", "x", "--model", "y", *bad])
         assert info.value.code == 2
     assert "--token_grid: expected ROWSxCOLUMNS" in capsys.readouterr().err
+
+
+def test_report_strategies_and_statistics_run_on_token_maps(tmp_path):
+    """A job on a ViT with the report on: strategies clustered on the 8x8 patch grid, every cluster's mean map
+    and the class's mean map on that grid, the report drawing a panel per strategy."""
+    from pipeline.graph import run
+    from tests.helpers import read_parquet_dir, write_shard
+
+    path = str(tmp_path / "vit.keras")
+    vit(0, "gap").save(path)
+    shard = write_shard(str(tmp_path), "data-00000.tfrecord", shape_records(40, seed=3))
+    output = tmp_path / "out"
+    _, manifest = run(["--input", shard, "--model", path, "--output", str(output), "--run_id", "t",
+                       "--batch_size", "8", "--target", "class:0"])  # one class: 40 maps to cluster
+    run_dir = output / "run=t"
+    clusters = read_parquet_dir(str(run_dir / "clusters")).to_pylist()
+    assert clusters and {c["class_id"] for c in clusters} == {0}
+    assert sum(c["size"] for c in clusters) == 40
+    assert all((c["cam_height"], c["cam_width"]) == (GRID, GRID) and len(c["mean_cam"]) == GRID * GRID
+               for c in clusters)
+    stats = {r["class_id"]: r for r in read_parquet_dir(str(run_dir / "class_stats")).to_pylist()}
+    assert stats[0]["num_targeted"] == 40 and (stats[0]["cam_height"], stats[0]["cam_width"]) == (GRID, GRID)
+    assert len(stats[0]["mean_cam"]) == GRID * GRID
+    html = (run_dir / "report.html").read_text()
+    assert "<h2 id=strategies>" in html
+    assert html.count("class='strategy") == len(clusters)
+    assert manifest["report"].endswith("report.html")
