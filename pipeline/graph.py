@@ -52,9 +52,10 @@ from transforms.faithfulness import (
 from transforms.model_handler import ExplainBatches, KerasCamModelHandler
 from transforms.records import FanOutRecords, ReadShardRecords
 from transforms.rows import EXEMPLAR_SOURCES_TAG, FormatHeatmapRows
-from transforms.schemas import CLUSTER_SCHEMA, ERROR_SCHEMA, EXEMPLAR_SCHEMA, class_stats_schema, heatmap_schema
-from transforms.sinks import TABLES, ToRecordBatches, WriteParquetTable
+from transforms.schemas import heatmap_schema
+from transforms.sinks import ToRecordBatches, WriteParquetTable
 from transforms.strategies import BATCH_ROWS, AddStrategyColumns, FindStrategies
+from transforms.tables import REGISTRY, TABLES
 
 _LOG = logging.getLogger(__name__)
 
@@ -166,8 +167,9 @@ def read_class_names(path: Optional[str]) -> list[str]:
 
 
 class ExplainDataset(beam.PTransform):
-    """PCollection[shard path] -> {"heatmaps": Arrow RecordBatches of rows, "class_stats", "clusters", "errors",
-    "exemplars": rows}."""
+    """PCollection[shard path] -> {table name: its rows, for every table of `transforms.tables.REGISTRY`
+    (Arrow RecordBatches for a table with `batches`, dicts otherwise), "records_read": the job's count of the
+    records read, and "faithfulness": the faithfulness summary when the checks run}."""
 
     def __init__(self, config: AuditConfig, info: ModelInfo, class_names: list[str]):
         super().__init__()
@@ -253,6 +255,9 @@ class ExplainDataset(beam.PTransform):
                    "errors": errors, "exemplars": exemplars,
                    # the job's own count of what it read: the tables must account for every record
                    "records_read": read.records | "CountRecordsRead" >> beam.combiners.Count.Globally()}
+        for table in REGISTRY:  # tables made from another output's rows (transforms.tables.Table.derive)
+            if table.derive is not None:
+                outputs[table.name] = outputs[table.source] | f"Make{table.step}" >> table.derive(c)
         if c.checks.faithfulness_sample > 0 or c.checks.sanity_images > 0:
             pipeline = batches.pipeline
             scores = scored if scored is not None else pipeline | "NoFaithfulnessScores" >> beam.Create([])
@@ -347,18 +352,10 @@ def build(pipeline: beam.Pipeline, config: AuditConfig, info: ModelInfo, files: 
         | "ExplainDataset" >> ExplainDataset(config, info, class_names)
     )
     run_id = config.run_id  # a plain setting: every table's run_id column (transforms.sinks.WriteParquetTable)
-    written = [
-        outputs["heatmaps"] | "WriteHeatmaps" >> WriteParquetTable(config.output, "heatmaps",
-                                                                   heatmap_schema(config.multilabel), batches=True,
-                                                                   run_id=run_id),
-        outputs["class_stats"] | "WriteClassStats" >> WriteParquetTable(config.output, "class_stats",
-                                                                        class_stats_schema(config.multilabel),
-                                                                        run_id=run_id),
-        outputs["clusters"] | "WriteClusters" >> WriteParquetTable(config.output, "clusters", CLUSTER_SCHEMA,
-                                                                   run_id=run_id),
-        outputs["errors"] | "WriteErrors" >> WriteParquetTable(config.output, "errors", ERROR_SCHEMA, run_id=run_id),
-        outputs["exemplars"] | "WriteExemplars" >> WriteParquetTable(config.output, "exemplars", EXEMPLAR_SCHEMA,
-                                                                     run_id=run_id),
+    written = [  # one Write<Table> per table of the registry (transforms.tables)
+        outputs[table.name] | f"Write{table.step}" >> WriteParquetTable(
+            config.output, table.name, table.schema_for(config.multilabel), batches=table.batches, run_id=run_id)
+        for table in REGISTRY
     ]
     if "faithfulness" in outputs:
         name, suffix = FAITHFULNESS_SUMMARY.rsplit(".", 1)

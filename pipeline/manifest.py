@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.schemas import SCHEMA_VERSION, STAGES, check_schema_version, version_of
-from transforms.sinks import TABLES
+from transforms.tables import REGISTRY, TABLES, table_named
 
 MANIFEST_NAME = "run_manifest.json"
 
@@ -36,16 +36,6 @@ BATCH_ROWS = 65_536  # rows per record batch when a launcher-side step scans a b
 def table_files(output: str, table: str) -> list[str]:
     """The Parquet files of `<output>/<table>/` (local or gs://), sorted."""
     return sorted(m.path for m in FileSystems.match([f"{output}/{table}/*.parquet"])[0].metadata_list)
-
-
-def _empty_table(table: str, columns: Optional[list[str]] = None) -> pa.Table:
-    from transforms import schemas
-
-    schema = {"heatmaps": schemas.HEATMAP_SCHEMA, "class_stats": schemas.CLASS_STATS_SCHEMA,
-              "clusters": schemas.CLUSTER_SCHEMA, "errors": schemas.ERROR_SCHEMA,
-              "exemplars": schemas.EXEMPLAR_SCHEMA}[table]
-    empty = schema.empty_table()
-    return empty.select(columns) if columns else empty
 
 
 @contextlib.contextmanager
@@ -66,13 +56,14 @@ def read_table(output: str, table: str, columns: Optional[list[str]] = None) -> 
     """Reads `<output>/<table>/*.parquet` (local or gs://) into one Arrow table.
 
     For the small tables (class_stats, exemplars, errors of a healthy run) and tests;
-    launcher code scans heatmaps with `iter_batches` instead.
+    launcher code scans heatmaps with `iter_batches` instead. A table without files reads as its
+    registry entry's empty table (`transforms.tables`).
     """
     tables = []
     for path in table_files(output, table):
         with open_parquet(path) as parquet:
             tables.append(parquet.read(columns=columns))
-    return pa.concat_tables(tables) if tables else _empty_table(table, columns)
+    return pa.concat_tables(tables) if tables else table_named(table).empty(columns)
 
 
 def iter_batches(output: str, table: str, columns: list[str], batch_size: Optional[int] = None
@@ -120,11 +111,7 @@ def count_outputs(output: str) -> dict:
         "records_rejected": rejected,
         "shard_errors": by_stage.get("read", 0),
         "errors_by_kind": dict(sorted(by_error.items())),
-        "rows": {
-            "heatmaps": count_rows(output, "heatmaps"),
-            "class_stats": count_rows(output, "class_stats"),
-            "errors": count_rows(output, "errors"),
-        },
+        "rows": {table.name: count_rows(output, table.name) for table in REGISTRY if table.counted},
     }
 
 

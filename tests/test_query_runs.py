@@ -17,7 +17,7 @@ from pipeline.manifest import MANIFEST_NAME, read_json, read_table, write_json
 from tests.audit_fixtures import RUN_IDS
 from transforms.errors import AuditError
 from transforms.schemas import SCHEMA_VERSION, SCHEMA_VERSION_KEY
-from transforms.sinks import TABLES
+from transforms.tables import TABLES
 
 QUERYING_DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "querying.md")
 

@@ -1,4 +1,4 @@
-"""The Arrow schemas of the three Parquet tables, built once.
+"""The Arrow schemas of the Parquet tables, built once (which tables a run writes: `transforms.tables`).
 
 heatmaps     one row per (image, target): prediction, target, raw CAM, attention
 class_stats  one row per class: counts, accuracy, mean CAM, attention, confusions

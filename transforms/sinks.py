@@ -9,8 +9,6 @@ from apache_beam.transforms import window
 
 from transforms.schemas import RUN_ID_FIELD, versioned
 
-TABLES = ("heatmaps", "class_stats", "clusters", "errors", "exemplars")
-
 # Arrow data a writer gathers per bundle before it makes one Parquet row group of it (as Beam's
 # WriteToParquet: 64 MiB).
 ROW_GROUP_BYTES = 64 * 1024 * 1024
