@@ -114,9 +114,9 @@ def main(argv=None) -> dict:
     from pipeline.demo import encode, make_example
     from transforms.cam.explainer import CamExplainer
     from transforms.decode import BatchImageDecoder, DecodeImageExamples, decode_batch
+    from transforms.heatmap_rows import FormatHeatmapRows
     from transforms.model_handler import CamWorker, KerasCamModelHandler
     from transforms.records import ShardRecord
-    from transforms.rows import FormatHeatmapRows
     from transforms.schemas import HEATMAP_SCHEMA
 
     n = args.images

@@ -15,7 +15,7 @@ the SDK worker processes Beam starts. By default `quiet_console`:
 * drops Beam's "Resource module is not available" warning.
 
 `--verbose` keeps all of it (and Beam's INFO logging). `terminal()` is the
-real stderr, for the progress line (`pipeline.progress`).
+real stderr, for the progress line (`pipeline.progress_line`).
 """
 
 from __future__ import annotations

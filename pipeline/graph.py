@@ -33,14 +33,9 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.options import FLEX_TEMPLATE_ENV, AuditConfig, parse_args
-from pipeline.progress import show_progress
+from pipeline.progress_line import show_progress
 from pipeline.runners import job_identity, log_job, only_builds_job
-from transforms.class_stats import ComputeClassStats
-from transforms.dead_letters import ERRORS_TAG
-from transforms.decode import DecodeImageExamples
-from transforms.errors import AuditError, one_line
-from transforms.exemplars import SelectAuditExemplars
-from transforms.faithfulness import (
+from transforms.checks import (
     FAITHFULNESS_SUMMARY,
     RunSanityCheck,
     ScoreCheckImages,
@@ -49,9 +44,14 @@ from transforms.faithfulness import (
     record_key,
     with_scores,
 )
+from transforms.class_stats import ComputeClassStats
+from transforms.decode import DecodeImageExamples
+from transforms.error_rows import ERRORS_TAG
+from transforms.errors import AuditError, one_line
+from transforms.exemplars import SelectAuditExemplars
+from transforms.heatmap_rows import EXEMPLAR_SOURCES_TAG, FormatHeatmapRows
 from transforms.model_handler import ExplainBatches, KerasCamModelHandler
 from transforms.records import FanOutRecords, ReadShardRecords
-from transforms.rows import EXEMPLAR_SOURCES_TAG, FormatHeatmapRows
 from transforms.schemas import heatmap_schema
 from transforms.sinks import ToRecordBatches, WriteParquetTable
 from transforms.strategies import BATCH_ROWS, AddStrategyColumns, FindStrategies
@@ -305,7 +305,7 @@ def _sanity_settings(settings: dict, info: ModelInfo) -> tuple[dict, list]:
     """
     import inspect
 
-    from transforms.faithfulness import load_sanity_explainer
+    from transforms.checks import load_sanity_explainer
 
     needed = {}
     if info.token_layout and str(info.token_layout["source"]).startswith("options"):

@@ -152,10 +152,10 @@ def attention_summary(output: str) -> dict:
 def faithfulness_summary(output: str) -> Optional[dict]:
     """The job's faithfulness.json (mean gap with its bootstrap interval, sanity check), or None.
 
-    Computed in the job (transforms/faithfulness.py) from sufficient statistics
+    Computed in the job (transforms/checks.py) from sufficient statistics
     and a bounded sample: the launcher reads one small JSON file, not the heatmaps.
     """
-    from transforms.faithfulness import FAITHFULNESS_SUMMARY
+    from transforms.checks import FAITHFULNESS_SUMMARY
 
     return read_json(f"{output.rstrip('/')}/{FAITHFULNESS_SUMMARY}")
 

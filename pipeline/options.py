@@ -22,8 +22,8 @@ from pipeline.runners import RUNNER_DESTS, add_runner_arguments, runner_of, tran
 from transforms.cam.methods import METHODS
 from transforms.cam.preprocess import PRESETS, parse_image_size
 from transforms.cam.targets import DEFAULT_MAX_TARGETS, LABEL_FORMATS, TARGET_HELP, TargetSpec, parse_target
+from transforms.checks import CheckSettings
 from transforms.errors import AuditError
-from transforms.faithfulness import CheckSettings
 from transforms.flags import FlagThresholds
 from transforms.precision import MIXED_PRECISION
 from transforms.settings import settings_from, settings_options

@@ -13,11 +13,11 @@ import tensorflow as tf
 
 from pipeline.demo import make_example
 from tests.helpers import good_examples, jpeg_bytes, png_bytes, read_parquet_dir, write_shard
-from transforms.dead_letters import ERRORS_TAG
 from transforms.decode import BatchImageDecoder, DecodeImageExamples, decode_batch
+from transforms.error_rows import ERRORS_TAG
+from transforms.heatmap_rows import FormatHeatmapRows
 from transforms.model_handler import KerasCamModelHandler
 from transforms.records import ShardRecord
-from transforms.rows import FormatHeatmapRows
 
 
 def checked(records, source="s.tfrecord"):

@@ -1,4 +1,4 @@
-"""Quiet start-up and the progress line (pipeline/console.py, pipeline/progress.py)."""
+"""Quiet start-up and the progress line (pipeline/console.py, pipeline/progress_line.py)."""
 
 import os
 import pty
@@ -13,9 +13,9 @@ import time
 import pytest
 
 from pipeline.console import is_noise
-from pipeline.progress import is_local_runner, progress_line
+from pipeline.progress_line import is_local_runner, progress_line
 from tests.helpers import good_examples, write_shard
-from transforms import progress
+from transforms import progress_tally as progress
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOISE = [

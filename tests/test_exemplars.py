@@ -23,8 +23,8 @@ from transforms.exemplars import (
     flag_kind,
     shortcut_kind,
 )
+from transforms.heatmap_rows import heatmap_rows
 from transforms.model_handler import Explained
-from transforms.rows import heatmap_rows
 from transforms.schemas import EXEMPLAR_SCHEMA
 from transforms.sinks import WriteParquetTable
 from transforms.thumbnails import TILE, draw_boxes, jet, overlay

@@ -15,8 +15,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from tests.helpers import good_examples, write_shard
-from transforms.decode import DecodedImage
-from transforms.faithfulness import (
+from transforms.checks import (
     COLUMNS,
     CURVE_COLUMNS,
     CheckImage,
@@ -28,8 +27,9 @@ from transforms.faithfulness import (
     record_key,
     with_scores,
 )
+from transforms.decode import DecodedImage
+from transforms.heatmap_rows import heatmap_rows
 from transforms.model_handler import Explained
-from transforms.rows import heatmap_rows
 from transforms.schemas import HEATMAP_SCHEMA
 
 
@@ -109,8 +109,8 @@ def test_batched_rereading_gives_each_image_its_per_image_scores_and_sanity(data
     from pipeline.graph import run
     from pipeline.manifest import read_table
     from transforms.cam.faithfulness import cascading_randomisation
+    from transforms.checks import ScoreFaithfulness, load_sanity_explainer, sanity_pixels
     from transforms.decode import DecodeImageExamples
-    from transforms.faithfulness import ScoreFaithfulness, load_sanity_explainer, sanity_pixels
     from transforms.model_handler import KerasCamModelHandler, acquire_worker
     from transforms.records import ReadShardRecords
 

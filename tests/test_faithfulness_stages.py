@@ -12,9 +12,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline import compare
-from transforms.class_stats import ClassStatsFn
-from transforms.decode import DecodedImage
-from transforms.faithfulness import (
+from transforms.checks import (
     COLUMNS,
     CURVE_COLUMNS,
     GapSummaryFn,
@@ -24,8 +22,10 @@ from transforms.faithfulness import (
     id_hash,
     is_sampled,
 )
+from transforms.class_stats import ClassStatsFn
+from transforms.decode import DecodedImage
+from transforms.heatmap_rows import FormatHeatmapRows, heatmap_rows
 from transforms.model_handler import Explained
-from transforms.rows import FormatHeatmapRows, heatmap_rows
 
 
 def explained(image_id: str, k: int = 1) -> Explained:

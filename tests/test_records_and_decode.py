@@ -12,8 +12,8 @@ import pytest
 
 from pipeline.demo import make_example
 from tests.helpers import good_examples, jpeg_bytes, png_bytes, write_shard
-from transforms.dead_letters import ERRORS_TAG, error_row
 from transforms.decode import BatchImageDecoder, DecodedImage, DecodeImageExamples, decode_batch
+from transforms.error_rows import ERRORS_TAG, error_row
 from transforms.image_header import read_header
 from transforms.records import CorruptRecord, ReadShardRecords, ShardRecord, iter_records, read_record_at
 

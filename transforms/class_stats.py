@@ -25,8 +25,8 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 
-from transforms.faithfulness import COLUMNS as FAITHFULNESS_COLUMNS
-from transforms.faithfulness import CURVE_COLUMNS
+from transforms.checks import COLUMNS as FAITHFULNESS_COLUMNS
+from transforms.checks import CURVE_COLUMNS
 from transforms.flags import DEFAULT_THRESHOLDS, IMAGE_FLAGS, NUM_CELLS, FlagThresholds, shortcut_signal
 
 _STATS = ("peak_y", "peak_x", "entropy", "border_mass", "box_mass")
@@ -56,7 +56,7 @@ class ClassAccumulator:
     num_flagged: int = 0
     peak_cells: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(NUM_CELLS, np.int64))
     box_cells: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(NUM_CELLS, np.int64))
-    # Faithfulness of the sampled rows (transforms/faithfulness.py).
+    # Faithfulness of the sampled rows (transforms/checks.py).
     num_faithfulness: int = 0
     num_positive_gap: int = 0
     faithfulness_sums: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(FAITHFULNESS_COLUMNS, 0.0))
@@ -203,7 +203,7 @@ def batch_accumulators(batch, label_threshold: Optional[float] = None) -> list[t
 
 def faithfulness_part(score_row: dict) -> tuple[int, "ClassAccumulator"]:
     """(target class, ClassAccumulator holding only its faithfulness) of one scored image (a
-    `transforms.faithfulness.ScoreCheckImages` row): what its heatmap row would add as a target."""
+    `transforms.checks.ScoreCheckImages` row): what its heatmap row would add as a target."""
     acc = ClassAccumulator()
     _add_faithfulness(acc, score_row)
     return int(score_row["target_class"]), acc
@@ -440,7 +440,7 @@ class ComputeClassStats(beam.PTransform):
     def __init__(self, class_names: Optional[list[str]] = None, thresholds: FlagThresholds = DEFAULT_THRESHOLDS,
                  label_threshold: Optional[float] = None, faithfulness=None):
         """`label_threshold`: multi-label runs' score threshold (None: single-label). `faithfulness`: an optional
-        PCollection of score rows (`transforms.faithfulness.ScoreCheckImages`) whose scores count for their
+        PCollection of score rows (`transforms.checks.ScoreCheckImages`) whose scores count for their
         target classes, for rows whose faithfulness columns are filled later."""
         super().__init__()
         self._class_names = list(class_names or [])

@@ -30,7 +30,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import apache_beam as beam
 import numpy as np
 
-from transforms.dead_letters import ERRORS_TAG, RecordError, error_row
+from transforms.error_rows import ERRORS_TAG, RecordError, error_row
 from transforms.image_header import read_header
 from transforms.records import ShardRecord, shard_name
 

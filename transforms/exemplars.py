@@ -37,8 +37,8 @@ import numpy as np
 
 from transforms.decode import _boxes
 from transforms.flags import DEFAULT_THRESHOLDS, FlagThresholds
+from transforms.heatmap_rows import ExemplarSource, heatmap_rows  # ExemplarSource: FormatHeatmapRows makes them
 from transforms.records import read_record_at
-from transforms.rows import ExemplarSource, heatmap_rows  # ExemplarSource: FormatHeatmapRows makes them
 from transforms.thumbnails import example_image, overlay_tile
 
 _LOG = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ def record_and_boxes(winner: Candidate) -> tuple[bytes, tuple]:
 
 def exemplar_source(result, *, method: str, target_layer: str,
                     thresholds: FlagThresholds = DEFAULT_THRESHOLDS) -> Optional[ExemplarSource]:
-    """The ExemplarSource of an Explained image (its rows formatted with `transforms.rows.heatmap_rows`,
+    """The ExemplarSource of an Explained image (its rows formatted with `transforms.heatmap_rows.heatmap_rows`,
     as FormatHeatmapRows does); None for an image that failed. An ExemplarSource passes unchanged."""
     if isinstance(result, ExemplarSource):
         return result

@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-from transforms.dead_letters import RecordError
+from transforms.error_rows import RecordError
 
 # JPEG start-of-frame markers (SOF0-SOF15 except DHT, JPG and DAC).
 _SOF_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}

@@ -22,9 +22,9 @@ from typing import Iterator, NamedTuple, Optional, Union
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.dead_letters import ERRORS_TAG, error_row
-from transforms.progress import flush as flush_progress
-from transforms.progress import tally
+from transforms.error_rows import ERRORS_TAG, error_row
+from transforms.progress_tally import flush as flush_progress
+from transforms.progress_tally import tally
 
 _HEADER = 12  # uint64 length + masked crc32c of the length
 _FOOTER = 4  # masked crc32c of the data

@@ -131,7 +131,7 @@ CLASS_STATS_SCHEMA = pa.schema(
         # Strategies (transforms/strategies.py): clusters of the class's maps.
         pa.field("num_strategies", pa.int32()),
         pa.field("suspicious_strategy", pa.bool_()),
-        # Faithfulness over the class's sampled targeted rows (transforms/faithfulness.py).
+        # Faithfulness over the class's sampled targeted rows (transforms/checks.py).
         pa.field("num_faithfulness", pa.int64()),
         pa.field("mean_faithfulness_morf", pa.float64()),
         pa.field("mean_faithfulness_lerf", pa.float64()),

@@ -74,8 +74,8 @@ import numpy as np
 import pyarrow as pa
 
 from transforms.attention import correlation
+from transforms.checks import id_hash
 from transforms.exemplars import PER_KIND, ROW_FIELDS, Candidate, strategy_kind
-from transforms.faithfulness import id_hash
 from transforms.flags import CELL_NAMES, NUM_CELLS
 from transforms.schemas import HEATMAP_SCHEMA
 from transforms.settings import option

@@ -8,12 +8,12 @@ import apache_beam as beam
 import numpy as np
 
 from transforms.attention import attention_stats, pointing_game
-from transforms.dead_letters import ERRORS_TAG, error_row
-from transforms.faithfulness import FAITHFULNESS_NULLS, unwrap
+from transforms.checks import FAITHFULNESS_NULLS, unwrap
+from transforms.error_rows import ERRORS_TAG, error_row
 from transforms.flags import DEFAULT_THRESHOLDS, FlagThresholds, image_flags
 from transforms.model_handler import Explained
-from transforms.progress import flush as flush_progress
-from transforms.progress import tally
+from transforms.progress_tally import flush as flush_progress
+from transforms.progress_tally import tally
 
 
 class ExemplarSource(NamedTuple):
@@ -31,7 +31,7 @@ def heatmap_rows(
 ) -> list[dict]:
     """The rows of `transforms.schemas.HEATMAP_SCHEMA` for one image.
 
-    `faithfulness` (transforms/faithfulness.py) fills the rank-0 row's
+    `faithfulness` (transforms/checks.py) fills the rank-0 row's
     faithfulness columns; they are null otherwise. With `label_threshold` (a
     multi-label run) the rows are those of MULTILABEL_HEATMAP_SCHEMA: the
     image's labels, the classes scoring >= the threshold, every class's score

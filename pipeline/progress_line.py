@@ -6,7 +6,7 @@ Shown on stderr, rewritten in place (carriage return) every
 `REFRESH_SECONDS`, only when stderr is a terminal and the runner runs in
 this machine's processes (FnApiRunner / DirectRunner / Prism); nothing on a
 pipe or a file. The numbers are the workers' tallies
-(`transforms.progress`). The ETA comes from the bytes read so far out of
+(`transforms.progress_tally`). The ETA comes from the bytes read so far out of
 the shards' total size (known up front from the file listing, so no record
 count is needed): the reader and the model run fused in one stage locally,
 so the fraction of bytes read is the fraction of the work done. Clusters
@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Iterator, Optional
 
-from transforms.progress import PROGRESS_ENV, read_tallies
+from transforms.progress_tally import PROGRESS_ENV, read_tallies
 
 REFRESH_SECONDS = 0.5
 LOCAL_RUNNERS = ("direct", "fnapi", "prism")

@@ -6,7 +6,7 @@ run (FnApiRunner) reports counters only when it ends, so for the terminal the
 launcher sets `PROGRESS_ENV` to a fresh folder and every worker process
 (in-process, threads or the multi-processing workers, which inherit the
 environment) adds to its own small JSON file there, at most every
-`FLUSH_SECONDS`; `pipeline.progress` sums the files. Without the variable
+`FLUSH_SECONDS`; `pipeline.progress_line` sums the files. Without the variable
 (clusters, tests, non-terminal runs) nothing is written; `tally` itself is a
 Counter update either way (the environment is read at flushes only).
 """
