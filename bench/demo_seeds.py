@@ -31,8 +31,8 @@ def one_run(work: str, seed: int, plain: bool = False) -> dict:
     audit the demo shards, return what the summary flags."""
     from pipeline.demo import CLASS_NAMES, Demo, ensure_demo, train_control_model, train_model
     from pipeline.graph import run
-    from pipeline.manifest import read_table
-    from pipeline.summary import summary_text
+    from pipeline.runs.manifest import read_table
+    from pipeline.runs.summary import summary_text
 
     demo: Demo = ensure_demo(os.path.join(work, "demo"))  # the demo's shards (made once, shared by the runs)
     tag = f"{'plain-' if plain else ''}seed{seed}-onednn{os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'default')}"

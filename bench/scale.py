@@ -8,7 +8,7 @@ of `CHUNK` rows, files of at most `ROWS_PER_FILE` rows; plus small
 class_stats, exemplars with real JPEG thumbnails, errors, run_manifest.json),
 then times, each in a fresh Python process so its peak RSS is its own:
 
-  manifest  pipeline.manifest.count_outputs + attention_summary (what the
+  manifest  pipeline.runs.manifest.count_outputs + attention_summary (what the
             launcher does after the job), checked against the synthesised counts
   compare   python -m pipeline.compare --baseline B --current RUN (writes comparison.json)
   report    python -m pipeline.report RUN (with that comparison)
@@ -222,7 +222,7 @@ def synthesize_run(run_dir: str, rows: int, *, num_classes: int = NUM_CLASSES, s
                    chunk: int = CHUNK, rows_per_file: int = ROWS_PER_FILE, num_errors: int = 100,
                    run_id: str = "bench") -> dict:
     """Writes a run folder of `rows` heatmap rows; returns the counts the manifest must report."""
-    from pipeline.manifest import save_manifest
+    from pipeline.runs.manifest import save_manifest
 
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(run_dir, "heatmaps"), exist_ok=True)
@@ -285,15 +285,15 @@ def measure_step(step: str, run_dir: str, baseline: str) -> dict:
     """Runs one launcher step in this process; returns its result summary and peak RSS."""
     started = time.time()
     if step == "manifest":
-        from pipeline.manifest import attention_summary, count_outputs
+        from pipeline.runs.manifest import attention_summary, count_outputs
 
         out = {"counts": count_outputs(run_dir), "attention": attention_summary(run_dir)}
     elif step == "compare":
-        from pipeline.compare import main as compare_main
+        from pipeline.runs.compare import main as compare_main
 
         out = {"exit_status": compare_main(["--baseline", baseline, "--current", run_dir, "--quiet"])}
     elif step == "report":
-        from pipeline.report import main as report_main
+        from pipeline.report.page import main as report_main
 
         out = {"exit_status": report_main([run_dir]),
                "report_bytes": os.path.getsize(os.path.join(run_dir, "report.html"))}

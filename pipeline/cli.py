@@ -37,7 +37,7 @@ def main(argv=None) -> None:
 def _main(argv) -> None:
     from pipeline.finalize import RunNotFinalised
     from pipeline.graph import run
-    from pipeline.summary import summary_text
+    from pipeline.runs.summary import summary_text
     from transforms.errors import AuditError
 
     try:

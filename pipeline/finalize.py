@@ -10,8 +10,8 @@ records read), so it runs once every write has finished, on any runner. It then,
     <temp>/comparison.{json,parquet}  with --compare_with_previous: against the run before it in runs.json
     <temp>/report.html      unless --report=false
     <temp>/_SUCCESS         the run is complete
-    <temp> -> run=<id>/     `pipeline.history.swap_in`
-    runs.json               the run's entry (`pipeline.history.update_index`)
+    <temp> -> run=<id>/     `pipeline.runs.history.swap_in`
+    runs.json               the run's entry (`pipeline.runs.history.update_index`)
 
 where <temp> is the run's `_tmp-run=<id>-<random>` folder. Everything here is importable on a worker:
 no launcher state, only the settings (a JSON string) given when the graph was built.
@@ -94,7 +94,7 @@ def launch_settings(config, info, files: list, beam_args: list, *, work_dir: str
 
 
 def _options(settings: dict) -> types.SimpleNamespace:
-    """The run's options as attributes (what `pipeline.compare.thresholds_from` and friends read)."""
+    """The run's options as attributes (what `pipeline.runs.compare.thresholds_from` and friends read)."""
     return types.SimpleNamespace(**settings["options"])
 
 
@@ -117,8 +117,8 @@ def _dataflow_job_id() -> Optional[str]:
 
 def job_of(settings: dict, folder: str) -> dict:
     """{"runner", "id", "url"} of the job that made the run (see the module docstring)."""
-    from pipeline.manifest import read_json
     from pipeline.runners import canonical_runner, job_identity
+    from pipeline.runs.manifest import read_json
 
     recorded = read_json(f"{folder}/{JOB_NAME}")
     if recorded:
@@ -130,7 +130,7 @@ def job_of(settings: dict, folder: str) -> dict:
 
 def record_job(work_dir: str, job: dict) -> None:
     """The launcher's note of the job id for the stage (only when the runner gave one)."""
-    from pipeline.manifest import write_json
+    from pipeline.runs.manifest import write_json
 
     if job.get("id"):
         write_json(f"{work_dir.rstrip('/')}/{JOB_NAME}", job)
@@ -142,8 +142,8 @@ def record_job(work_dir: str, job: dict) -> None:
 def finalize_run(settings: dict, folder: Optional[str] = None, records_read: Optional[int] = None) -> dict:
     """Finalises the run whose tables are in `folder` (default: the settings' temp folder, or, when a
     retry finds it already moved, the run folder itself); returns the manifest. Idempotent."""
-    from pipeline import history
-    from pipeline.manifest import build_manifest, read_json, save_manifest, write_json
+    from pipeline.runs import history
+    from pipeline.runs.manifest import build_manifest, read_json, save_manifest, write_json
 
     output, run_id = settings["output"].rstrip("/"), settings["run_id"]
     final = history.run_dir(output, run_id)
@@ -177,7 +177,7 @@ def finalize_run(settings: dict, folder: Optional[str] = None, records_read: Opt
     if getattr(options, "compare_with_previous", False):
         comparison = _compare_with_previous(options, output, run_id, manifest, folder)
     if getattr(options, "report", True):
-        from pipeline.report import write_report
+        from pipeline.report.page import write_report
 
         try:
             write_report(folder, manifest=manifest, comparison=comparison)
@@ -199,7 +199,7 @@ def finalize_run(settings: dict, folder: Optional[str] = None, records_read: Opt
 
 def _compare_with_previous(options, output: str, run_id: str, manifest: dict, folder: str) -> Optional[dict]:
     """Compares the run in `folder` with the one before it in runs.json; sets manifest["comparison"]."""
-    from pipeline import compare, history
+    from pipeline.runs import compare, history
 
     previous = history.previous_run(output, run_id)
     if previous is None:
@@ -277,8 +277,8 @@ def read_finalised(output: str, run_id: str, attempt: str) -> dict:
     attempt's, or not complete)."""
     from apache_beam.io.filesystems import FileSystems
 
-    from pipeline import history
-    from pipeline.manifest import read_json
+    from pipeline.runs import history
+    from pipeline.runs.manifest import read_json
 
     final = history.run_dir(output, run_id)
     manifest = read_json(f"{final}/run_manifest.json") or {}
@@ -291,8 +291,8 @@ def read_finalised(output: str, run_id: str, attempt: str) -> dict:
 
 def find_attempt(output: str, run_id: str) -> tuple[str, dict]:
     """(folder, settings) to finalise for `python -m pipeline.finalize` (see the module docstring)."""
-    from pipeline import history
-    from pipeline.manifest import read_json
+    from pipeline.runs import history
+    from pipeline.runs.manifest import read_json
 
     output = output.rstrip("/")
     candidates = []
@@ -336,7 +336,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not manifest:  # the test-only fault "skip"
         return 3
     if not args.quiet:
-        from pipeline.summary import summary_text
+        from pipeline.runs.summary import summary_text
 
         print(summary_text(manifest))
     return (manifest.get("comparison") or {}).get("exit_code") or 0

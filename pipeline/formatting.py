@@ -1,6 +1,6 @@
 """Text helpers shared by the report's pages: escaping, numbers, class names, data: URIs.
 
-One place for what `pipeline.report` and `pipeline.report_strategies` both
+One place for what `pipeline.report.page` and `pipeline.report.strategies` both
 write into their HTML, so neither imports the other's private helpers.
 """
 

@@ -320,15 +320,15 @@ def _sanity_settings(settings: dict, info: ModelInfo) -> tuple[dict, list]:
 def clear_outputs(output: str, run_id: Optional[str] = None) -> None:
     """Removes what an earlier run into the same place left behind.
 
-    With `run_id` (the history layout, `pipeline.history`): the temp folders
+    With `run_id` (the history layout, `pipeline.runs.history`): the temp folders
     of crashed earlier attempts at that run; the finished run itself is only
     replaced by the new one's swap. Without: the tables and manifest written
     straight into `output`.
     """
-    from pipeline.manifest import MANIFEST_NAME
+    from pipeline.runs.manifest import MANIFEST_NAME
 
     if run_id is not None:
-        from pipeline.history import clear_temps
+        from pipeline.runs.history import clear_temps
 
         clear_temps(output, run_id)
         return
@@ -409,7 +409,7 @@ def prepare(config: AuditConfig):
         raise AuditError("--output: expected a folder (local or gs://), none given")
     config.output = config.output.rstrip("/")
     if not config.run_id:  # resolved now, at launch (a Flex Template runs this at every launch)
-        from pipeline.history import default_run_id
+        from pipeline.runs.history import default_run_id
 
         config.run_id = default_run_id()
     config.input = resolve_input(config.input, config.run_id)
@@ -430,7 +430,7 @@ def build_job_only(config: AuditConfig, beam_args: list, info: ModelInfo, files:
     refuses classic templates), which runs this at each launch: the run id and the shards are that launch's.
     Returns (PipelineResult or None, a short description instead of a manifest).
     """
-    from pipeline import history
+    from pipeline.runs import history
 
     work = dataclasses.replace(config, output=settings["work_dir"])
     final = history.run_dir(config.output, config.run_id)
@@ -463,7 +463,8 @@ def run(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipeline]
     """
     import uuid
 
-    from pipeline import finalize, history
+    from pipeline import finalize
+    from pipeline.runs import history
 
     config, beam_args = parse_args(argv)
     check_template(beam_args)
@@ -504,7 +505,7 @@ def run(argv: Optional[list[str]] = None, test_pipeline: Optional[beam.Pipeline]
 
 def submitted(config: AuditConfig, job: dict) -> dict:
     """What `run` returns with --wait=false: the job, where its run will appear."""
-    from pipeline import history
+    from pipeline.runs import history
 
     final = history.run_dir(config.output, config.run_id)
     where = f"job {job['id']} on {job['runner']}" if job.get("id") else f"the job ({job.get('runner')}, in this process)"

@@ -16,9 +16,9 @@ from typing import Optional
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.argtypes import OneLineParser, add_boolean, add_settings_arguments, count, positive_int, share, whole
-from pipeline.compare import CompareThresholds, add_flagged_exit_code_argument
-from pipeline.history import check_run_id
 from pipeline.runners import RUNNER_DESTS, add_runner_arguments, runner_of, translate_runner_args
+from pipeline.runs.compare import CompareThresholds, add_flagged_exit_code_argument
+from pipeline.runs.history import check_run_id
 from transforms.cam.methods import METHODS
 from transforms.cam.preprocess import PRESETS, parse_image_size
 from transforms.cam.targets import DEFAULT_MAX_TARGETS, LABEL_FORMATS, TARGET_HELP, TargetSpec, parse_target
@@ -134,7 +134,7 @@ def add_audit_arguments(parser) -> None:
         "default: today's date in UTC, YYYY-MM-DD)")
     add_boolean(parser, "--compare_with_previous",
                 help="Compare with the run listed just before this one in <output>/runs.json; exit status "
-                "--flagged_exit_code (1) when something is flagged (thresholds below, see pipeline/compare.py)")
+                "--flagged_exit_code (1) when something is flagged (thresholds below, see pipeline/runs/compare.py)")
     add_flagged_exit_code_argument(parser)
     add_boolean(parser, "--wait", default=True,
                 help="Wait for the job, print the summary and exit with its status (default). --wait=false "

@@ -7,8 +7,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import compare
 from pipeline.demo import MOVING_SHORTCUT_CLASS, SHORTCUT_CLASS
+from pipeline.runs import compare
 from tests.audit_fixtures import RUN_IDS
 from transforms.schemas import COMPARISON_SCHEMA
 

@@ -112,8 +112,8 @@ def test_dry_run_builds_the_gpu_job(dataset, model_path, gcs):
 
 def test_flex_launch_job_holds_accelerator_image_package_steps_and_the_launch_date(dataset, model_path, gcs,
                                                                                  tmp_path, monkeypatch):
-    from pipeline import history
     from pipeline.options import FLEX_TEMPLATE_ENV
+    from pipeline.runs import history
 
     monkeypatch.setenv(FLEX_TEMPLATE_ENV, "/opt/gradcam-audit/flex_launch.py")  # as in the launcher image
     monkeypatch.setattr(history, "default_run_id", lambda now=None: "2031-05-05")  # the day of this launch

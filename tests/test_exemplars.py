@@ -204,9 +204,9 @@ def test_the_report_draws_tiles_from_exemplars_without_the_shards(model_path, tm
     from PIL import Image
 
     from pipeline.graph import run
-    from pipeline.manifest import read_table
-    from pipeline.report import render_report
-    from pipeline.report_strategies import TILES_PER_STRATEGY
+    from pipeline.report.page import render_report
+    from pipeline.report.strategies import TILES_PER_STRATEGY
+    from pipeline.runs.manifest import read_table
     from tests.helpers import SIZE
 
     records = [make_example(png_bytes(SIZE, SIZE, seed=i), label=i % 3, image_id=f"x-{i}",

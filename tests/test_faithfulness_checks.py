@@ -107,7 +107,7 @@ def test_batched_rereading_gives_each_image_its_per_image_scores_and_sanity(data
     the job's code before) run on that image alone after the main pass's own decode and explain, and
     the sanity check equals `cascading_randomisation` on the same images' pixels."""
     from pipeline.graph import run
-    from pipeline.manifest import read_table
+    from pipeline.runs.manifest import read_table
     from transforms.cam.faithfulness import cascading_randomisation
     from transforms.checks import ScoreFaithfulness, load_sanity_explainer, sanity_pixels
     from transforms.decode import DecodeImageExamples

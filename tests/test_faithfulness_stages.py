@@ -11,7 +11,7 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline import compare
+from pipeline.runs import compare
 from transforms.checks import (
     COLUMNS,
     CURVE_COLUMNS,
@@ -167,7 +167,7 @@ def test_job_scores_the_sampled_rows_and_writes_the_summary(dataset, model_path,
     """The whole job with half the images sampled: the scored rows are exactly the hashed ones, and their
     scores are what the scorer gives for those images."""
     from pipeline.graph import run
-    from pipeline.manifest import read_table
+    from pipeline.runs.manifest import read_table
 
     _, manifest = run(["--input", dataset["pattern"], "--model", model_path, "--output", str(tmp_path),
                        "--batch_size", "4", "--max_image_pixels", "1000000", "--run_id", "f",
@@ -200,7 +200,7 @@ def _summary(correlation=0.1, flagged=False, gap=0.2, ci=(0.1, 0.3)):
 
 
 def test_summary_lines_say_the_gap_and_flag_a_failed_sanity_check():
-    from pipeline.summary import faithfulness_lines
+    from pipeline.runs.summary import faithfulness_lines
 
     ok = faithfulness_lines(_summary())
     assert ok[0].startswith("Faithfulness on 40 sampled images") and "+0.200" in ok[0] and "95% CI +0.100" in ok[0]
@@ -211,7 +211,8 @@ def test_summary_lines_say_the_gap_and_flag_a_failed_sanity_check():
 
 
 def test_report_section_draws_the_deletion_curves_of_scored_classes():
-    from pipeline.report import deletion_curves_figure, faithfulness_section
+    from pipeline.report.figures import deletion_curves_figure
+    from pipeline.report.page import faithfulness_section
 
     stats = [{"class_id": c, "class_name": None, "num_faithfulness": 3, "mean_faithfulness_gap": 0.2,
               "share_flagged": 0.1 * c, "mean_deletion_morf": [0.2, 0.3, 0.3, 0.4],

@@ -21,8 +21,9 @@ import sys
 
 import pytest
 
-from pipeline import finalize, history
+from pipeline import finalize
 from pipeline.graph import run
+from pipeline.runs import history
 from tests.audit_fixtures import audit_cli
 
 RUN_ID = "2026-02-01"

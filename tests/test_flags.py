@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pipeline.demo import MOVING_SHORTCUT_CLASS, SHORTCUT_CLASS
-from pipeline.manifest import read_table
+from pipeline.runs.manifest import read_table
 from tests.audit_fixtures import RUN_IDS
 from transforms.class_stats import ClassStatsFn, class_contributions
 from transforms.flags import IMAGE_FLAGS, FlagThresholds, cell_of, image_flags, shortcut_signal

@@ -99,7 +99,8 @@ def test_in_the_flex_launcher_the_default_runner_is_dataflow(monkeypatch):
 
 
 def test_run_id_and_input_are_resolved_when_the_job_starts(dataset, model_path, tmp_path, monkeypatch):
-    from pipeline import graph, history
+    from pipeline import graph
+    from pipeline.runs import history
 
     folder = os.path.dirname(dataset["pattern"])
     dated = tmp_path / "dt=2031-05-05"

@@ -169,7 +169,7 @@ def test_the_job_completes_its_run_without_its_launcher(cluster, dataset, model_
     import signal
     import subprocess
 
-    from pipeline.history import read_index
+    from pipeline.runs.history import read_index
 
     output = tmp_path / "out"
     audit(dataset["pattern"], model_path, str(output), "--run_id", "2026-01-01")  # the run before it, local

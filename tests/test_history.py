@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from pipeline import history
-from pipeline.manifest import MANIFEST_NAME
 from pipeline.options import parse_args
+from pipeline.runs import history
+from pipeline.runs.manifest import MANIFEST_NAME
 from tests.audit_fixtures import RUN_IDS
 from transforms.errors import AuditError
 
@@ -131,7 +131,7 @@ def test_history_on_gcs(tmp_path, demo_runs):
         assert not gcs.list(crashed + "/")
         assert history.previous_run(output, RUN_IDS[1])["run_dir"] == history.run_dir(output, RUN_IDS[0])
         # A comparison reads runs on gs:// and writes there too.
-        from pipeline import compare
+        from pipeline.runs import compare
 
         first = history.run_dir(output, RUN_IDS[0])
         assert compare.main(["--baseline", first, "--current", first, "--quiet"]) == 0

@@ -13,8 +13,8 @@ import tracemalloc
 import pytest
 
 from bench.scale import synthesize_run
-from pipeline import manifest as manifest_module
-from pipeline import report as report_module
+from pipeline.report import page as report_module
+from pipeline.runs import manifest as manifest_module
 
 ROWS = 50_000
 
@@ -35,7 +35,7 @@ def no_whole_heatmaps(monkeypatch):
         assert table != "heatmaps", "the heatmaps table was read whole"
         return original(output, table, columns)
 
-    for module in list(sys.modules.values()):  # every module that imported read_table by name (pipeline.report ...)
+    for module in list(sys.modules.values()):  # every module that imported read_table by name (pipeline.report.page ...)
         if getattr(module, "read_table", None) is original:
             monkeypatch.setattr(module, "read_table", guarded)
     monkeypatch.setattr(manifest_module, "BATCH_ROWS", 4096)

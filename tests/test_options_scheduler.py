@@ -13,11 +13,12 @@ import sys
 
 import pytest
 
-from pipeline import cli, compare
+from pipeline import cli
 from pipeline.argtypes import BooleanAction, flag_value, parse_bool
 from pipeline.console import wants_verbose
 from pipeline.options import build_parser, parse_args
 from pipeline.runners import job_identity, log_job
+from pipeline.runs import compare
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOOLEANS = ("compare_with_previous", "quiet", "jit_compile", "check_moves_inside_boxes", "verbose")

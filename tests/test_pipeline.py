@@ -15,7 +15,7 @@ from tests.conftest import BAD_RECORDS
 from tests.helpers import parquet_schema, read_parquet_dir
 from transforms.schemas import CLASS_STATS_SCHEMA, CLUSTER_SCHEMA, ERROR_SCHEMA, HEATMAP_SCHEMA
 
-RUN = "run=test"  # each run writes under <output>/run=<run_id>/ (pipeline/history.py)
+RUN = "run=test"  # each run writes under <output>/run=<run_id>/ (pipeline/runs/history.py)
 
 
 def run_audit(dataset, model_path, output, *extra):

@@ -12,8 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import compare, finalize, history, report
-from pipeline.manifest import MANIFEST_NAME, read_json, read_table, write_json
+from pipeline import finalize
+from pipeline.report import page as report
+from pipeline.runs import compare, history
+from pipeline.runs.manifest import MANIFEST_NAME, read_json, read_table, write_json
 from tests.audit_fixtures import RUN_IDS
 from transforms.errors import AuditError
 from transforms.schemas import SCHEMA_VERSION, SCHEMA_VERSION_KEY

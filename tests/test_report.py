@@ -8,9 +8,9 @@ import pytest
 
 from pipeline.demo import SHORTCUT_CLASS, make_example
 from pipeline.graph import run
-from pipeline.manifest import read_table
-from pipeline.report import flag_rules
-from pipeline.report import main as report_main
+from pipeline.report.page import flag_rules
+from pipeline.report.page import main as report_main
+from pipeline.runs.manifest import read_table
 from tests.audit_fixtures import RUN_IDS
 from tests.browser import dump_dom, find_browser, screenshot
 from tests.helpers import SIZE, png_bytes, write_shard
@@ -46,7 +46,7 @@ def test_tiles_are_the_exemplars_thumbnails(demo_runs):
     """The grids come from the run's exemplars table (drawn in the job), not from the shards."""
     import base64
 
-    from pipeline.report_strategies import TILES_PER_STRATEGY
+    from pipeline.report.strategies import TILES_PER_STRATEGY
 
     run_dir = demo_runs.run_dir(RUN_IDS[0])
     page = _html(demo_runs, RUN_IDS[0])

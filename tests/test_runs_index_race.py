@@ -2,7 +2,7 @@
 
 Two long-lived worker processes (multiprocessing, spawn) race through ROUNDS
 rounds: in each they write their own run folder, meet at a barrier, and
-call `pipeline.history.update_index` together on a fresh output. Every
+call `pipeline.runs.history.update_index` together on a fresh output. Every
 round's index must list both runs with each one's own entry. Locally and
 on the GCS emulator (gs://).
 """
@@ -11,8 +11,8 @@ import multiprocessing
 
 import pytest
 
-from pipeline.history import INDEX_NAME, index_entry, read_index, run_dir, update_index
-from pipeline.manifest import read_json, save_manifest
+from pipeline.runs.history import INDEX_NAME, index_entry, read_index, run_dir, update_index
+from pipeline.runs.manifest import read_json, save_manifest
 
 ROUNDS = 20
 WORKERS = ("alpha", "beta")

@@ -356,7 +356,7 @@ def test_find_strategies_in_a_pipeline():
 
 
 def _demo_clusters(demo_runs, run_id):
-    from pipeline.manifest import read_table
+    from pipeline.runs.manifest import read_table
 
     return read_table(demo_runs.run_dir(run_id), "clusters").to_pylist()
 
@@ -382,7 +382,7 @@ def assert_moving_shortcut_caught(clusters: list[dict], stats: dict, corners_apa
 
 
 def test_demo_strategies_catch_the_moving_shortcut(demo_runs):
-    from pipeline.manifest import read_table
+    from pipeline.runs.manifest import read_table
     from tests.audit_fixtures import RUN_IDS
     from tests.helpers import parquet_schema
 
@@ -409,7 +409,7 @@ def test_demo_strategies_catch_the_moving_shortcut(demo_runs):
 def test_demo_strategies_on_data_the_demo_never_saw(demo_runs, tmp_path):
     """Fresh shards (another seed) audited with the demo model: the same verdicts."""
     from pipeline.demo import write_dataset
-    from pipeline.manifest import read_table
+    from pipeline.runs.manifest import read_table
     from tests.audit_fixtures import audit_cli
 
     write_dataset(str(tmp_path / "data"), n=200, shards=2, seed=123, broken=False)

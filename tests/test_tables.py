@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.graph import run
-from pipeline.manifest import read_table
+from pipeline.runs.manifest import read_table
 from tests.helpers import parquet_schema
 from transforms import schemas, tables
 from transforms.tables import REGISTRY, TABLES, Table, table_named
@@ -26,7 +26,7 @@ def test_the_registry_holds_the_tables_in_their_order():
     assert [t.name for t in first if t.batches] == ["heatmaps"]
     assert all(t.derive is None for t in first) and all(table_named(t.name) is t for t in REGISTRY)
     with pytest.raises(KeyError):
-        table_named("comparison")  # a file of the run (pipeline.compare), not a table of the job
+        table_named("comparison")  # a file of the run (pipeline.runs.compare), not a table of the job
 
 
 def test_schemas_single_and_multi_label():

@@ -19,7 +19,7 @@ Entropy stays on the layer's cells (0 = one cell, 1 = uniform): upsampling
 would only smooth it.
 
 The map maths other modules share lives here too: `upsample` (the bilinear
-resize; `pipeline.compare` resamples maps of two runs with it) and
+resize; `pipeline.runs.compare` resamples maps of two runs with it) and
 `correlation` (of two maps; the comparison and the strategies' rule).
 """
 

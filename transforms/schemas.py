@@ -5,7 +5,7 @@ class_stats  one row per class: counts, accuracy, mean CAM, attention, confusion
 errors       one row per rejected record (or corrupt/empty shard), raw bytes kept
 exemplars    the few worst images of each kind (flag, shortcut class, ...) with a thumbnail
 clusters     one row per (class, strategy): SpRAy clusters of the class's maps
-comparison   one row per class: what changed since a baseline run (pipeline/compare.py)
+comparison   one row per class: what changed since a baseline run (pipeline/runs/compare.py)
 
 Multi-label runs (`--label_format index|multi_hot`) write `heatmaps` and
 `class_stats` with a few more columns, appended at the end
@@ -20,7 +20,7 @@ Schema version: `SCHEMA_VERSION` is written into every Parquet file's metadata
 (`SCHEMA_VERSION_KEY`, `versioned`), the run manifest and the run's `runs.json` entry
 ("schema_version"). A run without one was written before the versions existed (version 0: no
 `run_id` column). Bump it whenever a column changes meaning, type or disappears (adding a nullable
-column at the end does not need it); readers (`pipeline.manifest`) refuse, in one line, a run of a
+column at the end does not need it); readers (`pipeline.runs.manifest`) refuse, in one line, a run of a
 version not in `KNOWN_SCHEMA_VERSIONS`.
 """
 

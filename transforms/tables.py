@@ -2,7 +2,7 @@
 
 Everything that handles the tables reads `REGISTRY` in a loop: the graph (`pipeline.graph`: one
 `Write<Table>` step per entry, fed by the `ExplainDataset` output of the table's name), the manifest
-(`pipeline.manifest`: the "tables" it lists, the rows it counts, the empty table an absent folder
+(`pipeline.runs.manifest`: the "tables" it lists, the rows it counts, the empty table an absent folder
 reads as) and the launcher (`pipeline.graph.clear_outputs`, `build_job_only`). A new table is one
 `Table` entry here plus the transform that makes its rows (docs/architecture.md, "A table").
 

@@ -11,7 +11,7 @@ import os
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.manifest import read_table
+from pipeline.runs.manifest import read_table
 
 AUDIT_ARGS = ("--batch_size", "4", "--max_image_pixels", "1000000")
 

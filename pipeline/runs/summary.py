@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.manifest import read_table
+from pipeline.runs.manifest import read_table
 from transforms.flags import CELL_NAMES
 
 CONCENTRATED = 0.5  # share of a class's mean map in one ninth of the image
@@ -94,7 +94,7 @@ def summary_text(manifest: dict) -> str:
         if reasons:
             flagged.append(f"! class {name}: " + "; ".join(reasons) + ", whatever the object's position: "
                            "a possible shortcut.")
-    from pipeline.report_strategies import read_clusters, summary_lines
+    from pipeline.report.strategies import read_clusters, summary_lines
 
     names = {row["class_id"]: row["class_name"] for row in stats}
     flagged += summary_lines(read_clusters(manifest["output"]), names)

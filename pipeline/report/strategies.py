@@ -21,7 +21,7 @@ from pipeline.formatting import class_name as _class_name
 from pipeline.formatting import data_uri as _data_uri
 from pipeline.formatting import esc as _esc
 from pipeline.formatting import fmt as _fmt
-from pipeline.manifest import read_table
+from pipeline.runs.manifest import read_table
 from transforms.exemplars import STRATEGY_EXEMPLARS, strategy_kind
 from transforms.flags import CELL_NAMES
 from transforms.thumbnails import COLORMAP
@@ -74,7 +74,7 @@ def exemplar_tiles(exemplars: Optional[dict[str, list[dict]]], clusters: list[di
     """(class, cluster) -> [(image id, JPEG of the image with its CAM)], closest to the cluster mean first.
 
     Args:
-      exemplars: `pipeline.report.exemplars_by_kind` of the run (None: a run without the table).
+      exemplars: `pipeline.report.page.exemplars_by_kind` of the run (None: a run without the table).
         The tiles are the thumbnails the job drew for kind "strategy:<class>:<cluster>";
         neither the heatmaps nor the shards are read.
     """
@@ -100,7 +100,7 @@ def strategies_section(run_dir: str, names: dict, exemplars: Optional[dict[str, 
     """The HTML of the strategies section (empty string when the run has no clusters table).
 
     Args:
-      exemplars: `pipeline.report.exemplars_by_kind` of the run (None when it has no exemplars table).
+      exemplars: `pipeline.report.page.exemplars_by_kind` of the run (None when it has no exemplars table).
     """
     clusters = read_clusters(run_dir) if clusters is None else clusters
     if not clusters:

@@ -34,7 +34,7 @@ from typing import Optional
 
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.manifest import read_json, write_json
+from pipeline.runs.manifest import read_json, write_json
 from transforms.errors import AuditError
 
 _LOG = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def swap_in(temp: str, final: str) -> None:
       reader listing `run=<id>/` can see the run missing or half there.
       What is atomic is the write of one object: `runs.json` is rewritten (a
       single object) only after the swap finished, so readers that start
-      from the index (as `pipeline.compare` and `--compare_with_previous`
+      from the index (as `pipeline.runs.compare` and `--compare_with_previous`
       do) see either the old state or the complete new run, never a partial
       one. A crash mid-swap leaves the temp folder in place; re-running the
       same id redoes the run and the swap.
@@ -195,7 +195,7 @@ def read_index(output: str) -> list[dict]:
 
 def _present_runs(output: str) -> dict:
     """run id -> path of its run_manifest.json, for every run folder under `output`."""
-    from pipeline.manifest import MANIFEST_NAME
+    from pipeline.runs.manifest import MANIFEST_NAME
 
     try:
         found = FileSystems.match([f"{output}/{RUN_PREFIX}*/{MANIFEST_NAME}"])[0].metadata_list
