@@ -1,5 +1,5 @@
 """The checks' sample: chosen by id hash without pixels, read again by offset, scored in full batches;
-the same scores as scoring each image alone the way the job did before (`ScoreFaithfulness`)."""
+the same scores as scoring each image alone the way the job did before (`tests/reference_checks.py::ScoreFaithfulness`)."""
 
 from __future__ import annotations
 
@@ -108,8 +108,9 @@ def test_batched_rereading_gives_each_image_its_per_image_scores_and_sanity(data
     the sanity check equals `cascading_randomisation` on the same images' pixels."""
     from pipeline.graph import run
     from pipeline.runs.manifest import read_table
+    from tests.reference_checks import ScoreFaithfulness
     from transforms.cam.faithfulness import cascading_randomisation
-    from transforms.checks import ScoreFaithfulness, load_sanity_explainer, sanity_pixels
+    from transforms.checks import load_sanity_explainer, sanity_pixels
     from transforms.decode import DecodeImageExamples
     from transforms.model_handler import KerasCamModelHandler, acquire_worker
     from transforms.records import ReadShardRecords

@@ -16,8 +16,6 @@ from transforms.checks import (
     COLUMNS,
     CURVE_COLUMNS,
     GapSummaryFn,
-    Measured,
-    SplitFaithfulnessSample,
     gap_item,
     id_hash,
     is_sampled,
@@ -34,10 +32,6 @@ def explained(image_id: str, k: int = 1) -> Explained:
     return Explained(image, 1, 0.9, np.arange(k), np.full(k, 0.9), np.ones(k), cam)
 
 
-SCORES = {"faithfulness_morf": 0.4, "faithfulness_lerf": 0.01, "faithfulness_random": 0.1,
-          "faithfulness_gap": 0.3, "deletion_morf": [0.3, 0.4, 0.4, 0.5], "deletion_lerf": [0.0, 0.0, 0.0, 0.04],
-          "deletion_random": [0.0, 0.1, 0.1, 0.2]}
-
 
 def test_sampling_is_deterministic_and_close_to_the_share():
     ids = [f"img-{i}" for i in range(20_000)]
@@ -49,34 +43,12 @@ def test_sampling_is_deterministic_and_close_to_the_share():
     assert id_hash("a") == id_hash("a") and 0 <= id_hash("a")[1] < 2**31
 
 
-def test_split_sends_sampled_images_aside_and_failures_through():
-    fn = SplitFaithfulnessSample(0.5)
-    items = [explained(f"x{i}") for i in range(40)]
-    failed = items[0]._replace(error=("E", "m"))
-    out = [o for item in items + [failed] for o in fn.process(item)]
-    sampled = [o.value.image.image_id for o in out if isinstance(o, beam.pvalue.TaggedOutput)]
-    assert sampled == [i.image.image_id for i in items if is_sampled(i.image.image_id, 0.5)]
-    assert 5 < len(sampled) < 35 and len(out) == 41
-    # A sampled image keeps its pixels but not the decoded batch they were a view of.
-    batch = np.random.default_rng(0).random((40, 8, 8, 3), dtype=np.float32)
-    views = [item._replace(image=item.image._replace(pixels=batch[i])) for i, item in enumerate(items)]
-    aside = [o.value for item in views for o in fn.process(item) if isinstance(o, beam.pvalue.TaggedOutput)]
-    assert len(aside) == len(sampled)
-    for item in aside:
-        assert not np.shares_memory(item.image.pixels, batch)
-        np.testing.assert_array_equal(item.image.pixels, batch[int(item.image.image_id[1:])])
-
-
-def test_heatmap_rows_carry_the_scores_on_rank_0_and_nulls_elsewhere():
-    rows = heatmap_rows(explained("a", k=2), method="gradcam", target_layer="l", faithfulness=SCORES)
-    assert {c: rows[0][c] for c in SCORES} == SCORES
-    assert all(rows[1][c] is None for c in COLUMNS + CURVE_COLUMNS)
+def test_heatmap_rows_leave_the_faithfulness_columns_null():
+    """Rows are made with null scores; the sampled ones get theirs from `with_scores` on their batch."""
+    rows = heatmap_rows(explained("a", k=2), method="gradcam", target_layer="l")
+    assert all(row[c] is None for row in rows for c in COLUMNS + CURVE_COLUMNS)
     plain = list(FormatHeatmapRows(method="gradcam", target_layer="l").process(explained("b")))
     assert all(plain[0][c] is None for c in COLUMNS + CURVE_COLUMNS)
-    measured = list(FormatHeatmapRows(method="gradcam", target_layer="l").process(Measured(explained("c"), SCORES)))
-    assert measured[0]["faithfulness_gap"] == 0.3 and measured[0]["image_id"] == "c"
-    failed = list(FormatHeatmapRows(method="gradcam", target_layer="l").process(Measured(explained("d"), None)))
-    assert failed[0]["faithfulness_gap"] is None
 
 
 def _stats_row(gap, curve=1.0):

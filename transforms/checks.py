@@ -22,9 +22,9 @@
 
 So the checks cost (scored images) x (their model passes), whatever the
 dataset's size: an image outside the sample costs one hash in the batch it
-is formatted in. `MeasureFaithfulness` (score a share of the images inside
-the stream, in the batches each bundle yields) is what the job did before;
-it is kept as the reference the re-read scoring is tested against.
+is formatted in. (What the job did before, scoring a share of the images
+inside the stream in the batches each bundle yields, is the tests' reference
+for the re-read scoring: `tests/reference_checks.py`.)
 
 The math lives in `transforms.cam.faithfulness`; the model is loaded with the
 model handler's own `load_model` (same file, same options), once per process
@@ -44,7 +44,7 @@ import numpy as np
 from apache_beam.utils import shared
 
 from transforms.cam.faithfulness import FRACTIONS, ORDERS
-from transforms.model_handler import Explained, handler_tag
+from transforms.model_handler import handler_tag
 from transforms.settings import option
 
 _LOG = logging.getLogger(__name__)
@@ -83,18 +83,6 @@ class CheckSettings:
         0.5, "Flag the run when the real and randomised maps still rank-correlate more than this", kind="number")
 
 
-class Measured(NamedTuple):
-    """An explained image with its faithfulness scores (rank-0 target).
-
-    scores: {"faithfulness_morf", ..., "faithfulness_gap": float,
-    "deletion_morf", "deletion_lerf", "deletion_random": [drop per q]}, or
-    None when scoring failed (the row is still written, with nulls).
-    """
-
-    explained: Explained
-    scores: Optional[dict]
-
-
 def id_hash(image_id: str) -> tuple[float, int]:
     """(u in [0, 1), int32 seed) from the image id: the same for every run."""
     digest = hashlib.sha256(image_id.encode("utf-8")).digest()
@@ -108,50 +96,11 @@ def is_sampled(image_id: str, share: float) -> bool:
     return share > 0 and id_hash(image_id)[0] < share
 
 
-def unwrap(item) -> tuple[Explained, Optional[dict]]:
-    """(explained, scores or None) for an Explained or a Measured element."""
-    if isinstance(item, Measured):
-        return item.explained, item.scores
-    return item, None
-
-
-def pixels_of(explained: Explained) -> np.ndarray:
-    """The model-input pixels float32 [H, W, C] the explainer was given."""
-    return np.asarray(explained.image.pixels, np.float32)
-
-
 class _ScorerHolder:
     """What `shared.Shared` keeps (it needs a weak-referenceable instance)."""
 
     def __init__(self, scorer):
         self.scorer = scorer
-
-
-def without_pixels(item: Explained) -> Explained:
-    """The image without its model-input pixels: what the steps after the faithfulness scoring keep.
-
-    The runner may hold these elements between stages (the rows wait for the strategies); 600 kB
-    of pixels per image (and the decoded batch a view keeps alive) must not travel with them.
-    """
-    return item._replace(image=item.image._replace(pixels=None, encoded=None))
-
-
-class SplitFaithfulnessSample(beam.DoFn):
-    """Explained -> main output (not sampled, or failed), "sampled" output."""
-
-    SAMPLED = "sampled"
-
-    def __init__(self, share: float):
-        self._share = share
-
-    def process(self, item: Explained):
-        if item.error is None and len(item.cam) and is_sampled(item.image.image_id, self._share):
-            # Its own copy of the pixels: a view would keep its whole decoded batch alive while
-            # the sample's batch fills up (a batch of sampled images spans many decoded batches).
-            own = item.image._replace(pixels=np.array(pixels_of(item), np.float32, copy=True))
-            yield beam.pvalue.TaggedOutput(self.SAMPLED, item._replace(image=own))
-        else:
-            yield without_pixels(item)
 
 
 def score_rows(out: dict, count: int) -> list[dict]:
@@ -175,65 +124,6 @@ def acquire_scorer(handler, tag: str):
     worker = acquire_worker(handler)
     holder = _SHARED.acquire(lambda: _ScorerHolder(FaithfulnessScorer.from_explainer(worker.explainer)), tag=tag)
     return worker, holder
-
-
-class ScoreFaithfulness(beam.DoFn):
-    """A batch of Explained -> Measured, one call of the compiled scorer per batch (the in-stream
-    scoring of `MeasureFaithfulness`)."""
-
-    def __init__(self, handler):
-        self._handler = handler  # plain settings; its load_model builds the explainer
-        self._tag = "faithfulness-" + handler_tag(handler)
-        self._scored = beam.metrics.Metrics.counter(_NAMESPACE, "faithfulness_scored")
-        self._failed = beam.metrics.Metrics.counter(_NAMESPACE, "faithfulness_failed")
-
-    def setup(self):
-        self._worker, self._holder = acquire_scorer(self._handler, self._tag)
-
-    def process(self, batch: list):
-        import tensorflow as tf
-
-        try:
-            out = self._holder.scorer(
-                np.stack([pixels_of(item) for item in batch]),
-                np.stack([np.asarray(item.cam[0], np.float32) for item in batch]),
-                np.array([int(item.target_class[0]) for item in batch], np.int32),
-                np.array([id_hash(item.image.image_id)[1] for item in batch], np.int32),
-            )
-        except (tf.errors.OpError, ValueError) as exc:
-            _LOG.warning("Faithfulness of a batch of %d failed (%s); its rows get nulls", len(batch), exc)
-            self._failed.inc(len(batch))
-            for item in batch:
-                yield Measured(without_pixels(item), None)
-            return
-        self._scored.inc(len(batch))
-        for item, scores in zip(batch, score_rows(out, len(batch)), strict=True):
-            yield Measured(without_pixels(item), scores)
-
-
-class MeasureFaithfulness(beam.PTransform):
-    """PCollection[Explained] -> PCollection[Explained | Measured]: the images whose id hash falls in
-    `share` scored inside the stream, in the batches each bundle yields.
-
-    Not in the job's graph (the job scores a bounded sample after the main pass: `SelectCheckImages`,
-    `ScoreCheckImages`); kept as the reference for the same images' scores."""
-
-    def __init__(self, handler, share: float, batch_size: int):
-        super().__init__()
-        self._handler = handler
-        self._share = share
-        self._batch_size = batch_size
-
-    def expand(self, explained):
-        split = explained | "SplitSample" >> beam.ParDo(SplitFaithfulnessSample(self._share)).with_outputs(
-            SplitFaithfulnessSample.SAMPLED, main="rest"
-        )
-        scored = (
-            split[SplitFaithfulnessSample.SAMPLED]
-            | "BatchSampled" >> beam.BatchElements(min_batch_size=1, max_batch_size=self._batch_size)
-            | "ScoreBatches" >> beam.ParDo(ScoreFaithfulness(self._handler))
-        )
-        return (split.rest, scored) | "JoinScored" >> beam.Flatten()
 
 
 # --- The checks' sample: a bottom-k of id hashes, without pixels ----------------------------------

@@ -8,7 +8,7 @@ import apache_beam as beam
 import numpy as np
 
 from transforms.attention import attention_stats, pointing_game
-from transforms.checks import FAITHFULNESS_NULLS, unwrap
+from transforms.checks import FAITHFULNESS_NULLS
 from transforms.error_rows import ERRORS_TAG, error_row
 from transforms.flags import DEFAULT_THRESHOLDS, FlagThresholds, image_flags
 from transforms.model_handler import Explained
@@ -27,12 +27,12 @@ class ExemplarSource(NamedTuple):
 
 def heatmap_rows(
     result: Explained, *, method: str, target_layer: str, thresholds: FlagThresholds = DEFAULT_THRESHOLDS,
-    faithfulness: dict | None = None, label_threshold: float | None = None,
+    label_threshold: float | None = None,
 ) -> list[dict]:
     """The rows of `transforms.schemas.HEATMAP_SCHEMA` for one image.
 
-    `faithfulness` (transforms/checks.py) fills the rank-0 row's
-    faithfulness columns; they are null otherwise. With `label_threshold` (a
+    The faithfulness columns are null here; the sampled rank-0 rows get
+    theirs on the way to the sink (`transforms.checks.with_scores`). With `label_threshold` (a
     multi-label run) the rows are those of MULTILABEL_HEATMAP_SCHEMA: the
     image's labels, the classes scoring >= the threshold, every class's score
     (rank-0 row), and flags judged on the row's target (`multilabel_flags`).
@@ -84,7 +84,7 @@ def heatmap_rows(
                     image.boxes, thresholds,
                 )),
                 "cluster_id": None,  # set by transforms.strategies.FindStrategies
-                **(faithfulness if faithfulness and rank == 0 else FAITHFULNESS_NULLS),
+                **FAITHFULNESS_NULLS,
             }
         )
         if label_threshold is not None:
@@ -141,8 +141,7 @@ class FormatHeatmapRows(beam.DoFn):
     def finish_bundle(self):
         flush_progress()
 
-    def process(self, item):
-        result, faithfulness = unwrap(item)  # Explained, or Measured by MeasureFaithfulness
+    def process(self, result: Explained):
         if result.error is not None:
             self._failed.get(result.error_stage, self._failed["compute"]).inc()
             error, message = result.error
@@ -164,7 +163,7 @@ class FormatHeatmapRows(beam.DoFn):
         tally(images_explained=1)
         rows = heatmap_rows(
             result, method=self._method, target_layer=self._target_layer, thresholds=self._thresholds,
-            faithfulness=faithfulness, label_threshold=self._label_threshold,
+            label_threshold=self._label_threshold,
         )
         yield from rows
         if self._exemplar_sources:

@@ -134,12 +134,6 @@ class ClassStrategies:
     eigengap: Optional[float]
     num_sampled: int
 
-    def assign(self, vector: np.ndarray) -> tuple[int, float]:
-        """(nearest cluster, its Euclidean distance) for one max-normalised map."""
-        distances = np.linalg.norm(self.means - vector[None, :], axis=1)
-        best = int(np.argmin(distances))
-        return best, float(distances[best])
-
 
 def normalised_map(row: dict) -> Optional[np.ndarray]:
     """The row's CAM divided by its maximum, flattened (float32); None without mass."""
@@ -350,8 +344,8 @@ class AssignStrategies(beam.DoFn):
     closest to the cluster's mean as strategy exemplar candidates (EXEMPLAR_CANDIDATES_TAG; the
     first carries the count of the batch's rows of that kind).
 
-    All per-row work is numpy over the batch: a row is assigned as `ClassStrategies.assign` would
-    assign it on its own (same float32 distances; nearest, the first on ties).
+    All per-row work is numpy over the batch: a row goes to its nearest cluster mean as it would
+    on its own (same float32 distances; nearest, the first on ties: `tests/test_strategies.py::assign_one`).
     """
 
     def __init__(self, exemplars: int = EXEMPLARS, per_kind: int = PER_KIND):
