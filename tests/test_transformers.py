@@ -191,6 +191,40 @@ def test_vit_token_maps_match_eager_reference(name, method):
     assert_close(out["cam"], ref)
 
 
+@pytest.fixture(scope="module")
+def convnext():
+    """keras.applications' ConvNeXtTiny (random weights, 96x96: a 3x3 last stage)."""
+    keras.utils.set_random_seed(2)
+    return keras.applications.ConvNeXtTiny(weights=None, input_shape=(96, 96, 3), classes=CLASSES)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_convnext_maps_match_eager_reference(convnext, method):
+    """ConvNeXt's last block ends in a residual sum that is an operation, not a layer: the default target is
+    the block's last layer (its branch); the reference's head adds the block's input back, then the model's
+    pooling, LayerNormalization and Dense (pre-softmax)."""
+    explainer = CamExplainer(convnext, method=method)
+    layer = "convnext_tiny_stage_3_block_2_identity"
+    assert explainer.target_layer == layer and explainer.cam_shape == (3, 3)
+    branch = keras.Model(convnext.inputs, convnext.get_layer(layer).output)
+    block_input = keras.Model(convnext.inputs, convnext.get_layer("convnext_tiny_stage_3_block_2_depthwise_conv").input)
+    norm, dense = convnext.get_layer("convnext_tiny_head_layernorm"), convnext.get_layer("convnext_tiny_head_dense")
+    saved = {}
+
+    def features(image):
+        saved["skip"] = block_input(image)
+        return branch(image)
+
+    def head(a):
+        return tf.matmul(norm(tf.reduce_mean(a + saved["skip"], axis=(1, 2))), dense.kernel) + dense.bias
+
+    batch = np.random.default_rng(4).uniform(0, 255, (3, 96, 96, 3)).astype(np.float32)
+    out = explainer(batch)
+    ref = reference(features, head, batch, out["target_class"].tolist(), method)
+    assert np.abs(ref).max() > 0
+    assert_close(out["cam"], ref)
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_swin_style_stage_output_is_a_map(method):
     explainer = CamExplainer(swin(), method=method)
