@@ -72,7 +72,8 @@ def test_launcher_image_is_the_worker_image_with_nothing_of_a_run_frozen():
         assert not re.search(rf"^(ENV|ARG|RUN)\b.*{re.escape(frozen)}", dockerfile, re.M), frozen
     assert "from pipeline.cli import main" in read("templates", "flex", "launch.py")
     worker = read("Dockerfile")
-    assert "pip install -c /opt/beam-constraints.txt ." in worker and "COPY setup.py ./" in worker
+    assert "pip install -c /opt/beam-constraints.txt \".[hub]\"" in worker and "COPY setup.py ./" in worker
+    assert "import apache_beam, tensorflow, keras_hub, pipeline.graph" in worker  # the image build checks it
 
 
 def test_classic_templates_are_refused_in_one_line(tmp_path, capsys, monkeypatch):
