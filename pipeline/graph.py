@@ -277,10 +277,7 @@ class ExplainDataset(beam.PTransform):
             settings = {"model_uri": c.model, "weights": c.weights, "safe_mode": not c.unsafe_model,
                         "target_layer": self._info.target_layer, "method": c.method, "preprocess": c.preprocess,
                         "image_size": tuple(self._info.input_shape[:2])}
-            settings, missing = _sanity_settings(settings, self._info)
-            if missing:
-                _LOG.warning("Sanity check skipped: its explainer cannot be given %s", ", ".join(missing))
-                sanity_images = 0
+            settings.update(self._info.explainer_options())  # the token layout and the output, as the workers'
         k = max(faithfulness, sanity_images)
         if k == 0:
             return None, None
@@ -293,28 +290,6 @@ class ExplainDataset(beam.PTransform):
             sanity = sample | "CheckSanity" >> beam.ParDo(RunSanityCheck(
                 settings, c.checks.max_sanity_correlation, sanity_images, c.image_key, c.batch_size))
         return scored, sanity
-
-
-def _sanity_settings(settings: dict, info: ModelInfo) -> tuple[dict, list]:
-    """Adds the token layout and the output to the sanity explainer's settings where
-    `load_sanity_explainer` takes them; returns (settings, the names of those it needs but cannot take).
-
-    Without them the sanity explainer infers the token layout again from the
-    model (the same answer unless --token_grid/--prefix_tokens were needed)
-    and needs a model with one output.
-    """
-    import inspect
-
-    from transforms.checks import load_sanity_explainer
-
-    needed = {}
-    if info.token_layout and str(info.token_layout["source"]).startswith("options"):
-        needed.update(token_grid=info.token_grid, prefix_tokens=info.prefix_tokens)
-    if info.output["count"] > 1:
-        needed["output"] = info.output["index"]
-    accepted = inspect.signature(load_sanity_explainer).parameters
-    missing = [key for key in needed if key not in accepted]
-    return {**settings, **{k: v for k, v in needed.items() if k in accepted}}, missing
 
 
 def clear_outputs(output: str, run_id: Optional[str] = None) -> None:

@@ -323,6 +323,11 @@ def test_job_on_a_vit_explains_the_last_block_on_the_grid(tmp_path):
     path = str(tmp_path / "vit.keras")
     vit(1, "cls").save(path)
     rows, manifest = audit(tmp_path, shape_records(7), path, "--method", "layercam")
+    given, given_manifest = audit(tmp_path / "given", shape_records(7), path, "--method", "layercam",
+                                  "--token_grid", f"{GRID}x{GRID}", "--prefix_tokens", "1")
+    assert [r["cam"] for r in given] == [r["cam"] for r in rows]  # the same layout, given instead of inferred
+    assert given_manifest["model"]["token_layout"]["source"].startswith("options")
+    assert given_manifest["faithfulness"]["sanity"]["images"] == 7  # run with the given layout, not skipped
     model = manifest["model"]
     assert model["target_layer"] == "block0_out"  # class-token head: the last block's input
     assert "last attention block" in model["target_layer_reason"]
@@ -351,6 +356,9 @@ def test_job_on_a_two_output_model_needs_model_output(tmp_path, capsys):
     rows, manifest = audit(tmp_path, records, path, "--model_output", "head")
     assert manifest["model"]["output"] == {"index": 1, "name": "head", "count": 2}
     assert manifest["model"]["target_layer"] == "block1_out" and len(rows) == 4
+    # The sanity check explains the same output (it was skipped before it could be given one).
+    sanity = manifest["faithfulness"]["sanity"]
+    assert sanity["images"] == 4 and sanity["layers"][0] == "head" and sanity["correlation"] is not None
     shard = write_shard(str(tmp_path), "again-00000.tfrecord", records)
     with pytest.raises(SystemExit) as info:
         cli.main(["--input", shard, "--model", path, "--output", str(tmp_path / "o2"), "--no_report"])

@@ -427,15 +427,19 @@ class RunSanityCheck(beam.DoFn):
 
 
 def load_sanity_explainer(*, model_uri: str, weights: Optional[str], safe_mode: bool, target_layer: str,
-                          method: str, preprocess: str, image_size: Optional[tuple[int, int]] = None):
-    """A fresh explainer (its own model copy) that explains the class given as label."""
+                          method: str, preprocess: str, image_size: Optional[tuple[int, int]] = None,
+                          token_grid: Optional[tuple[int, int]] = None, prefix_tokens: Optional[int] = None,
+                          output=None):
+    """A fresh explainer (its own model copy) that explains the class given as label, with the job's
+    explainer settings (`ModelInfo.explainer_options`: the token layout and the output it explains)."""
     from transforms.cam.explainer import CamExplainer
     from transforms.cam.targets import TargetSpec
     from transforms.model_loading import load_keras_model
 
     model = load_keras_model(model_uri, weights=weights, safe_mode=safe_mode)
     return CamExplainer(model, target_layer=target_layer, method=method, target=TargetSpec(mode="label"),
-                        preprocess=preprocess, image_size=image_size)
+                        preprocess=preprocess, image_size=image_size, token_grid=token_grid,
+                        prefix_tokens=prefix_tokens, output=output)
 
 
 # --- Run-level summary -------------------------------------------------------------
