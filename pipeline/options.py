@@ -25,6 +25,7 @@ from transforms.cam.targets import DEFAULT_MAX_TARGETS, LABEL_FORMATS, TARGET_HE
 from transforms.checks import CheckSettings
 from transforms.errors import AuditError
 from transforms.flags import FlagThresholds
+from transforms.model_handler import BATCH_SIZE
 from transforms.precision import MIXED_PRECISION
 from transforms.settings import settings_from, settings_options
 from transforms.strategies import StrategySettings
@@ -121,7 +122,7 @@ def add_audit_arguments(parser) -> None:
     add("--label_offset", type=whole, default=0, help="Subtracted from every label (1 for ImageNet TFRecords with 1-based labels)")
     add("--class_names", default=None, help="Text file with one class name per line (local or gs://)")
     add("--preprocess", choices=list(PRESETS), default="none", help="Input scaling: none = float32 pixels 0-255, scale_0_1, or a keras.applications preset")
-    add("--batch_size", type=positive_int, default=32, help="Images per model call")
+    add("--batch_size", type=positive_int, default=BATCH_SIZE, help="Images per model call")
     add("--max_image_pixels", type=positive_int, default=40_000_000, help="Images with more pixels (width x height, read from the header) are rejected before decoding")
     add_boolean(parser, "--jit_compile", help="Compile the CAM function with XLA (slower for some models on CPU; try on GPU)")
     add("--mixed_precision", choices=list(MIXED_PRECISION), default="off",

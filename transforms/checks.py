@@ -44,7 +44,7 @@ import numpy as np
 from apache_beam.utils import shared
 
 from transforms.cam.faithfulness import FRACTIONS, ORDERS
-from transforms.model_handler import handler_tag
+from transforms.model_handler import BATCH_SIZE, handler_tag
 from transforms.settings import option
 
 _LOG = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ def _example_image(raw: bytes, image_key: str) -> bytes:
     return encoded
 
 
-def read_check_pixels(items: list, image_key: str, decode, batch_size: int = 32) -> tuple[np.ndarray, list]:
+def read_check_pixels(items: list, image_key: str, decode, batch_size: int = BATCH_SIZE) -> tuple[np.ndarray, list]:
     """The model-input pixels of the sample's images, read again from their shards.
 
     Each shard's records are read with one open (`records.read_records_at`, shards in parallel threads:
@@ -384,7 +384,7 @@ class RunSanityCheck(beam.DoFn):
     head on its first `images` images, read again from their shards."""
 
     def __init__(self, sanity_model_settings: dict, max_correlation: float, images: int,
-                 image_key: str = "image/encoded", batch_size: int = 32, seed: int = 0):
+                 image_key: str = "image/encoded", batch_size: int = BATCH_SIZE, seed: int = 0):
         self._settings = sanity_model_settings
         self._max_correlation = max_correlation
         self._images = images

@@ -37,6 +37,7 @@ from transforms.cam.targets import TargetSpec
 from transforms.decode import BatchImageDecoder, DecodedImage, decode_batch
 
 _LOG = logging.getLogger(__name__)
+BATCH_SIZE = 32  # images per model call (--batch_size)
 
 
 class Explained(NamedTuple):
@@ -93,7 +94,7 @@ class KerasCamModelHandler(ModelHandler[DecodedImage, Explained, Any]):
         token_grid: Optional[tuple[int, int]] = None,
         prefix_tokens: Optional[int] = None,
         output: Optional[int | str] = None,
-        batch_size: int = 32,
+        batch_size: int = BATCH_SIZE,
         jit_compile: bool = False,
         large_model: bool = False,
         mixed_precision: str = "off",
