@@ -35,7 +35,10 @@ setuptools.setup(
                  "duckdb",  # docs/querying.md's query of many runs (tests/test_query_runs.py)
                  "cachetools", "tqdm", "opencv-python-headless"],
         "report": ["matplotlib>=3.8", "pillow>=10"],
-        "bench": ["tf-keras-vis>=0.8.7", "pyinstrument>=4.6"],
+        # Xplique (the peer column X of bench.run_bench) is installed with --no-deps (its pins: tensorflow<=2.20,
+        # scipy<=1.15.3, scikit-learn<=1.7.2, opencv-python); these are what it imports.
+        "bench": ["tf-keras-vis>=0.8.7", "pyinstrument>=4.6", "deprecated>=1.2", "einops>=0.6",
+                  "tensorflow-probability==0.25.0", "dm-tree>=0.1.8"],
         # tf.keras 2 models (.h5 saved by tf.keras 2, SavedModel folders) load with tf_keras.
         "keras2": ["tf_keras>=2.16"],
         # keras_hub image classifiers (ViTImageClassifier, DeiTImageClassifier, ...): what `import keras_hub`

@@ -14,6 +14,12 @@ For each model (keras.applications, random fixed weights, 224x224, batch 32):
   N  the keras.io Grad-CAM example: eager, one image at a time, GradientTape
      over a model with [last conv output, predictions] outputs
   V  tf-keras-vis `Gradcam` (eager, batched), same model, layer and batch
+  X  Xplique's `GradCAM` (batched; its maps upsampled to the input, as it
+     returns them), same model, layer and batch. Xplique 2.0.2 pins
+     tensorflow<=2.20, scipy<=1.15.3 and scikit-learn<=1.7.2 and wants
+     opencv-python: install it with `pip install --no-deps xplique==2.0.2`
+     beside the bench extra (which lists what it imports: deprecated, einops,
+     tensorflow-probability 0.25, dm-tree); it then runs on TensorFlow 2.21
 
 and once per run the feed measurement (`bench.feed`): the pipeline with a
 near-free model against tf.data feeding the same model from the same
@@ -170,6 +176,36 @@ def measure_tf_keras_vis(model_name: str, target_layer: str, *, repeats: int, mi
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
 
 
+def measure_xplique(model_name: str, target_layer: str, *, repeats: int, min_seconds: float,
+                    batch: int = BATCH_SIZE) -> dict:
+    """Xplique's GradCAM on the same model, layer and batch (or why it could not run)."""
+    try:
+        import tensorflow as tf
+        import xplique
+        from xplique.attributions import GradCAM
+    except Exception as exc:  # noqa: BLE001 - report any import failure
+        return {"error": f"import failed: {type(exc).__name__}: {exc} (pip install --no-deps xplique==2.0.2, "
+                "beside the bench extra)"}
+    try:
+        model = load_model(model_name)
+        images = natural_images(batch, seed=5).astype(np.float32)
+        probabilities = model(images, training=False)
+        targets = tf.one_hot(np.argmax(probabilities, axis=-1), probabilities.shape[-1])
+        explainer = GradCAM(model, conv_layer=target_layer, batch_size=batch)
+
+        def step():
+            np.asarray(explainer.explain(images, targets))
+
+        cpu: list = []
+        runs = [images_per_second(step, batch, min_seconds=min_seconds, cpu=cpu) for _ in range(repeats)]
+        return {"runs": runs, "median": median(runs), "cpu_runs": cpu, "cpu_median": median(cpu), "batch": batch,
+                "version": getattr(xplique, "__version__", "?"),
+                "settings": "GradCAM(model, conv_layer=target layer, batch_size=batch).explain(images, one-hot "
+                            "predicted classes); Xplique upsamples every map to the input size"}
+    except Exception as exc:  # noqa: BLE001 - report why the peer does not run
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+
+
 # ------------------------------------------------------------- pipeline ----
 
 
@@ -303,12 +339,14 @@ def ratios_and_targets(name: str, m: dict) -> None:
     ratios = {f"K/F {method}": m["cam"][method]["median"] / f for method in m["cam"]}
     n_ips = m["keras_io"].get("median")
     v_ips = m["tf_keras_vis"].get("median")
+    x_ips = m.get("xplique", {}).get("median")
     for image_format, p in m["pipeline"].items():
         # P/F: each repeat's P over the F measured beside it, when the bench did (medians of those);
         # else the medians' ratio (F from the F/K round robin, minutes before P).
         ratios[f"P/F {image_format}"] = p["pf_median"] if p.get("pf_median") else p["steady_median"] / f
         ratios[f"P/N {image_format}"] = p["steady_median"] / n_ips if n_ips else None
         ratios[f"P/V {image_format}"] = p["steady_median"] / v_ips if v_ips else None
+        ratios[f"P/X {image_format}"] = p["steady_median"] / x_ips if x_ips else None
     for method in m["cam"]:
         ratios[f"K/N {method}"] = m["cam"][method]["median"] / n_ips if n_ips else None
     m["ratios"] = ratios
@@ -336,7 +374,7 @@ def table(results: dict) -> str:
     models = results["models"]
     lines = []
     methods = list(next(iter(models.values()))["cam"]) if models else []
-    head = ["model", "F", *[f"K:{m}" for m in methods], "P:jpeg", "P:png", "N:keras.io", "V:tf-keras-vis"]
+    head = ["model", "F", *[f"K:{m}" for m in methods], "P:jpeg", "P:png", "N:keras.io", "V:tf-keras-vis", "X:Xplique"]
     lines.append("Throughput, images/s (median of %d repeats, batch %d, 224x224, %d cores; "
                  "load average at start %.1f, end %.1f)"
                  % (results["meta"]["repeats"], BATCH_SIZE, os.cpu_count(),
@@ -348,11 +386,12 @@ def table(results: dict) -> str:
             name, fmt(m["forward"]["median"]), *[fmt(m["cam"][x]["median"]) for x in methods],
             fmt(p.get("jpeg", {}).get("steady_median")), fmt(p.get("png", {}).get("steady_median")),
             fmt(m["keras_io"]["median"], ".2f"), fmt(m["tf_keras_vis"].get("median")),
+            fmt(m.get("xplique", {}).get("median")),
         ])
     lines += grid(rows)
     lines.append("")
     lines.append("Ratios")
-    rkeys = [f"K/F {x}" for x in methods] + ["P/F jpeg", "P/F png", "P/N jpeg", "P/N png", "P/V jpeg", "P/V png"]
+    rkeys = [f"K/F {x}" for x in methods] + ["P/F jpeg", "P/F png", "P/N jpeg", "P/N png", "P/V jpeg", "P/V png", "P/X jpeg", "P/X png"]
     rows = [["model", *rkeys]]
     for name, m in models.items():
         rows.append([name, *[fmt(m.get("ratios", {}).get(k), ".2f") for k in rkeys]])
@@ -399,6 +438,8 @@ def table(results: dict) -> str:
                          f"{'met' if t['met'] else 'MISSED'}")
         if "error" in m["tf_keras_vis"]:
             lines.append(f"  {name:13s} tf-keras-vis did not run: {m['tf_keras_vis']['error']}")
+        if "error" in m.get("xplique", {}):
+            lines.append(f"  {name:13s} Xplique did not run: {m['xplique']['error']}")
     return "\n".join(lines)
 
 
@@ -415,6 +456,12 @@ def versions() -> dict:
         out["tf_keras_vis"] = getattr(tf_keras_vis, "__version__", "?")
     except Exception:  # noqa: BLE001
         out["tf_keras_vis"] = None
+    try:
+        import xplique
+
+        out["xplique"] = getattr(xplique, "__version__", "?")
+    except Exception:  # noqa: BLE001
+        out["xplique"] = None
     return out
 
 
@@ -499,9 +546,13 @@ def main(argv=None) -> dict:
                 m["tf_keras_vis"] = measure_tf_keras_vis(name, m["target_layer"], repeats=repeats,
                                                          min_seconds=min_seconds)
                 log(f"  V {m['tf_keras_vis'].get('median', m['tf_keras_vis'].get('error'))}")
+                log(f"{name}: X (Xplique GradCAM)")
+                m["xplique"] = measure_xplique(name, m["target_layer"], repeats=repeats, min_seconds=min_seconds)
+                log(f"  X {m['xplique'].get('median', m['xplique'].get('error'))}")
             else:
                 m["keras_io"] = {"median": None}
                 m["tf_keras_vis"] = {"error": "skipped"}
+                m["xplique"] = {"error": "skipped"}
             import keras
 
             keras.backend.clear_session()
