@@ -150,9 +150,11 @@ def audited(trained, dataset, tmp_path_factory):
     _, manifest = run(["--input", dataset["pattern"], "--model", trained[0], "--output", str(output),
                        "--run_id", "ml", "--label_format", "index", "--target", "labels", "--batch_size", "16",
                        "--sanity_images", "0", "--faithfulness_sample", "0.2",
-                       "--pointing_tolerance", str(TOLERANCE_PX), "--report=false", "--quiet"])
+                       "--pointing_tolerance", str(TOLERANCE_PX), "--quiet"])
     run_dir = output / "run=ml"
-    return {name: read_parquet_dir(str(run_dir / name)) for name in ("heatmaps", "class_stats", "errors")}, manifest
+    tables = {name: read_parquet_dir(str(run_dir / name)) for name in ("heatmaps", "class_stats", "errors")}
+    tables["report"] = (run_dir / "report.html").read_text()
+    return tables, manifest
 
 
 def in_box(y, x, box, tolerance: float = TOLERANCE_PX / SIZE) -> bool:
@@ -227,6 +229,20 @@ def test_class_stats_match_a_hand_computation(audited):
         targeted = [r for r in tables["heatmaps"].to_pylist() if r["target_class"] == c]
         assert s["num_targeted"] == len(targeted) and s["mean_cam"] is not None
         assert s["top_confusions"] == []
+
+
+def test_report_shows_precision_recall_and_f1_per_class(audited):
+    """The report's class table of a multi-label run: support, precision, recall and F1 as class_stats has them."""
+    import re
+
+    tables, _ = audited
+    html = tables["report"]
+    assert "<th>recall</th><th>F1</th>" in html
+    for s in tables["class_stats"].to_pylist():
+        row = re.search(rf"<tr class='[^']*' data-class='{s['class_id']}'>(.*?)</tr>", html).group(1)
+        for column in ("precision", "recall", "f1"):
+            shown = re.search(rf"<td class={column}>([^<]*)</td>", row).group(1)
+            assert shown == ("-" if s[column] is None else f"{s[column]:.2f}"), (s["class_id"], column, shown)
 
 
 def test_bad_records_are_error_rows_with_their_bytes(audited, dataset):

@@ -167,17 +167,24 @@ def faithfulness_section(manifest: dict, stats: list[dict], names: dict) -> str:
 
 
 def _class_table(stats: list[dict], names: dict) -> str:
-    head = ("<tr><th class=l>class</th><th>images</th><th>accuracy</th><th>precision</th><th>mean score</th>"
-            "<th>in-box mass</th><th>border mass</th><th>pointing game</th><th>flagged</th>"
+    """One row per class; a multi-label run's rows (class_stats with `recall`) also show support, recall and F1
+    at the run's threshold (precision is there for both kinds)."""
+    multilabel = any("recall" in s for s in stats)
+    extra_head = "<th>support</th><th>recall</th><th>F1</th>" if multilabel else ""
+    head = ("<tr><th class=l>class</th><th>images</th><th>accuracy</th><th>precision</th>" + extra_head +
+            "<th>mean score</th><th>in-box mass</th><th>border mass</th><th>pointing game</th><th>flagged</th>"
             "<th class=l>peaks in one ninth</th><th>boxes there</th><th>shortcut score</th><th>shortcut?</th></tr>")
     body = []
     for s in stats:
         cell = s.get("peak_cell")
         where = "-" if cell is None else f"{CELL_NAMES[cell]} {_fmt(s.get('peak_cell_share'), '.0%')}"
+        extra = (f"<td>{s.get('support')}</td><td class=recall>{_fmt(s.get('recall'))}</td>"
+                 f"<td class=f1>{_fmt(s.get('f1'))}</td>") if multilabel else ""
         body.append(
-            f"<tr class='{'alert' if s.get('shortcut') else ''}'><td class=l>{_esc(_class_name(names, s['class_id']))}</td>"
-            f"<td>{s['num_labelled']}</td><td>{_fmt(s['accuracy'])}</td><td>{_fmt(s['precision'])}</td>"
-            f"<td>{_fmt(s['mean_predicted_score'])}</td><td>{_fmt(s['mean_box_mass'])}</td>"
+            f"<tr class='{'alert' if s.get('shortcut') else ''}' data-class='{s['class_id']}'>"
+            f"<td class=l>{_esc(_class_name(names, s['class_id']))}</td>"
+            f"<td>{s['num_labelled']}</td><td>{_fmt(s['accuracy'])}</td><td class=precision>{_fmt(s['precision'])}</td>"
+            f"{extra}<td>{_fmt(s['mean_predicted_score'])}</td><td>{_fmt(s['mean_box_mass'])}</td>"
             f"<td>{_fmt(s['mean_border_mass'])}</td><td>{_fmt(s['pointing_accuracy'])}</td>"
             f"<td>{_fmt(s.get('share_flagged'), '.0%')}</td><td class=l>{_esc(where)}</td>"
             f"<td>{_fmt(s.get('box_cell_share'), '.0%')}</td><td>{_fmt(s.get('shortcut_score'))}</td>"
