@@ -34,10 +34,12 @@ from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 
 from transforms.decode import _boxes
 from transforms.flags import DEFAULT_THRESHOLDS, FlagThresholds
-from transforms.heatmap_rows import ExemplarSource, heatmap_rows  # ExemplarSource: FormatHeatmapRows makes them
+# ExemplarBatch: FormatHeatmapRows makes them (ExemplarSource: one image's, from its rows as dicts)
+from transforms.heatmap_rows import ExemplarBatch, ExemplarSource, heatmap_rows
 from transforms.records import read_record_at
 from transforms.thumbnails import example_image, overlay_tile
 
@@ -163,6 +165,48 @@ def audit_candidates(row: dict, raw_record: bytes, boxes: Iterable = ()) -> Iter
                candidate(row, row["predicted_score"], raw_record, boxes))
 
 
+def batch_candidates(source: ExemplarBatch, per_kind: Optional[int] = None) -> Iterable[tuple[str, Candidate]]:
+    """`audit_candidates` of every rank-0 row of an explained batch at once: per kind the rows that
+    belong to it, ranked in numpy (score, then the smallest image id, as `rank_key`); with `per_kind`
+    only the best `per_kind` of each kind are proposed, the first counting for those left out
+    (`Candidate.count`), so only theirs become dicts."""
+    rows = source.rows
+    if rows.num_rows == 0:
+        return
+    ids = rows.column("image_id").to_numpy(zero_copy_only=False).astype(str)
+    offsets_known = ~rows.column("record_offset").is_null().to_numpy(zero_copy_only=False)
+    kinds = []  # (kind, members, their scores)
+    for flag, (column, worst_is_largest) in FLAG_RANKING.items():
+        flagged = rows.column(flag).fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
+        values, nulls = source.values[column]
+        members = np.flatnonzero(flagged & ~nulls)
+        if len(members):
+            scores = values[members] if worst_is_largest else -values[members]
+            kinds.append((flag_kind(flag), members, scores))
+    cells = rows.column("peak_cell")
+    known = np.flatnonzero(~cells.is_null().to_numpy(zero_copy_only=False))
+    if len(known):
+        predicted = rows.column("predicted_class").to_numpy(zero_copy_only=False).astype(np.int64)[known]
+        cell = cells.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)[known]
+        score = source.values["predicted_score"][0][known]
+        pairs, inverse = np.unique(np.stack([predicted, cell], 1), axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        for g, (class_id, ninth) in enumerate(pairs.tolist()):
+            mine = np.flatnonzero(inverse == g)
+            kinds.append((cell_kind(class_id, ninth), known[mine], score[mine]))
+    names = [f for f in ROW_FIELDS if f in rows.schema.names]
+    for kind, members, scores in kinds:
+        order = np.lexsort((ids[members], -scores))  # the highest score first, ties to the smallest id
+        best = order if per_kind is None else order[:per_kind]
+        picked = members[best]
+        found = rows.take(pa.array(picked)).select(names).to_pylist()
+        for j, (i, fields) in enumerate(zip(picked.tolist(), found, strict=True)):
+            count = len(members) - len(best) + 1 if j == 0 else 1
+            raw, boxes = (b"", ()) if offsets_known[i] else (source.raw_records[i], source.boxes[i])
+            yield kind, Candidate(float(scores[best[j]]), fields["image_id"], {k: fields.get(k) for k in ROW_FIELDS},
+                                  raw, tuple(tuple(b) for b in boxes), count)
+
+
 def strategy_kind(class_id: int, cluster_id: int) -> str:
     return f"strategy:{class_id}:{cluster_id}"
 
@@ -184,8 +228,8 @@ def record_and_boxes(winner: Candidate) -> tuple[bytes, tuple]:
 def exemplar_source(result, *, method: str, target_layer: str,
                     thresholds: FlagThresholds = DEFAULT_THRESHOLDS) -> Optional[ExemplarSource]:
     """The ExemplarSource of an Explained image (its rows formatted with `transforms.heatmap_rows.heatmap_rows`,
-    as FormatHeatmapRows does); None for an image that failed. An ExemplarSource passes unchanged."""
-    if isinstance(result, ExemplarSource):
+    as FormatHeatmapRows does); None for an image that failed. An ExemplarSource or ExemplarBatch passes unchanged."""
+    if isinstance(result, (ExemplarSource, ExemplarBatch)):
         return result
     if result.error is not None:
         return None
@@ -210,13 +254,21 @@ class ToExemplarSources(beam.DoFn):
 
 
 class ProposeExemplars(beam.DoFn):
-    """ExemplarSource -> (kind, Candidate) for each audit kind (flags, peak cell) its image belongs to.
+    """ExemplarSource -> (kind, Candidate) for each audit kind (flags, peak cell) its image belongs to;
+    ExemplarBatch -> those of each of its images (`batch_candidates`; with `per_kind`, each kind's best
+    `per_kind` of the batch).
 
     Needs no side input, so it runs fused with the step that explains the image and only the
     lifted `Top` accumulators leave it (the strategy candidates come from
     `transforms.strategies.AssignStrategies`, without the record bytes)."""
 
-    def process(self, source: ExemplarSource):
+    def __init__(self, per_kind: Optional[int] = None):
+        self._per_kind = per_kind
+
+    def process(self, source):
+        if isinstance(source, ExemplarBatch):
+            yield from batch_candidates(source, self._per_kind)
+            return
         first = next(r for r in source.rows if r["target_rank"] == 0)
         yield from audit_candidates(first, source.raw_record, source.boxes)
 
@@ -334,7 +386,7 @@ def _shortcut_cell(stats_row: dict) -> Iterable[tuple[int, int]]:
 
 
 class SelectAuditExemplars(beam.PTransform):
-    """(PCollection[Explained or ExemplarSource], PCollection[class_stats row]
+    """(PCollection[Explained, ExemplarSource or ExemplarBatch], PCollection[class_stats row]
     [, PCollection[(kind, Candidate)]]) -> PCollection[exemplar row].
 
     The worst `per_kind` images of each image flag, and the most confident
@@ -364,7 +416,7 @@ class SelectAuditExemplars(beam.PTransform):
             # here), so no image or record is held for later; only Top's accumulators move on.
             | "ToExemplarSources" >> beam.ParDo(ToExemplarSources(
                 method=self._method, target_layer=self._target_layer, thresholds=self._thresholds))
-            | "ProposeExemplars" >> beam.ParDo(ProposeExemplars())
+            | "ProposeExemplars" >> beam.ParDo(ProposeExemplars(self._per_kind))
         )
         if more:
             candidates = (candidates, *more)
