@@ -411,8 +411,8 @@ class SelectAuditExemplars(beam.PTransform):
         cells = class_stats | "FindShortcutCells" >> beam.FlatMap(_shortcut_cell)
         candidates = (
             explained
-            # No side input on this path: it runs fused with FormatHeatmapRows (which makes the
-            # ExemplarSources without formatting the rows twice; Explained images are formatted
+            # No side input on this path: it runs fused with FormatHeatmapRows (which makes an
+            # ExemplarBatch per batch without formatting the rows twice; Explained images are formatted
             # here), so no image or record is held for later; only Top's accumulators move on.
             | "ToExemplarSources" >> beam.ParDo(ToExemplarSources(
                 method=self._method, target_layer=self._target_layer, thresholds=self._thresholds))
