@@ -175,36 +175,47 @@ def batch_candidates(source: ExemplarBatch, per_kind: Optional[int] = None) -> I
         return
     ids = rows.column("image_id").to_numpy(zero_copy_only=False).astype(str)
     offsets_known = ~rows.column("record_offset").is_null().to_numpy(zero_copy_only=False)
-    kinds = []  # (kind, members, their scores)
+    names, kinds, members, scores = [], [], [], []  # the kinds' names; per (kind, row) pair: kind, row, score
     for flag, (column, worst_is_largest) in FLAG_RANKING.items():
         flagged = rows.column(flag).fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
         values, nulls = source.values[column]
-        members = np.flatnonzero(flagged & ~nulls)
-        if len(members):
-            scores = values[members] if worst_is_largest else -values[members]
-            kinds.append((flag_kind(flag), members, scores))
+        rows_of = np.flatnonzero(flagged & ~nulls)
+        if len(rows_of):
+            kinds.append(np.full(len(rows_of), len(names)))
+            names.append(flag_kind(flag))
+            members.append(rows_of)
+            scores.append(values[rows_of] if worst_is_largest else -values[rows_of])
     cells = rows.column("peak_cell")
     known = np.flatnonzero(~cells.is_null().to_numpy(zero_copy_only=False))
     if len(known):
         predicted = rows.column("predicted_class").to_numpy(zero_copy_only=False).astype(np.int64)[known]
         cell = cells.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)[known]
-        score = source.values["predicted_score"][0][known]
         pairs, inverse = np.unique(np.stack([predicted, cell], 1), axis=0, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        for g, (class_id, ninth) in enumerate(pairs.tolist()):
-            mine = np.flatnonzero(inverse == g)
-            kinds.append((cell_kind(class_id, ninth), known[mine], score[mine]))
-    names = [f for f in ROW_FIELDS if f in rows.schema.names]
-    for kind, members, scores in kinds:
-        order = np.lexsort((ids[members], -scores))  # the highest score first, ties to the smallest id
-        best = order if per_kind is None else order[:per_kind]
-        picked = members[best]
-        found = rows.take(pa.array(picked)).select(names).to_pylist()
-        for j, (i, fields) in enumerate(zip(picked.tolist(), found, strict=True)):
-            count = len(members) - len(best) + 1 if j == 0 else 1
-            raw, boxes = (b"", ()) if offsets_known[i] else (source.raw_records[i], source.boxes[i])
-            yield kind, Candidate(float(scores[best[j]]), fields["image_id"], {k: fields.get(k) for k in ROW_FIELDS},
-                                  raw, tuple(tuple(b) for b in boxes), count)
+        kinds.append(len(names) + inverse.reshape(-1))
+        names += [cell_kind(class_id, ninth) for class_id, ninth in pairs.tolist()]
+        members.append(known)
+        scores.append(source.values["predicted_score"][0][known])
+    if not names:
+        return
+    kind, row, score = np.concatenate(kinds), np.concatenate(members), np.concatenate(scores)
+    order = np.lexsort((ids[row], -score, kind))  # per kind the highest score first, ties to the smallest id
+    kind, row, score = kind[order], row[order], score[order]
+    starts = np.searchsorted(kind, np.arange(len(names)))
+    sizes = np.diff(np.append(starts, len(kind)))
+    position = np.arange(len(kind)) - starts[kind]
+    kept = sizes if per_kind is None else np.minimum(sizes, per_kind)
+    keep = np.flatnonzero(position < kept[kind])
+    count = np.where(position == 0, sizes[kind] - kept[kind] + 1, 1)  # the first counts for those left out
+    # The proposed rows' fields, converted once (a row proposed for several kinds too).
+    picked = np.unique(row[keep])
+    fields_of = [f for f in ROW_FIELDS if f in rows.schema.names]
+    found = dict(zip(picked.tolist(), rows.select(fields_of).take(pa.array(picked)).to_pylist(), strict=True))
+    for k, i, value, n in zip(kind[keep].tolist(), row[keep].tolist(), score[keep].tolist(), count[keep].tolist(),
+                              strict=True):
+        fields = found[i]
+        raw, boxes = (b"", ()) if offsets_known[i] else (source.raw_records[i], source.boxes[i])
+        yield names[k], Candidate(value, fields["image_id"], {f: fields.get(f) for f in ROW_FIELDS}, raw,
+                                  tuple(tuple(b) for b in boxes), n)
 
 
 def strategy_kind(class_id: int, cluster_id: int) -> str:

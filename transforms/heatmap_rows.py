@@ -249,7 +249,7 @@ def heatmap_batch(batch: ExplainedBatch, *, method: str, target_layer: str,
         return pa.array(values, field.type, mask=None if nulls is None or not nulls.any() else nulls)
 
     def strings(values):
-        return pa.array(values, pa.string()).take(pa.array(img))
+        return pa.array(np.asarray(values, object).reshape(n)[img], pa.string())
 
     flat_cam = cam.reshape(-1)
     columns = {
@@ -313,7 +313,7 @@ def exemplar_batch(rows: pa.RecordBatch, exact: dict, batch: ExplainedBatch) -> 
     images = [batch.images[i] for i in np.asarray(batch.row_image, np.int64)[first].tolist()]
     unknown = [item.record_offset < 0 for item in images]
     return ExemplarBatch(
-        rows.take(pa.array(first)),
+        rows if len(first) == rows.num_rows else rows.take(pa.array(first)),
         {name: (values[first], nulls[first]) for name, (values, nulls) in exact.items()},
         [item.raw_record if u else b"" for item, u in zip(images, unknown, strict=True)],
         [tuple(item.boxes) if u else () for item, u in zip(images, unknown, strict=True)],
