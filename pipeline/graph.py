@@ -2,6 +2,7 @@
 
     shard paths -> ReadRecords -> DecodeImages (checks) -> ExplainImages (batch decode + CAM: one element
       per batch) -> FormatHeatmapRows (one Arrow batch of heatmap rows per explained batch)
+      -> BatchRows (those gathered into Arrow batches of BATCH_ROWS rows)
          -> SelectCheckImages (Top.Smallest of id hashes: no pixels) -> one list of the checks' images
               -> ScoreFaithfulness (records read again by offset, scored in full batches) -> score rows
               -> CheckSanity (the same images' first --sanity_images: the head randomised) --+
@@ -51,8 +52,8 @@ from transforms.exemplars import SelectAuditExemplars
 from transforms.heatmap_rows import EXEMPLAR_SOURCES_TAG, FormatHeatmapRows
 from transforms.model_handler import ExplainBatches, KerasCamModelHandler
 from transforms.records import FanOutRecords, ReadShardRecords
-from transforms.sinks import WriteParquetTable
-from transforms.strategies import AddStrategyColumns, FindStrategies
+from transforms.sinks import CoalesceRecordBatches, WriteParquetTable
+from transforms.strategies import BATCH_ROWS, AddStrategyColumns, FindStrategies
 from transforms.tables import REGISTRY, TABLES
 
 _LOG = logging.getLogger(__name__)
@@ -225,9 +226,7 @@ class ExplainDataset(beam.PTransform):
                                                                    max_batch_size=c.batch_size))
         else:
             explained = decoded.images | "ExplainImages" >> beam.ParDo(ExplainBatches(self.handler()))
-        # One Arrow batch of heatmap rows per explained batch: what the strategies' assignment waits with
-        # (a stage boundary), what the class statistics are computed from in numpy, and what the heatmaps
-        # table is written from.
+        # One Arrow batch of heatmap rows per explained batch, made from its arrays (no dict per row).
         rows = (
             explained
             | "FormatHeatmapRows"
@@ -238,7 +237,10 @@ class ExplainDataset(beam.PTransform):
             ).with_outputs(ERRORS_TAG, EXEMPLAR_SOURCES_TAG, main="rows")
         )
         errors = (read[ERRORS_TAG], decoded[ERRORS_TAG], rows[ERRORS_TAG]) | "CollectErrors" >> beam.Flatten()
-        batches = rows.rows
+        # Those gathered into batches of BATCH_ROWS rows (a concatenation of Arrow buffers; the steps after
+        # cost per batch): what the strategies' assignment waits with (a stage boundary), what the class
+        # statistics are computed from in numpy, and what the heatmaps table is written from.
+        batches = rows.rows | "BatchRows" >> CoalesceRecordBatches(BATCH_ROWS)
         scored, sanity = self.checks(batches)
         strategies = batches | "FindStrategies" >> FindStrategies(c.strategies, batched=True)
         heatmaps = strategies["heatmaps"]

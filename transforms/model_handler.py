@@ -63,7 +63,7 @@ class ExplainedBatch(NamedTuple):
     one Arrow batch of heatmap rows: no per-image object for an image that was explained.
     """
 
-    images: list  # [N] DecodedImage: the explained images, in the batch's order
+    images: list  # [N] DecodedImage: the explained images, in the batch's order (from_output: without pixels)
     predicted_class: np.ndarray  # [N] int
     predicted_score: np.ndarray  # [N] float
     row_image: np.ndarray  # [R] int: the image (index into `images`) of each row
@@ -95,7 +95,11 @@ class ExplainedBatch(NamedTuple):
         failed = tuple(_failed(images[i], "NonFiniteOutput", "the model's scores or the CAM hold NaN or Inf")
                        for i in np.flatnonzero(~finite).tolist())
         return cls(
-            images=[images[i] for i in kept.tolist()],
+            # Without pixels and encoded bytes, and without the record where it can be read again (its
+            # offset is known: only exemplars use it): the element stays small wherever the runner encodes it.
+            images=[images[i]._replace(pixels=None, encoded=None,
+                                       raw_record=images[i].raw_record if images[i].record_offset < 0 else b"")
+                    for i in kept.tolist()],
             predicted_class=np.asarray(out["predicted_class"])[kept],
             predicted_score=np.asarray(out["predicted_score"])[kept],
             row_image=np.cumsum(finite)[image] - 1,
