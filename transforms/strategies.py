@@ -8,7 +8,7 @@ corner"), and a cluster that looks off the objects is a suspect.
 
 `FindStrategies` (a composite PTransform) does it with bounded cost:
 
-    Arrow batches of heatmap rows (FormatHeatmapRows: one per explained batch; dict rows: BatchRows)
+    Arrow batches of heatmap rows (the job's BatchRows: FormatHeatmapRows' batches gathered to 512 rows)
       --SampleBatchMaps (max-normalised maps, image-id hash priorities)--> (class, maps of a batch)
       --SampleMapsPerClass (SampleMapsFn: the sample_size highest priorities)--> (class, [maps])
       --ClusterClassMaps--> (class, ClassStrategies: cluster means, eigengap)
@@ -86,7 +86,7 @@ _LOG = logging.getLogger(__name__)
 MEMBERS_TAG = "members"
 EXEMPLAR_CANDIDATES_TAG = "exemplar_candidates"
 EXEMPLARS = 6
-BATCH_ROWS = 512  # heatmap rows per Arrow batch when FindStrategies is given dict rows
+BATCH_ROWS = 512  # heatmap rows per Arrow batch between the explaining stage and the assignment
 # The heatmaps columns AssignStrategies reads (and cluster_id, which it writes).
 ASSIGN_COLUMNS = ("image_id", "target_class", "cam", "cam_height", "cam_width", "cam_max", "box_concentration",
                   "box_mass", "border_mass", "peak_cell", "peak_in_box", "cluster_id")
@@ -543,8 +543,8 @@ class FindStrategies(beam.PTransform):
     The rows wait for the cluster means (a side input made from all of them), so they cross a stage
     boundary: they cross as Arrow batches of `batch_rows` rows (one pickled buffer each, not a pickled
     dict per row), the sampling and the assignment are numpy over a batch, and the heatmaps table is
-    written from them. With `batched`, the input already is such batches (the job's: FormatHeatmapRows
-    makes one per explained batch, for this and for the class statistics).
+    written from them. With `batched`, the input already is such batches (the job's BatchRows gathers
+    FormatHeatmapRows' batches into them, for this and for the class statistics).
     """
 
     def __init__(self, settings: StrategySettings = DEFAULT_SETTINGS, schema=None, batch_rows: int = BATCH_ROWS,
