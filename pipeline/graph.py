@@ -1,8 +1,8 @@
 """The pipeline graph and `run(argv)`: the one file that wires every step.
 
-    shard paths -> ReadRecords -> DecodeImages (checks) -> ExplainImages (RunInference:
-      batch decode + CAM)
-      -> FormatHeatmapRows -> BatchRows (Arrow batches of rows)
+    shard paths -> ReadRecords -> DecodeImages (checks) -> ExplainImages (batch decode + CAM: one element
+      per batch) -> FormatHeatmapRows (one Arrow batch of heatmap rows per explained batch)
+      -> BatchRows (those gathered into Arrow batches of BATCH_ROWS rows)
          -> SelectCheckImages (Top.Smallest of id hashes: no pixels) -> one list of the checks' images
               -> ScoreFaithfulness (records read again by offset, scored in full batches) -> score rows
               -> CheckSanity (the same images' first --sanity_images: the head randomised) --+
@@ -52,8 +52,7 @@ from transforms.exemplars import SelectAuditExemplars
 from transforms.heatmap_rows import EXEMPLAR_SOURCES_TAG, FormatHeatmapRows
 from transforms.model_handler import ExplainBatches, KerasCamModelHandler
 from transforms.records import FanOutRecords, ReadShardRecords
-from transforms.schemas import heatmap_schema
-from transforms.sinks import ToRecordBatches, WriteParquetTable
+from transforms.sinks import CoalesceRecordBatches, WriteParquetTable
 from transforms.strategies import BATCH_ROWS, AddStrategyColumns, FindStrategies
 from transforms.tables import REGISTRY, TABLES
 
@@ -218,10 +217,16 @@ class ExplainDataset(beam.PTransform):
                 label_format=c.label_format,
             )
         ).with_outputs(ERRORS_TAG, main="images")
-        # ExplainBatches overlaps each batch's TensorFlow work with this thread's Python work;
-        # RunInference serves one model to all of a machine's processes (--large_model).
-        explain = RunInference(self.handler()) if c.large_model else beam.ParDo(ExplainBatches(self.handler()))
-        explained = decoded.images | "ExplainImages" >> explain
+        # ExplainBatches overlaps each batch's TensorFlow work with this thread's Python work and emits
+        # each batch as one element; RunInference serves one model to all of a machine's processes
+        # (--large_model) and emits one result per image, gathered back into batches of the batch size.
+        if c.large_model:
+            explained = (decoded.images | "ExplainImages" >> RunInference(self.handler())
+                         | "GatherExplained" >> beam.BatchElements(min_batch_size=c.batch_size,
+                                                                   max_batch_size=c.batch_size))
+        else:
+            explained = decoded.images | "ExplainImages" >> beam.ParDo(ExplainBatches(self.handler()))
+        # One Arrow batch of heatmap rows per explained batch, made from its arrays (no dict per row).
         rows = (
             explained
             | "FormatHeatmapRows"
@@ -232,9 +237,10 @@ class ExplainDataset(beam.PTransform):
             ).with_outputs(ERRORS_TAG, EXEMPLAR_SOURCES_TAG, main="rows")
         )
         errors = (read[ERRORS_TAG], decoded[ERRORS_TAG], rows[ERRORS_TAG]) | "CollectErrors" >> beam.Flatten()
-        # Arrow batches of rows: what the strategies' assignment waits with (a stage boundary), what the
-        # class statistics are computed from in numpy, and what the heatmaps table is written from.
-        batches = rows.rows | "BatchRows" >> ToRecordBatches(heatmap_schema(c.multilabel), BATCH_ROWS)
+        # Those gathered into batches of BATCH_ROWS rows (a concatenation of Arrow buffers; the steps after
+        # cost per batch): what the strategies' assignment waits with (a stage boundary), what the class
+        # statistics are computed from in numpy, and what the heatmaps table is written from.
+        batches = rows.rows | "BatchRows" >> CoalesceRecordBatches(BATCH_ROWS)
         scored, sanity = self.checks(batches)
         strategies = batches | "FindStrategies" >> FindStrategies(c.strategies, batched=True)
         heatmaps = strategies["heatmaps"]

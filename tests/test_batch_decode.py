@@ -88,13 +88,12 @@ def test_one_bad_image_in_each_batch_is_one_error_row_and_the_rest_explained(wor
         results = list(handler.run_inference(batch, loaded))
         assert [r.image.image_id for r in results] == [item.image_id for item in batch]
         explained += results
-        for result in results:
-            for out in fmt.process(result):
-                if isinstance(out, beam.pvalue.TaggedOutput):
-                    assert out.tag == ERRORS_TAG
-                    error_rows.append(out.value)
-                else:
-                    rows.append(out)
+        for out in fmt.process(results):  # the batch's results: one Arrow batch of rows, an error row per bad image
+            if isinstance(out, beam.pvalue.TaggedOutput):
+                assert out.tag == ERRORS_TAG
+                error_rows.append(out.value)
+            else:
+                rows += out.to_pylist()
     assert sorted(r["image_id"] for r in rows) == sorted(item.image_id for item in images)
     assert len(error_rows) == len(BAD)
     by_id = {e["image_id"]: e for e in error_rows}
@@ -170,7 +169,8 @@ def test_pipeline_with_a_bad_image_in_several_batches(model_path, tmp_path):
 def test_explain_batches_overlaps_batches_and_loses_nothing(model_path):
     """ExplainBatches (the job's explaining step) called as a runner does: 11 images in batches of 4
     (two full batches run in the background while elements keep coming, the rest at the bundle's
-    end): every image comes out once, in the global window, with the CAM the handler gives alone."""
+    end), each batch one element: every image comes out once, in the global window, with the CAM the
+    handler gives alone."""
     from apache_beam.transforms.window import GlobalWindow
 
     from transforms.model_handler import ExplainBatches, acquire_worker
@@ -187,18 +187,25 @@ def test_explain_batches_overlaps_batches_and_loses_nothing(model_path):
         emitted = streamed + list(dofn.finish_bundle())
     finally:
         dofn.teardown()
-    # depth 1: submitting the second full batch waits for the first, whose 4 results come out while
-    # elements are still arriving, not only at the bundle's end.
-    assert len(streamed) >= 4
+    # depth 1: submitting the second full batch waits for the first, which comes out (one element: the
+    # batch) while elements are still arriving, not only at the bundle's end.
+    assert len(streamed) >= 1
     assert all(out.windows == (GlobalWindow(),) for out in emitted)
-    results = {out.value.image.image_id: out.value for out in emitted}
-    assert len(emitted) == len(results) == 11
-    assert results["bad-truncated"].error_stage == "decode" and results["bad-truncated"].error[0] == "UndecodableImage"
+    assert len(emitted) == 3  # one element per batch: 4 + 4 + 3 images
+    results, cams, failed = {}, {}, {}
+    for out in emitted:
+        batch = out.value
+        for j, image in enumerate(batch.images):
+            results[image.image_id] = batch.predicted_class[j]
+            cams[image.image_id] = batch.cam[batch.row_image == j]
+        failed.update({r.image.image_id: r for r in batch.failed})
+    assert len(results) + len(failed) == 11 and set(failed) == {"bad-truncated"}
+    assert failed["bad-truncated"].error_stage == "decode" and failed["bad-truncated"].error[0] == "UndecodableImage"
     worker = acquire_worker(handler)
     for item in images:
         if item.image_id == "bad-truncated":
             continue
         (alone,) = handler.run_inference([item], worker)
-        np.testing.assert_allclose(results[item.image_id].cam, alone.cam, atol=1e-5 * np.abs(alone.cam).max() + 1e-7,
+        np.testing.assert_allclose(cams[item.image_id], alone.cam, atol=1e-5 * np.abs(alone.cam).max() + 1e-7,
                                    rtol=0)
-        assert results[item.image_id].predicted_class == alone.predicted_class
+        assert results[item.image_id] == alone.predicted_class

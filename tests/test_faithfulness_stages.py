@@ -47,8 +47,8 @@ def test_heatmap_rows_leave_the_faithfulness_columns_null():
     """Rows are made with null scores; the sampled ones get theirs from `with_scores` on their batch."""
     rows = heatmap_rows(explained("a", k=2), method="gradcam", target_layer="l")
     assert all(row[c] is None for row in rows for c in COLUMNS + CURVE_COLUMNS)
-    plain = list(FormatHeatmapRows(method="gradcam", target_layer="l").process(explained("b")))
-    assert all(plain[0][c] is None for c in COLUMNS + CURVE_COLUMNS)
+    (plain,) = FormatHeatmapRows(method="gradcam", target_layer="l").process(explained("b"))  # one Arrow batch
+    assert all(plain.to_pylist()[0][c] is None for c in COLUMNS + CURVE_COLUMNS)
 
 
 def _stats_row(gap, curve=1.0):

@@ -67,3 +67,24 @@ def test_gather_tables_makes_a_table_per_limit_and_one_with_the_rest():
     rest = [wv.value for wv in gather.finish_bundle()]
     assert [t.num_rows for t in tables] == [100] and [t.num_rows for t in rest] == [50]
     assert pa.concat_tables([*tables, *rest]).to_pylist() == pa.Table.from_batches(batches[:3]).to_pylist()
+
+
+def test_small_record_batches_are_coalesced_in_order_into_batches_of_the_size():
+    """CoalesceRecordBatches (the job's BatchRows, after FormatHeatmapRows' one batch per explained batch):
+    within a bundle, batches of exactly `rows` rows in the rows' order, the bundle's rest last; empty
+    batches dropped."""
+    from transforms.sinks import _Coalesce
+
+    rows = [{"image_id": r["image_id"], "cam": r["cam"], "score": r.get("score")} for r in _rows(300)]
+    sizes = [32, 0, 32, 17, 64, 1, 96, 58]
+    assert sum(sizes) == len(rows)
+    small, start = [], 0
+    for n in sizes:
+        small.append(pa.RecordBatch.from_pylist(rows[start:start + n], schema=SCHEMA))
+        start += n
+    coalesce = _Coalesce(64)
+    coalesce.start_bundle()
+    out = [b for s in small for b in coalesce.process(s)] + [w.value for w in coalesce.finish_bundle()]
+    assert [b.num_rows for b in out] == [64, 64, 64, 64, 44]
+    assert all(b.schema.equals(SCHEMA) for b in out)
+    assert [r for b in out for r in b.to_pylist()] == rows

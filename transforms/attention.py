@@ -243,7 +243,19 @@ def pointing_game(stats: dict, boxes: Sequence, image_size: tuple[int, int],
 def attention_batch(cams: np.ndarray, image_sizes: Sequence[tuple[int, int]], boxes: Sequence[Sequence], *,
                     max_side: int = MAX_GRID_SIDE) -> list[dict]:
     """`attention_stats` of N maps cam[N, h, w] at once, but `peak_in_box` (which takes the
-    pointing tolerance: `pointing_game`): a dict of `GEOMETRY_KEYS` per map.
+    pointing tolerance: `pointing_game`): a dict of `GEOMETRY_KEYS` per map (`attention_columns` as
+    dicts, None where a statistic is null).
+    """
+    columns = {key: [None if null else value for value, null in zip(values.tolist(), nulls.tolist(), strict=True)]
+               for key, (values, nulls) in attention_columns(cams, image_sizes, boxes, max_side=max_side).items()}
+    return [{key: columns[key][i] for key in GEOMETRY_KEYS} for i in range(len(cams))]
+
+
+def attention_columns(cams: np.ndarray, image_sizes: Sequence[tuple[int, int]], boxes: Sequence[Sequence], *,
+                      max_side: int = MAX_GRID_SIDE) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """`attention_stats` of N maps cam[N, h, w] at once, but `peak_in_box` (which takes the
+    pointing tolerance: `pointing_game`), as columns: {key of `GEOMETRY_KEYS`: (values [N] float64,
+    nulls [N] bool)} (a null value is NaN; a statistic `attention_stats` gives as None is null).
 
     The explaining step's batch of maps is one array, so the statistics are whole-array numpy: the
     entropies in one pass, and per grid size (images of one size share it) the masses and peak
@@ -253,9 +265,9 @@ def attention_batch(cams: np.ndarray, image_sizes: Sequence[tuple[int, int]], bo
     """
     cams = np.asarray(cams, np.float64)
     n, height, width = cams.shape
-    results = [dict.fromkeys(GEOMETRY_KEYS) for _ in range(n)]
+    out = {key: (np.full(n, np.nan), np.ones(n, bool)) for key in GEOMETRY_KEYS}
     if n == 0:
-        return results
+        return out
     totals = cams.sum(axis=(1, 2))
     with np.errstate(invalid="ignore"):
         has_mass = np.isfinite(totals) & (totals > 0)
@@ -263,10 +275,12 @@ def attention_batch(cams: np.ndarray, image_sizes: Sequence[tuple[int, int]], bo
     fast &= np.array([len(b) <= 1 for b in boxes])
     for i in np.flatnonzero(has_mass & ~fast):
         stats = attention_stats(cams[i], boxes[i], image_size=tuple(image_sizes[i]), max_side=max_side)
-        results[i] = {key: stats[key] for key in GEOMETRY_KEYS}
+        for key in GEOMETRY_KEYS:
+            if stats[key] is not None:
+                out[key][0][i], out[key][1][i] = stats[key], False
     index = np.flatnonzero(fast)
     if not len(index):
-        return results
+        return out
     cells = cams[index] / totals[index, None, None]
     logs = np.log(np.where(cells > 0, cells, 1.0))
     columns = {key: np.full(len(index), np.nan) for key in GEOMETRY_KEYS}
@@ -300,10 +314,10 @@ def attention_batch(cams: np.ndarray, image_sizes: Sequence[tuple[int, int]], bo
     with np.errstate(divide="ignore", invalid="ignore"):
         columns["box_concentration"] = np.where(columns["box_area"] > 0,
                                                 columns["box_mass"] / columns["box_area"], np.nan)
-    values = [[None if v != v else v for v in columns[key].tolist()] for key in GEOMETRY_KEYS]  # NaN -> None
-    for i, row in zip(index.tolist(), zip(*values, strict=True), strict=True):
-        results[i] = dict(zip(GEOMETRY_KEYS, row, strict=True))
-    return results
+    for key in GEOMETRY_KEYS:  # NaN -> null (a fast map's statistic it has no value for)
+        out[key][0][index] = columns[key]
+        out[key][1][index] = np.isnan(columns[key])
+    return out
 
 
 def _masses(maps: np.ndarray, row_weights: np.ndarray, col_weights: np.ndarray) -> np.ndarray:

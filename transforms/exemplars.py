@@ -34,10 +34,12 @@ from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 
 from transforms.decode import _boxes
 from transforms.flags import DEFAULT_THRESHOLDS, FlagThresholds
-from transforms.heatmap_rows import ExemplarSource, heatmap_rows  # ExemplarSource: FormatHeatmapRows makes them
+# ExemplarBatch: FormatHeatmapRows makes them (ExemplarSource: one image's, from its rows as dicts)
+from transforms.heatmap_rows import ExemplarBatch, ExemplarSource, heatmap_rows
 from transforms.records import read_record_at
 from transforms.thumbnails import example_image, overlay_tile
 
@@ -163,6 +165,59 @@ def audit_candidates(row: dict, raw_record: bytes, boxes: Iterable = ()) -> Iter
                candidate(row, row["predicted_score"], raw_record, boxes))
 
 
+def batch_candidates(source: ExemplarBatch, per_kind: Optional[int] = None) -> Iterable[tuple[str, Candidate]]:
+    """`audit_candidates` of every rank-0 row of an explained batch at once: per kind the rows that
+    belong to it, ranked in numpy (score, then the smallest image id, as `rank_key`); with `per_kind`
+    only the best `per_kind` of each kind are proposed, the first counting for those left out
+    (`Candidate.count`), so only theirs become dicts."""
+    rows = source.rows
+    if rows.num_rows == 0:
+        return
+    ids = rows.column("image_id").to_numpy(zero_copy_only=False).astype(str)
+    offsets_known = ~rows.column("record_offset").is_null().to_numpy(zero_copy_only=False)
+    names, kinds, members, scores = [], [], [], []  # the kinds' names; per (kind, row) pair: kind, row, score
+    for flag, (column, worst_is_largest) in FLAG_RANKING.items():
+        flagged = rows.column(flag).fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
+        values, nulls = source.values[column]
+        rows_of = np.flatnonzero(flagged & ~nulls)
+        if len(rows_of):
+            kinds.append(np.full(len(rows_of), len(names)))
+            names.append(flag_kind(flag))
+            members.append(rows_of)
+            scores.append(values[rows_of] if worst_is_largest else -values[rows_of])
+    cells = rows.column("peak_cell")
+    known = np.flatnonzero(~cells.is_null().to_numpy(zero_copy_only=False))
+    if len(known):
+        predicted = rows.column("predicted_class").to_numpy(zero_copy_only=False).astype(np.int64)[known]
+        cell = cells.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)[known]
+        pairs, inverse = np.unique(np.stack([predicted, cell], 1), axis=0, return_inverse=True)
+        kinds.append(len(names) + inverse.reshape(-1))
+        names += [cell_kind(class_id, ninth) for class_id, ninth in pairs.tolist()]
+        members.append(known)
+        scores.append(source.values["predicted_score"][0][known])
+    if not names:
+        return
+    kind, row, score = np.concatenate(kinds), np.concatenate(members), np.concatenate(scores)
+    order = np.lexsort((ids[row], -score, kind))  # per kind the highest score first, ties to the smallest id
+    kind, row, score = kind[order], row[order], score[order]
+    starts = np.searchsorted(kind, np.arange(len(names)))
+    sizes = np.diff(np.append(starts, len(kind)))
+    position = np.arange(len(kind)) - starts[kind]
+    kept = sizes if per_kind is None else np.minimum(sizes, per_kind)
+    keep = np.flatnonzero(position < kept[kind])
+    count = np.where(position == 0, sizes[kind] - kept[kind] + 1, 1)  # the first counts for those left out
+    # The proposed rows' fields, converted once (a row proposed for several kinds too).
+    picked = np.unique(row[keep])
+    fields_of = [f for f in ROW_FIELDS if f in rows.schema.names]
+    found = dict(zip(picked.tolist(), rows.select(fields_of).take(pa.array(picked)).to_pylist(), strict=True))
+    for k, i, value, n in zip(kind[keep].tolist(), row[keep].tolist(), score[keep].tolist(), count[keep].tolist(),
+                              strict=True):
+        fields = found[i]
+        raw, boxes = (b"", ()) if offsets_known[i] else (source.raw_records[i], source.boxes[i])
+        yield names[k], Candidate(value, fields["image_id"], {f: fields.get(f) for f in ROW_FIELDS}, raw,
+                                  tuple(tuple(b) for b in boxes), n)
+
+
 def strategy_kind(class_id: int, cluster_id: int) -> str:
     return f"strategy:{class_id}:{cluster_id}"
 
@@ -184,8 +239,8 @@ def record_and_boxes(winner: Candidate) -> tuple[bytes, tuple]:
 def exemplar_source(result, *, method: str, target_layer: str,
                     thresholds: FlagThresholds = DEFAULT_THRESHOLDS) -> Optional[ExemplarSource]:
     """The ExemplarSource of an Explained image (its rows formatted with `transforms.heatmap_rows.heatmap_rows`,
-    as FormatHeatmapRows does); None for an image that failed. An ExemplarSource passes unchanged."""
-    if isinstance(result, ExemplarSource):
+    as FormatHeatmapRows does); None for an image that failed. An ExemplarSource or ExemplarBatch passes unchanged."""
+    if isinstance(result, (ExemplarSource, ExemplarBatch)):
         return result
     if result.error is not None:
         return None
@@ -210,13 +265,21 @@ class ToExemplarSources(beam.DoFn):
 
 
 class ProposeExemplars(beam.DoFn):
-    """ExemplarSource -> (kind, Candidate) for each audit kind (flags, peak cell) its image belongs to.
+    """ExemplarSource -> (kind, Candidate) for each audit kind (flags, peak cell) its image belongs to;
+    ExemplarBatch -> those of each of its images (`batch_candidates`; with `per_kind`, each kind's best
+    `per_kind` of the batch).
 
     Needs no side input, so it runs fused with the step that explains the image and only the
     lifted `Top` accumulators leave it (the strategy candidates come from
     `transforms.strategies.AssignStrategies`, without the record bytes)."""
 
-    def process(self, source: ExemplarSource):
+    def __init__(self, per_kind: Optional[int] = None):
+        self._per_kind = per_kind
+
+    def process(self, source):
+        if isinstance(source, ExemplarBatch):
+            yield from batch_candidates(source, self._per_kind)
+            return
         first = next(r for r in source.rows if r["target_rank"] == 0)
         yield from audit_candidates(first, source.raw_record, source.boxes)
 
@@ -334,7 +397,7 @@ def _shortcut_cell(stats_row: dict) -> Iterable[tuple[int, int]]:
 
 
 class SelectAuditExemplars(beam.PTransform):
-    """(PCollection[Explained or ExemplarSource], PCollection[class_stats row]
+    """(PCollection[Explained, ExemplarSource or ExemplarBatch], PCollection[class_stats row]
     [, PCollection[(kind, Candidate)]]) -> PCollection[exemplar row].
 
     The worst `per_kind` images of each image flag, and the most confident
@@ -359,12 +422,12 @@ class SelectAuditExemplars(beam.PTransform):
         cells = class_stats | "FindShortcutCells" >> beam.FlatMap(_shortcut_cell)
         candidates = (
             explained
-            # No side input on this path: it runs fused with FormatHeatmapRows (which makes the
-            # ExemplarSources without formatting the rows twice; Explained images are formatted
+            # No side input on this path: it runs fused with FormatHeatmapRows (which makes an
+            # ExemplarBatch per batch without formatting the rows twice; Explained images are formatted
             # here), so no image or record is held for later; only Top's accumulators move on.
             | "ToExemplarSources" >> beam.ParDo(ToExemplarSources(
                 method=self._method, target_layer=self._target_layer, thresholds=self._thresholds))
-            | "ProposeExemplars" >> beam.ParDo(ProposeExemplars())
+            | "ProposeExemplars" >> beam.ParDo(ProposeExemplars(self._per_kind))
         )
         if more:
             candidates = (candidates, *more)

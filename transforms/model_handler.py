@@ -56,6 +56,112 @@ class Explained(NamedTuple):
     scores: Optional[np.ndarray] = None  # [num_classes] every class's probability (multi-label runs only)
 
 
+class ExplainedBatch(NamedTuple):
+    """One batch's answer as one element: the explained images' heatmap rows as arrays (one row per
+    valid target slot, image-major, ranks in order) and the images that failed.
+
+    What `ExplainBatches` emits per batch and `transforms.heatmap_rows.FormatHeatmapRows` turns into
+    one Arrow batch of heatmap rows: no per-image object for an image that was explained.
+    """
+
+    images: list  # [N] DecodedImage: the explained images, in the batch's order (from_output: without pixels)
+    predicted_class: np.ndarray  # [N] int
+    predicted_score: np.ndarray  # [N] float
+    row_image: np.ndarray  # [R] int: the image (index into `images`) of each row
+    target_rank: np.ndarray  # [R] int
+    target_class: np.ndarray  # [R] int
+    target_score: np.ndarray  # [R] float
+    target_logit: np.ndarray  # [R] float
+    cam: np.ndarray  # [R, h, w] float32
+    attention: Optional[dict]  # {GEOMETRY_KEYS key: ([R] float64 values, [R] bool nulls)}; None: not computed
+    scores: Optional[np.ndarray] = None  # [N, num_classes] every class's probability (multi-label runs only)
+    failed: tuple = ()  # Explained with `error` set: the images that failed (decode or compute)
+
+    @classmethod
+    def from_output(cls, images: Sequence[DecodedImage], out: dict, multilabel: bool = False) -> "ExplainedBatch":
+        """A batch from the compiled explainer's output (`CamExplainer.__call__`) on `images`: the valid
+        slots (`target_valid`) of the images with a finite output become rows, with their attention
+        statistics computed over the whole batch in one numpy pass (`attention.attention_columns`);
+        an image with non-finite output becomes a failure."""
+        from transforms.attention import attention_columns
+
+        finite = np.asarray(out["finite"], bool)
+        cams = np.asarray(out["cam"], np.float32)
+        valid = np.asarray(out.get("target_valid", np.ones(cams.shape[:2], bool)), bool) & finite[:, None]
+        pairs = np.argwhere(valid)  # (image, slot) of every row, image-major
+        image, slot = pairs[:, 0], pairs[:, 1]
+        kept = np.flatnonzero(finite)
+        sizes = np.array([(item.image_height, item.image_width) for item in images], np.int64).reshape(-1, 2)
+        attention = attention_columns(cams[image, slot], sizes[image], [images[i].boxes for i in image.tolist()])
+        failed = tuple(_failed(images[i], "NonFiniteOutput", "the model's scores or the CAM hold NaN or Inf")
+                       for i in np.flatnonzero(~finite).tolist())
+        return cls(
+            # Without pixels and encoded bytes, and without the record where it can be read again (its
+            # offset is known: only exemplars use it): the element stays small wherever the runner encodes it.
+            images=[images[i]._replace(pixels=None, encoded=None,
+                                       raw_record=images[i].raw_record if images[i].record_offset < 0 else b"")
+                    for i in kept.tolist()],
+            predicted_class=np.asarray(out["predicted_class"])[kept],
+            predicted_score=np.asarray(out["predicted_score"])[kept],
+            row_image=np.cumsum(finite)[image] - 1,
+            target_rank=(np.cumsum(valid, axis=1) - 1)[image, slot],
+            target_class=np.asarray(out["target_class"])[image, slot],
+            target_score=np.asarray(out["target_score"])[image, slot],
+            target_logit=np.asarray(out["target_logit"])[image, slot],
+            cam=cams[image, slot],
+            attention=attention,
+            scores=np.asarray(out["scores"], np.float32)[kept] if multilabel and "scores" in out else None,
+            failed=failed,
+        )
+
+    @classmethod
+    def from_results(cls, results: Sequence[Explained]) -> "ExplainedBatch":
+        """A batch of per-image results (`KerasCamModelHandler.run_inference`'s, as RunInference
+        emits them for --large_model, or a batch retried image by image): their arrays stacked; an
+        image explained without attention statistics gets those of `attention.attention_stats`."""
+        from transforms.attention import GEOMETRY_KEYS, attention_stats
+
+        good = [r for r in results if r.error is None]
+        counts = np.array([len(r.cam) for r in good], np.int64)
+        cams = [np.asarray(r.cam, np.float32) for r in good if len(r.cam)]
+        rows = int(counts.sum())
+        stats = []  # one GEOMETRY_KEYS dict per row
+        for r in good:
+            if r.attention is not None:
+                stats += r.attention
+            else:
+                size = (r.image.image_height, r.image.image_width)
+                stats += [attention_stats(np.asarray(cam, np.float32), r.image.boxes, image_size=size)
+                          for cam in r.cam]
+        attention = {}
+        for key in GEOMETRY_KEYS:
+            values = [s.get(key) for s in stats]
+            nulls = np.array([v is None for v in values], bool)
+            attention[key] = (np.array([np.nan if v is None else v for v in values], np.float64).reshape(rows),
+                              nulls.reshape(rows))
+
+        def cat(name, dtype):
+            parts = [np.asarray(getattr(r, name), dtype).reshape(-1) for r in good]
+            return np.concatenate(parts) if parts else np.zeros([0], dtype)
+
+        scores = [r.scores for r in good]
+        return cls(
+            images=[r.image for r in good],
+            predicted_class=np.array([r.predicted_class for r in good], np.int64),
+            predicted_score=np.array([r.predicted_score for r in good], np.float64),
+            row_image=np.repeat(np.arange(len(good)), counts),
+            target_rank=np.concatenate([np.arange(c) for c in counts]) if len(good) else np.zeros([0], np.int64),
+            target_class=cat("target_class", np.int64),
+            target_score=cat("target_score", np.float64),
+            target_logit=cat("target_logit", np.float64),
+            cam=np.concatenate(cams) if cams else np.zeros([0, 0, 0], np.float32),
+            attention=attention,
+            scores=np.stack([np.asarray(s, np.float32) for s in scores]) if good and all(
+                s is not None for s in scores) else None,
+            failed=tuple(r for r in results if r.error is not None),
+        )
+
+
 class CamWorker:
     """What `load_model` returns (one per process, shared by its threads).
 
@@ -177,6 +283,15 @@ class KerasCamModelHandler(ModelHandler[DecodedImage, Explained, Any]):
             results.sort(key=lambda r: order[(r.image.source, r.image.record_index)])
         return results
 
+    def explain_batch(self, batch: Sequence[DecodedImage], decoded: tuple, model: CamWorker) -> ExplainedBatch:
+        """`explain_images` as one `ExplainedBatch` (what `ExplainBatches` emits): the decoded images'
+        one call of the explainer, and an error for each image that did not decode."""
+        pixels, images, failed = decoded
+        errors = tuple(_failed(item, exc.error, exc.message, stage="decode") for item, exc in failed)
+        explained = explain_batch(model, pixels, images, multilabel=self._label_format != "single") if images \
+            else ExplainedBatch.from_results([])
+        return explained._replace(failed=errors + tuple(explained.failed))
+
     def get_num_bytes(self, batch: Sequence[DecodedImage]) -> int:
         return sum(len(item.encoded or b"") for item in batch)
 
@@ -206,7 +321,7 @@ def handler_tag(handler: KerasCamModelHandler) -> str:
 
 
 class ExplainBatches(beam.DoFn):
-    """DecodedImage -> Explained, in batches of the handler's batch size, one batch in the background.
+    """DecodedImage -> one `ExplainedBatch` per batch of the handler's batch size, one batch in the background.
 
     Each full batch goes to two one-thread executors in turn, the halves of
     `KerasCamModelHandler.run_inference`: one decodes it (`decode_images`), the
@@ -259,15 +374,14 @@ class ExplainBatches(beam.DoFn):
         decoded = self._decoding.submit(self._handler.decode_images, batch, self._worker)
         self._inflight.append(self._executor.submit(self._explain, batch, decoded))
 
-    def _explain(self, batch: list, decoded) -> list[Explained]:
-        return self._handler.explain_images(batch, decoded.result(), self._worker)
+    def _explain(self, batch: list, decoded) -> ExplainedBatch:
+        return self._handler.explain_batch(batch, decoded.result(), self._worker)
 
     def _finished(self, wait: bool):
         while self._inflight and (wait or self._inflight[0].done() or len(self._inflight) > self._depth):
-            results = self._inflight.popleft().result()
+            explained = self._inflight.popleft().result()
             self._batches.inc()
-            for result in results:
-                yield GlobalWindows.windowed_value(result)
+            yield GlobalWindows.windowed_value(explained)
 
 
 def explain_decoded(explainer, pixels: np.ndarray, images: Sequence[DecodedImage],
@@ -292,6 +406,28 @@ def explain_decoded(explainer, pixels: np.ndarray, images: Sequence[DecodedImage
                 for result in explain_decoded(explainer, pixels[i : i + 1], images[i : i + 1], multilabel)]
     attention = batch_attention(out, images)
     return [_explained(item, out, i, attention, multilabel) for i, item in enumerate(images)]
+
+
+def explain_batch(explainer, pixels: np.ndarray, images: Sequence[DecodedImage],
+                  multilabel: bool = False) -> ExplainedBatch:
+    """`explain_decoded` as one `ExplainedBatch`: one call of the compiled explainer on a decoded batch,
+    its arrays kept as arrays; a failing batch is retried image by image (`explain_decoded`)."""
+    import tensorflow as tf
+
+    if multilabel:
+        labels = [item.labels for item in images]
+    else:
+        labels = np.array([-1 if item.label is None else item.label for item in images], np.int32)
+    try:
+        out = explainer(pixels, labels)
+    except (tf.errors.OpError, ValueError) as exc:
+        if len(images) == 1:
+            return ExplainedBatch.from_results([_failed(images[0], "InferenceFailed", str(exc).splitlines()[0][:500])])
+        _LOG.warning("Batch of %d failed (%s); retrying image by image", len(images), exc)
+        return ExplainedBatch.from_results(
+            [result for i in range(len(images))
+             for result in explain_decoded(explainer, pixels[i : i + 1], images[i : i + 1], multilabel)])
+    return ExplainedBatch.from_output(images, out, multilabel)
 
 
 def batch_attention(out: dict, images: Sequence[DecodedImage]) -> list:

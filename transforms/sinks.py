@@ -39,6 +39,53 @@ class ToRecordBatches(beam.PTransform):
         )
 
 
+class _Coalesce(beam.DoFn):
+    """Arrow RecordBatches -> RecordBatches of exactly `rows` rows, in order (the bundle's last, fewer);
+    empty batches are dropped."""
+
+    def __init__(self, rows: int):
+        self._rows = rows
+
+    def start_bundle(self):
+        self._pending: list = []
+        self._count = 0
+
+    def _take(self, n: int) -> pa.RecordBatch:
+        table = pa.Table.from_batches(self._pending)
+        head, rest = table.slice(0, n).combine_chunks(), table.slice(n)
+        self._pending, self._count = rest.to_batches(), rest.num_rows
+        (batch,) = head.to_batches()  # one chunk per column: one batch
+        return batch
+
+    def process(self, batch: pa.RecordBatch):
+        if batch.num_rows == 0:
+            return
+        if not self._count and batch.num_rows == self._rows:
+            yield batch
+            return
+        self._pending.append(batch)
+        self._count += batch.num_rows
+        while self._count >= self._rows:
+            yield self._take(self._rows)
+
+    def finish_bundle(self):
+        if self._count:
+            yield window.GlobalWindows.windowed_value(self._take(self._count))
+
+
+class CoalesceRecordBatches(beam.PTransform):
+    """PCollection[pa.RecordBatch] -> PCollection[pa.RecordBatch] of `rows` rows each (the last of a bundle
+    fewer), the rows in their order: small batches (one per explained batch) gathered into the batches
+    the steps after them take, whose cost is per batch. Within a bundle, as `ToRecordBatches`."""
+
+    def __init__(self, rows: int = 512):
+        super().__init__()
+        self._rows = rows
+
+    def expand(self, batches):
+        return batches | "Coalesce" >> beam.ParDo(_Coalesce(self._rows))
+
+
 class _GatherTables(beam.DoFn):
     """RecordBatches -> a pa.Table per ROW_GROUP_BYTES of them (and one with the rest of the bundle)."""
 

@@ -8,7 +8,7 @@ corner"), and a cluster that looks off the objects is a suspect.
 
 `FindStrategies` (a composite PTransform) does it with bounded cost:
 
-    heatmap rows --BatchRows--> Arrow batches
+    Arrow batches of heatmap rows (the job's BatchRows: FormatHeatmapRows' batches gathered to 512 rows)
       --SampleBatchMaps (max-normalised maps, image-id hash priorities)--> (class, maps of a batch)
       --SampleMapsPerClass (SampleMapsFn: the sample_size highest priorities)--> (class, [maps])
       --ClusterClassMaps--> (class, ClassStrategies: cluster means, eigengap)
@@ -543,8 +543,8 @@ class FindStrategies(beam.PTransform):
     The rows wait for the cluster means (a side input made from all of them), so they cross a stage
     boundary: they cross as Arrow batches of `batch_rows` rows (one pickled buffer each, not a pickled
     dict per row), the sampling and the assignment are numpy over a batch, and the heatmaps table is
-    written from them. With `batched`, the input already is such batches (the job batches its rows once,
-    for this and for the class statistics).
+    written from them. With `batched`, the input already is such batches (the job's BatchRows gathers
+    FormatHeatmapRows' batches into them, for this and for the class statistics).
     """
 
     def __init__(self, settings: StrategySettings = DEFAULT_SETTINGS, schema=None, batch_rows: int = BATCH_ROWS,
