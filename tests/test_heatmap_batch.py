@@ -76,7 +76,7 @@ def test_batch_columns_are_the_rows_image_by_image(multilabel):
     assert rows.to_pylist() == expected.to_pylist()
     for name, (values, nulls) in exact.items():  # the float64 values before the table's rounding
         want = [d[name] for d in dicts]
-        assert [None if null else v for v, null in zip(values.tolist(), nulls.tolist())] == want
+        assert [None if null else v for v, null in zip(values.tolist(), nulls.tolist(), strict=True)] == want
     # The same from per-image results (RunInference's, --large_model), and from a batch of none.
     again, _ = heatmap_batch(ExplainedBatch.from_results(per_image), method="gradcam", target_layer="conv",
                              thresholds=thresholds, label_threshold=label_threshold)
@@ -130,7 +130,7 @@ def test_batch_candidates_are_each_kinds_best_of_the_rows(per_kind):
         mine = got[kind]
         assert [c.image_id for c in mine] == [c.image_id for c in best], kind
         assert sum(c.count for c in mine) == len(candidates)
-        for a, b in zip(mine, best):
+        for a, b in zip(mine, best, strict=True):
             assert a.score == b.score and a.raw_record == b.raw_record and a.boxes == b.boxes
             fields = dict(b.fields, cam=pa.array(b.fields["cam"], pa.float32()).to_pylist())
             for name in ("box_mass", "box_concentration", "border_mass", "predicted_score"):  # float32 in the table

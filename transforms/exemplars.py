@@ -38,6 +38,7 @@ import pyarrow as pa
 
 from transforms.decode import _boxes
 from transforms.flags import DEFAULT_THRESHOLDS, FlagThresholds
+
 # ExemplarBatch: FormatHeatmapRows makes them (ExemplarSource: one image's, from its rows as dicts)
 from transforms.heatmap_rows import ExemplarBatch, ExemplarSource, heatmap_rows
 from transforms.records import read_record_at
