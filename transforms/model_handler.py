@@ -384,6 +384,25 @@ class ExplainBatches(beam.DoFn):
             yield GlobalWindows.windowed_value(explained)
 
 
+def _run_explainer(explainer, pixels: np.ndarray, images: Sequence[DecodedImage], multilabel: bool) -> dict:
+    """One call of the compiled explainer on a decoded batch, with the images' labels."""
+    if multilabel:
+        labels = [item.labels for item in images]
+    else:
+        labels = np.array([-1 if item.label is None else item.label for item in images], np.int32)
+    return explainer(pixels, labels)
+
+
+def _one_by_one(explainer, pixels: np.ndarray, images: Sequence[DecodedImage], multilabel: bool,
+                exc: Exception) -> list[Explained]:
+    """After a batch failed with `exc`: its images explained one by one (a lone image: its error)."""
+    if len(images) == 1:
+        return [_failed(images[0], "InferenceFailed", str(exc).splitlines()[0][:500])]
+    _LOG.warning("Batch of %d failed (%s); retrying image by image", len(images), exc)
+    return [result for i in range(len(images))
+            for result in explain_decoded(explainer, pixels[i : i + 1], images[i : i + 1], multilabel)]
+
+
 def explain_decoded(explainer, pixels: np.ndarray, images: Sequence[DecodedImage],
                     multilabel: bool = False) -> list[Explained]:
     """One call of the compiled explainer on a decoded batch; a failing batch is retried image by image.
@@ -392,18 +411,10 @@ def explain_decoded(explainer, pixels: np.ndarray, images: Sequence[DecodedImage
     """
     import tensorflow as tf
 
-    if multilabel:
-        labels = [item.labels for item in images]
-    else:
-        labels = np.array([-1 if item.label is None else item.label for item in images], np.int32)
     try:
-        out = explainer(pixels, labels)
+        out = _run_explainer(explainer, pixels, images, multilabel)
     except (tf.errors.OpError, ValueError) as exc:
-        if len(images) == 1:
-            return [_failed(images[0], "InferenceFailed", str(exc).splitlines()[0][:500])]
-        _LOG.warning("Batch of %d failed (%s); retrying image by image", len(images), exc)
-        return [result for i in range(len(images))
-                for result in explain_decoded(explainer, pixels[i : i + 1], images[i : i + 1], multilabel)]
+        return _one_by_one(explainer, pixels, images, multilabel, exc)
     attention = batch_attention(out, images)
     return [_explained(item, out, i, attention, multilabel) for i, item in enumerate(images)]
 
@@ -414,19 +425,10 @@ def explain_batch(explainer, pixels: np.ndarray, images: Sequence[DecodedImage],
     its arrays kept as arrays; a failing batch is retried image by image (`explain_decoded`)."""
     import tensorflow as tf
 
-    if multilabel:
-        labels = [item.labels for item in images]
-    else:
-        labels = np.array([-1 if item.label is None else item.label for item in images], np.int32)
     try:
-        out = explainer(pixels, labels)
+        out = _run_explainer(explainer, pixels, images, multilabel)
     except (tf.errors.OpError, ValueError) as exc:
-        if len(images) == 1:
-            return ExplainedBatch.from_results([_failed(images[0], "InferenceFailed", str(exc).splitlines()[0][:500])])
-        _LOG.warning("Batch of %d failed (%s); retrying image by image", len(images), exc)
-        return ExplainedBatch.from_results(
-            [result for i in range(len(images))
-             for result in explain_decoded(explainer, pixels[i : i + 1], images[i : i + 1], multilabel)])
+        return ExplainedBatch.from_results(_one_by_one(explainer, pixels, images, multilabel, exc))
     return ExplainedBatch.from_output(images, out, multilabel)
 
 
