@@ -199,6 +199,10 @@ def test_blocks_inside_the_encoder_can_be_named():
     explainer = CamExplainer(vit("token"), target_layer="vit_encoder/transformer_block_1", method="hirescam")
     assert explainer.target_layer == "vit_backbone/vit_encoder/transformer_block_1"
     assert explainer.target_layer_reason == "given by --target_layer"
+    # A name that is not there: the error lists the blocks inside the encoder too (keras_hub counts from 1).
+    with pytest.raises(AuditError, match=r"layers inside \[.*'vit_backbone/vit_encoder'.*\]: .*"
+                                         r"'vit_backbone/vit_encoder/transformer_block_1'"):
+        CamExplainer(vit("token"), target_layer="transformer_block_0")
     with pytest.raises(AuditError, match=r"--target_layer 'mha'.*ambiguous"):
         CamExplainer(vit("token"), target_layer="mha")
     with pytest.raises(AuditError, match=r"--target_layer 'dense_2'.*ambiguous"):

@@ -403,9 +403,12 @@ def resolve_layer_path(model, path: str) -> str:
     spatial = [p for p, layer in layers.items() if is_spatial(layer) or is_tokens(layer)]
     if matches:
         raise AuditError(f"--target_layer {path!r} is ambiguous: use one of {matches}")
+    holders = {p for p, layer in layers.items() if is_opaque(layer)}
+    inside = [p for p, _ in walk_inner(model) if p.rsplit("/", 1)[0] in holders]  # e.g. the encoder's blocks
     raise AuditError(
         f"--target_layer: expected a layer of model {model.name!r}, got {path!r}; "
         f"layers with a spatial or token output: {spatial[-8:]}"
+        + (f"; layers inside {sorted(holders)}: {inside[-8:]}" if inside else "")
     )
 
 
