@@ -17,6 +17,7 @@ the "off" spelling of an option (`--no_report`, `--no_report=false`).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional
 
@@ -86,13 +87,19 @@ KIND_TYPES = {"share": share, "count": count, "positive": positive_int, "non_neg
 
 def add_settings_arguments(parser, cls, prefix: str = "") -> None:
     """One option per option field of the settings dataclass `cls` (`transforms.settings.option`):
-    `--<prefix><field>` (or the field's own name), its default, help and check."""
+    `--<prefix><field>` (or the field's own name), its default (or its `env` variable's value), help and
+    check."""
     for name, field in option_fields(cls, prefix):
-        kind, help_text = field.metadata["kind"], field.metadata["help"]
-        if kind is None:
-            add_boolean(parser, f"--{name}", default=field.default, help=help_text, dest=name)
-        else:
-            parser.add_argument(f"--{name}", type=KIND_TYPES[kind], default=field.default, help=help_text)
+        meta = field.metadata
+        default = os.environ.get(meta["env"], field.default) if meta.get("env") else field.default
+        if meta["kind"] is None:
+            add_boolean(parser, f"--{name}", default=default, help=meta["help"], dest=name)
+            continue
+        kwargs = {"type": meta.get("check") or KIND_TYPES.get(meta["kind"])}
+        if meta.get("choices") is not None:
+            kwargs["choices"] = meta["choices"]
+        parser.add_argument(f"--{name}", default=default, help=meta["help"],
+                            **{k: v for k, v in kwargs.items() if v is not None})
 
 
 def add_boolean(parser, name: str, *, default=False, help: Optional[str] = None,

@@ -15,9 +15,9 @@ from typing import Optional
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.argtypes import OneLineParser, add_boolean, add_settings_arguments, count, positive_int, share, whole
+from pipeline.argtypes import OneLineParser, add_boolean, add_settings_arguments, exit_status
 from pipeline.runners import RUNNER_DESTS, add_runner_arguments, runner_of, translate_runner_args
-from pipeline.runs.compare import CompareThresholds, add_flagged_exit_code_argument
+from pipeline.runs.compare import EXIT_FLAGGED, FLAGGED_EXIT_CODE_HELP, CompareThresholds
 from pipeline.runs.history import check_run_id
 from transforms.cam.methods import METHODS
 from transforms.cam.preprocess import PRESETS, parse_image_size
@@ -27,7 +27,7 @@ from transforms.errors import AuditError
 from transforms.flags import FlagThresholds
 from transforms.model_handler import BATCH_SIZE
 from transforms.precision import MIXED_PRECISION
-from transforms.settings import settings_from, settings_options
+from transforms.settings import option, settings_from, settings_options
 from transforms.strategies import StrategySettings
 
 DEFAULT_RUNNER = "FnApiRunner"
@@ -80,79 +80,11 @@ def _run_id(text: str) -> str:
 
 
 def add_audit_arguments(parser) -> None:
-    """Adds the audit options to an argparse parser (or Beam's)."""
-    add = parser.add_argument
-    add("--input", default=None, help="Glob of TFRecord shards of tf.train.Example images, local or gs:// (omit with --model for the demo); "
-        "{run_id} in it is replaced by the run's id when the job starts, e.g. gs://b/val/dt={run_id}/*")
-    add("--output", default=None, help="Output folder, local or gs:// (demo: <demo_dir>/output)")
-    add("--model", default=None,
-        help="A Keras 3 .keras/.h5 file, a tf.keras 2 .h5 file or SavedModel folder (local or gs://), "
-        "or a keras.applications name such as resnet50 (see 'Models' below)")
-    add("--image_size", type=_image_size, default=None,
-        help="HEIGHTxWIDTH every image is resized to, e.g. 224x224: required for a model whose input "
-        "size is dynamic (None, None, C); must match a fixed one")
-    add("--weights", default=None, help="Weights file for a keras.applications --model (random but fixed weights when omitted; nothing is downloaded)")
-    add_boolean(parser, "--unsafe_model", help="Load the model with Keras safe mode OFF (runs code stored in the file: only for files you trust)")
-    add("--target_layer", default=None, help="Layer whose activations are explained (default: the last layer with a 4-D spatial output before the head; nested models as outer/inner)")
-    add("--token_grid", type=_token_grid, default=None,
-        help="Transformers: ROWSxCOLUMNS of the patch grid of a target layer with a (batch, tokens, channels) "
-        "output, e.g. 14x14 (default: from the patch embedding's output or the sequence length)")
-    add("--prefix_tokens", type=count, default=None,
-        help="Transformers: tokens before the patch tokens (class, distillation, register tokens), dropped "
-        "from the map (default: inferred with the grid)")
-    add("--model_output", default=None,
-        help="Name or index of the model output to explain, for a model with several outputs "
-        "(required then; a one-output model needs none)")
-    add("--target", type=_target, default="predicted",
-        help=f"Class each CAM explains: {TARGET_HELP} (topk:K writes K rows per image; labels: one per true label "
-        "of a multi-label record; above:T: one per class scoring >= T, sigmoid heads)")
-    add("--label_format", choices=list(LABEL_FORMATS), default="single",
-        help="The label feature: single (one int64 class per image), index (a list of int64 class indices) or "
-        "multi_hot (one 0/1 int64 per class); index and multi_hot make a multi-label run (README 'Multi-label')")
-    add("--max_targets", type=positive_int, default=DEFAULT_MAX_TARGETS,
-        help="--target labels / above:T: the most maps per image (the highest-scoring wanted classes; at most "
-        "the class count)")
-    add("--label_threshold", type=share, default=None,
-        help="Multi-label runs: a class counts as predicted when its score is >= this (class_stats' precision, "
-        "recall, F1; heatmaps' predicted_labels). Default: T of --target above:T, else 0.5")
-    add("--method", choices=list(METHODS), default="gradcam", help="CAM method")
-    add("--image_key", default="image/encoded", help="Feature with the encoded image")
-    add("--label_key", default="image/class/label", help="Feature with the int64 label")
-    add("--id_key", default="image/filename", help="Feature with the image id (when absent: <shard>:<index>)")
-    add("--label_offset", type=whole, default=0, help="Subtracted from every label (1 for ImageNet TFRecords with 1-based labels)")
-    add("--class_names", default=None, help="Text file with one class name per line (local or gs://)")
-    add("--preprocess", choices=list(PRESETS), default="none", help="Input scaling: none = float32 pixels 0-255, scale_0_1, or a keras.applications preset")
-    add("--batch_size", type=positive_int, default=BATCH_SIZE, help="Images per model call")
-    add("--max_image_pixels", type=positive_int, default=40_000_000, help="Images with more pixels (width x height, read from the header) are rejected before decoding")
-    add_boolean(parser, "--jit_compile", help="Compile the CAM function with XLA (slower for some models on CPU; try on GPU)")
-    add("--mixed_precision", choices=list(MIXED_PRECISION), default="off",
-        help="Run the model's layers in float16 or bfloat16 (GPU speed-up; the CAM and scores stay float32)")
-    add_boolean(parser, "--large_model", help="Share one model across the worker processes of a machine (RunInference large_model)")
-    add("--demo_dir", default=os.environ.get("GRADCAM_AUDIT_DEMO_DIR", ".demo"), help="Where the demo keeps its data, model and output")
-    add_boolean(parser, "--quiet", help="Do not print the summary")
-    add("--run_id", type=_run_id, default=None,
-        help="Name of this run: outputs go to <output>/run=<run_id>/ (a re-run of an id replaces it; "
-        "default: today's date in UTC, YYYY-MM-DD)")
-    add_boolean(parser, "--compare_with_previous",
-                help="Compare with the run listed just before this one in <output>/runs.json; exit status "
-                "--flagged_exit_code (1) when something is flagged (thresholds below, see pipeline/runs/compare.py)")
-    add_flagged_exit_code_argument(parser)
-    add_boolean(parser, "--wait", default=True,
-                help="Wait for the job, print the summary and exit with its status (default). --wait=false "
-                "submits the job, logs its id and exits 0: the job's last stage finalises the run on its own "
-                "(manifest, comparison, report, runs.json). The in-process runners (FnApiRunner, DirectRunner) "
-                "run the whole job inside this command, so there it still returns only when the run is done; "
-                "on PortableRunner/Flink the workers must not be LOOPBACK (they live in this process)")
-    add_boolean(parser, "--report", default=True,
-                help="Write <run>/report.html, a self-contained visual report (default)")
+    """Adds the audit options to an argparse parser (or Beam's): one per option field of `AuditConfig` and of
+    the settings groups (`SETTINGS_GROUPS`), plus `--no_report`, a second spelling of `--report`."""
+    add_settings_arguments(parser, AuditConfig)
     add_boolean(parser, "--no_report", dest="report", negate=True, default=argparse.SUPPRESS,  # --report's
                 help="Do not write report.html (the same as --report=false)")
-    add("--reshuffle_records", choices=["auto", "on", "off"], default="auto",
-        help="Spread the records of every shard over all workers (a shuffle after reading; costs one "
-        "shuffle of the raw records). auto = on for cluster runners (Flink, Dataflow, portable), off for "
-        "the local in-process runners, which would hold the whole dataset in memory")
-    add_boolean(parser, "--verbose",
-                help="Keep TensorFlow/absl/gRPC start-up logging (hidden by default) and Beam's INFO logging")
     for cls, prefix in SETTINGS_GROUPS.values():
         add_settings_arguments(parser, cls, prefix)
 
@@ -181,48 +113,104 @@ class AuditOptions(PipelineOptions):
 
 @dataclasses.dataclass
 class AuditConfig:
-    """The audit options after parsing (plain values only)."""
+    """The audit options after parsing (plain values only): every field made with `option` is also an
+    option of `python -m pipeline` (`transforms/settings.py`), its default written here only. `target`,
+    `image_size` and `token_grid` are checked strings on the command line and parsed values here."""
 
-    input: Optional[str]
-    output: Optional[str]
-    model: Optional[str]
-    image_size: Optional[tuple[int, int]]
-    weights: Optional[str]
-    unsafe_model: bool
-    target_layer: Optional[str]
-    target: TargetSpec
-    method: str
-    image_key: str
-    label_key: str
-    id_key: str
-    label_offset: int
-    class_names: Optional[str]
-    preprocess: str
-    batch_size: int
-    max_image_pixels: int
-    jit_compile: bool
-    large_model: bool
-    mixed_precision: str
-    demo_dir: str
-    quiet: bool
-    run_id: Optional[str]
-    compare_with_previous: bool
-    flagged_exit_code: int
-    report: bool
-    reshuffle_records: str
-    verbose: bool
-    wait: bool
-    token_grid: Optional[tuple[int, int]]
-    prefix_tokens: Optional[int]
-    model_output: Optional[str]
-    label_format: str
-    max_targets: int
-    label_threshold: Optional[float]
+    input: Optional[str] = option(
+        None, "Glob of TFRecord shards of tf.train.Example images, local or gs:// (omit with --model for the "
+        "demo); {run_id} in it is replaced by the run's id when the job starts, e.g. gs://b/val/dt={run_id}/*",
+        kind="text")
+    output: Optional[str] = option(None, "Output folder, local or gs:// (demo: <demo_dir>/output)", kind="text")
+    model: Optional[str] = option(
+        None, "A Keras 3 .keras/.h5 file, a tf.keras 2 .h5 file or SavedModel folder (local or gs://), "
+        "or a keras.applications name such as resnet50 (see 'Models' below)", kind="text")
+    image_size: Optional[tuple[int, int]] = option(
+        None, "HEIGHTxWIDTH every image is resized to, e.g. 224x224: required for a model whose input "
+        "size is dynamic (None, None, C); must match a fixed one", kind="text", check=_image_size)
+    weights: Optional[str] = option(
+        None, "Weights file for a keras.applications --model (random but fixed weights when omitted; nothing is "
+        "downloaded)", kind="text")
+    unsafe_model: bool = option(
+        False, "Load the model with Keras safe mode OFF (runs code stored in the file: only for files you trust)")
+    target_layer: Optional[str] = option(
+        None, "Layer whose activations are explained (default: the last layer with a 4-D spatial output before "
+        "the head; nested models as outer/inner)", kind="text")
+    token_grid: Optional[tuple[int, int]] = option(
+        None, "Transformers: ROWSxCOLUMNS of the patch grid of a target layer with a (batch, tokens, channels) "
+        "output, e.g. 14x14 (default: from the patch embedding's output or the sequence length)",
+        kind="text", check=_token_grid)
+    prefix_tokens: Optional[int] = option(
+        None, "Transformers: tokens before the patch tokens (class, distillation, register tokens), dropped "
+        "from the map (default: inferred with the grid)", kind="count")
+    model_output: Optional[str] = option(
+        None, "Name or index of the model output to explain, for a model with several outputs "
+        "(required then; a one-output model needs none)", kind="text")
+    target: TargetSpec = option(
+        "predicted", f"Class each CAM explains: {TARGET_HELP} (topk:K writes K rows per image; labels: one per "
+        "true label of a multi-label record; above:T: one per class scoring >= T, sigmoid heads)",
+        kind="text", check=_target)
+    label_format: str = option(
+        "single", "The label feature: single (one int64 class per image), index (a list of int64 class indices) "
+        "or multi_hot (one 0/1 int64 per class); index and multi_hot make a multi-label run (README "
+        "'Multi-label')", kind="text", choices=LABEL_FORMATS)
+    max_targets: int = option(
+        DEFAULT_MAX_TARGETS, "--target labels / above:T: the most maps per image (the highest-scoring wanted "
+        "classes; at most the class count)", kind="positive")
+    label_threshold: Optional[float] = option(
+        None, "Multi-label runs: a class counts as predicted when its score is >= this (class_stats' precision, "
+        "recall, F1; heatmaps' predicted_labels). Default: T of --target above:T, else 0.5", kind="share")
+    method: str = option("gradcam", "CAM method", kind="text", choices=METHODS)
+    image_key: str = option("image/encoded", "Feature with the encoded image", kind="text")
+    label_key: str = option("image/class/label", "Feature with the int64 label", kind="text")
+    id_key: str = option("image/filename", "Feature with the image id (when absent: <shard>:<index>)", kind="text")
+    label_offset: int = option(
+        0, "Subtracted from every label (1 for ImageNet TFRecords with 1-based labels)", kind="int")
+    class_names: Optional[str] = option(
+        None, "Text file with one class name per line (local or gs://)", kind="text")
+    preprocess: str = option(
+        "none", "Input scaling: none = float32 pixels 0-255, scale_0_1, or a keras.applications preset",
+        kind="text", choices=PRESETS)
+    batch_size: int = option(BATCH_SIZE, "Images per model call", kind="positive")
+    max_image_pixels: int = option(
+        40_000_000, "Images with more pixels (width x height, read from the header) are rejected before "
+        "decoding", kind="positive")
+    jit_compile: bool = option(
+        False, "Compile the CAM function with XLA (slower for some models on CPU; try on GPU)")
+    mixed_precision: str = option(
+        "off", "Run the model's layers in float16 or bfloat16 (GPU speed-up; the CAM and scores stay float32)",
+        kind="text", choices=MIXED_PRECISION)
+    large_model: bool = option(
+        False, "Share one model across the worker processes of a machine (RunInference large_model)")
+    demo_dir: str = option(".demo", "Where the demo keeps its data, model and output (environment: "
+                           "GRADCAM_AUDIT_DEMO_DIR)", kind="text", env="GRADCAM_AUDIT_DEMO_DIR")
+    quiet: bool = option(False, "Do not print the summary")
+    run_id: Optional[str] = option(
+        None, "Name of this run: outputs go to <output>/run=<run_id>/ (a re-run of an id replaces it; "
+        "default: today's date in UTC, YYYY-MM-DD)", kind="text", check=_run_id)
+    compare_with_previous: bool = option(
+        False, "Compare with the run listed just before this one in <output>/runs.json; exit status "
+        "--flagged_exit_code (1) when something is flagged (thresholds below, see pipeline/runs/compare.py)")
+    flagged_exit_code: int = option(EXIT_FLAGGED, FLAGGED_EXIT_CODE_HELP, kind="int", check=exit_status)
+    wait: bool = option(
+        True, "Wait for the job, print the summary and exit with its status (default). --wait=false "
+        "submits the job, logs its id and exits 0: the job's last stage finalises the run on its own "
+        "(manifest, comparison, report, runs.json). The in-process runners (FnApiRunner, DirectRunner) "
+        "run the whole job inside this command, so there it still returns only when the run is done; "
+        "on PortableRunner/Flink the workers must not be LOOPBACK (they live in this process)")
+    report: bool = option(True, "Write <run>/report.html, a self-contained visual report (default)")
+    reshuffle_records: str = option(
+        "auto", "Spread the records of every shard over all workers (a shuffle after reading; costs one "
+        "shuffle of the raw records). auto = on for cluster runners (Flink, Dataflow, portable), off for "
+        "the local in-process runners, which would hold the whole dataset in memory",
+        kind="text", choices=("auto", "on", "off"))
+    verbose: bool = option(
+        False, "Keep TensorFlow/absl/gRPC start-up logging (hidden by default) and Beam's INFO logging")
     # The settings groups (SETTINGS_GROUPS): their options, parsed into their dataclasses.
-    flags: FlagThresholds
-    strategies: StrategySettings
-    checks: CheckSettings
-    compare: CompareThresholds
+    flags: FlagThresholds = dataclasses.field(default_factory=FlagThresholds)
+    strategies: StrategySettings = dataclasses.field(default_factory=StrategySettings)
+    checks: CheckSettings = dataclasses.field(default_factory=CheckSettings)
+    compare: CompareThresholds = dataclasses.field(default_factory=CompareThresholds)
 
     @property
     def is_demo(self) -> bool:

@@ -1,11 +1,13 @@
 """One source for every setting: the settings dataclasses are the options (transforms/settings.py)."""
 
+import argparse
 import dataclasses
 
 import pytest
 
 from pipeline.argtypes import OneLineParser, add_settings_arguments
-from pipeline.options import SETTINGS_GROUPS, build_parser, parse_args
+from pipeline.options import SETTINGS_GROUPS, AuditConfig, build_parser, parse_args
+from pipeline.runners import RUNNER_DESTS
 from transforms.settings import option, option_fields, settings_from, settings_options
 
 
@@ -16,11 +18,18 @@ def test_every_group_parses_to_its_dataclass_defaults_and_back_to_flat_option_na
         assert getattr(config, group) == cls()
         for name, field in option_fields(cls, prefix):
             assert flat[name] == field.default, name  # the manifest's "options" keep the command-line names
-    # every option field is on the command line once, under its name
-    names = [a.dest for a in build_parser()._actions]
-    for cls, prefix in SETTINGS_GROUPS.values():
-        for name, _ in option_fields(cls, prefix):
-            assert names.count(name) == 1, name
+    # every option field (the job's own and the groups') is on the command line once, under its name, with
+    # the field's default: nothing else declares an option of the audit
+    parser = build_parser()
+    for cls, prefix in [(AuditConfig, ""), *SETTINGS_GROUPS.values()]:
+        for name, field in option_fields(cls, prefix):
+            actions = [a for a in parser._actions if a.dest == name and a.default is not argparse.SUPPRESS]
+            assert len(actions) == 1, name
+            assert actions[0].default == field.default or field.metadata.get("env"), name
+    own = {name for name, _ in option_fields(AuditConfig)}
+    grouped = {name for cls, prefix in SETTINGS_GROUPS.values() for name, _ in option_fields(cls, prefix)}
+    # the rest: --help, --help_beam and the runner shorthands' own options (pipeline/runners.py)
+    assert {a.dest for a in parser._actions} - own - grouped == {"help", "help_beam", *RUNNER_DESTS}
 
 
 def test_values_given_reach_the_groups():

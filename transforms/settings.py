@@ -10,24 +10,31 @@ manifest's "options". Adding an option to a settings group is one field.
 
 `kind` names the value check: "share" (0..1), "count" (whole >= 0),
 "positive" (whole >= 1), "non_negative" (number >= 0), "number" (any
-float), "int" (any whole number), or None for a bool (a true|false option).
+float), "int" (any whole number), "text" (a string, or one of `choices`),
+or None for a bool (a true|false option). `check` (an argparse type: text ->
+value, raising argparse.ArgumentTypeError) replaces the kind's check, and
+`env` names an environment variable whose value, when set, is the default.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
-KINDS = ("share", "count", "positive", "non_negative", "number", "int")
+KINDS = ("share", "count", "positive", "non_negative", "number", "int", "text")
 
 
-def option(default: Any, help: str, *, name: Optional[str] = None, kind: Optional[str] = None):
+def option(default: Any, help: str, *, name: Optional[str] = None, kind: Optional[str] = None,
+           check: Optional[Callable[[str], Any]] = None, choices: Optional[Sequence[str]] = None,
+           env: Optional[str] = None):
     """A dataclass field that is also the option `--<prefix><field name>` (or `--<name>`)."""
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
     if kind is None and not isinstance(default, bool):
         raise ValueError("an option without a kind is a bool: give a bool default")
-    return dataclasses.field(default=default, metadata={"option": name, "help": help, "kind": kind})
+    metadata = {"option": name, "help": help, "kind": kind, "check": check,
+                "choices": list(choices) if choices is not None else None, "env": env}
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def option_fields(cls, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field]]:

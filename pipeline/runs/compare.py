@@ -121,12 +121,15 @@ def add_threshold_arguments(parser) -> None:
     add_settings_arguments(parser, CompareThresholds)
 
 
+FLAGGED_EXIT_CODE_HELP = ("Exit status when the comparison flags something (0-255; e.g. 0 for a scheduler that "
+                          "retries every non-zero status: what was flagged is written all the same)")
+
+
 def add_flagged_exit_code_argument(parser) -> None:
     """--flagged_exit_code: the exit status when something is flagged (for schedulers that retry on any
     non-zero status, e.g. 0, or a status of their own)."""
     parser.add_argument("--flagged_exit_code", type=exit_status, default=EXIT_FLAGGED, metavar="N",
-                        help="Exit status when the comparison flags something (0-255; e.g. 0 for a scheduler "
-                        "that retries every non-zero status: what was flagged is written all the same)")
+                        help=FLAGGED_EXIT_CODE_HELP)
 
 
 def thresholds_from(options) -> CompareThresholds:
