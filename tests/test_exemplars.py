@@ -18,7 +18,7 @@ from transforms.exemplars import (
     SelectAuditExemplars,
     SelectExemplars,
     audit_candidates,
-    candidate,
+    candidate_from_row,
     cell_kind,
     flag_kind,
     shortcut_kind,
@@ -128,7 +128,7 @@ def test_select_exemplars_takes_any_kind(inputs):
     a step that proposes only its best few of a kind (the first counting for those it left out,
     `Candidate.count`) gives the same winners and totals."""
     rows = rank0_rows()[:10]
-    pairs = [(f"strategy:0:{i % 2}", candidate(r, float(i), b"not an example")) for i, r in enumerate(rows)]
+    pairs = [(f"strategy:0:{i % 2}", candidate_from_row(r, float(i), b"not an example")) for i, r in enumerate(rows)]
     if inputs == "pre-selected":  # the 2 best of each kind; the best counts for the other 3
         pairs = [(kind, c._replace(count=4 if c.score >= 8 else 1)) for kind, c in pairs if c.score >= 6]
 
@@ -163,15 +163,15 @@ def test_a_winner_without_bytes_is_read_again_at_its_offset(tmp_path):
         for e, record in zip(explained, records, strict=True):
             row = heatmap_rows(e, method="gradcam", target_layer="conv")[0]
             row.update(source=path, record_offset=record.offset)
-            with_bytes = candidate(row, 1.0, e.image.raw_record, e.image.boxes)
-            without = candidate(row, 1.0, b"")
+            with_bytes = candidate_from_row(row, 1.0, e.image.raw_record, e.image.boxes)
+            without = candidate_from_row(row, 1.0, b"")
             assert without.raw_record == b"" and without.boxes == ()
             assert draw._tile(without) == draw._tile(with_bytes)
         cam_alone = overlay_tile(None, np.asarray(row["cam"], np.float32).reshape(row["cam_height"], row["cam_width"]))
         os.remove(path)
-        assert draw._tile(candidate(row, 1.0, b"")) == cam_alone != draw._tile(with_bytes)
+        assert draw._tile(candidate_from_row(row, 1.0, b"")) == cam_alone != draw._tile(with_bytes)
         row["record_offset"] = None
-        assert draw._tile(candidate(row, 1.0, b"")) == cam_alone
+        assert draw._tile(candidate_from_row(row, 1.0, b"")) == cam_alone
     finally:
         draw.teardown()
 

@@ -156,7 +156,7 @@ def check_candidates(batch, k: int) -> list[CheckImage]:
     """The CheckImages of an Arrow batch of heatmap rows that can be among the run's `k` smallest:
     its rank-0 rows with a known record offset whose id hash is at most the batch's k-th smallest
     (ties kept, so `Top.Smallest` decides them). Per row: one hash; no pixels, no dict."""
-    from transforms.sinks import numpy_column
+    from transforms.arrow_columns import numpy_column
 
     if k <= 0 or batch.num_rows == 0:
         return []
@@ -347,7 +347,7 @@ def with_scores(batch, scores: dict):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from transforms.sinks import numpy_column
+    from transforms.arrow_columns import numpy_column
 
     if not scores or batch.num_rows == 0:
         return batch

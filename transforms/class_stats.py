@@ -91,7 +91,7 @@ def batch_accumulators(batch, label_threshold: Optional[float] = None) -> list[t
     Beam element per contribution and no Python dict walk. The few rows with faithfulness columns
     (a sampled share) are added row by row; a batch whose maps differ in size goes row by row.
     With `label_threshold` (a multi-label run) the label and predicted roles are `multilabel_counts`'."""
-    from transforms.sinks import cam_matrix, numpy_column
+    from transforms.arrow_columns import cam_matrix, numpy_column
 
     n = batch.num_rows
     accs: dict[int, ClassAccumulator] = {}

@@ -138,7 +138,7 @@ def rank_key(candidate: Candidate) -> tuple:
     return candidate.score, _Descending(candidate.image_id)
 
 
-def candidate(row: dict, score: float, raw_record: bytes, boxes: Iterable = ()) -> Candidate:
+def candidate_from_row(row: dict, score: float, raw_record: bytes, boxes: Iterable = ()) -> Candidate:
     """A Candidate from a heatmap row dict."""
     return Candidate(float(score), row["image_id"], {k: row.get(k) for k in ROW_FIELDS}, raw_record,
                      tuple(tuple(b) for b in boxes))
@@ -160,10 +160,10 @@ def audit_candidates(row: dict, raw_record: bytes, boxes: Iterable = ()) -> Iter
     for flag, (column, worst_is_largest) in FLAG_RANKING.items():
         value = row.get(column)
         if row.get(flag) and value is not None:
-            yield flag_kind(flag), candidate(row, value if worst_is_largest else -value, raw_record, boxes)
+            yield flag_kind(flag), candidate_from_row(row, value if worst_is_largest else -value, raw_record, boxes)
     if row.get("peak_cell") is not None:
         yield (cell_kind(row["predicted_class"], row["peak_cell"]),
-               candidate(row, row["predicted_score"], raw_record, boxes))
+               candidate_from_row(row, row["predicted_score"], raw_record, boxes))
 
 
 def batch_candidates(source: ExemplarBatch, per_kind: Optional[int] = None) -> Iterable[tuple[str, Candidate]]:

@@ -13,6 +13,7 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 
+from transforms.arrow_columns import numpy_column
 from transforms.attention import attention_columns, attention_stats, pointing_game
 from transforms.checks import FAITHFULNESS_NULLS
 from transforms.error_rows import ERRORS_TAG, error_row
@@ -21,7 +22,6 @@ from transforms.model_handler import Explained, ExplainedBatch
 from transforms.progress_tally import flush as flush_progress
 from transforms.progress_tally import tally
 from transforms.schemas import heatmap_schema
-from transforms.sinks import numpy_column
 
 
 class ExemplarSource(NamedTuple):

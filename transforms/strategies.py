@@ -73,13 +73,14 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 
+from transforms.arrow_columns import cam_matrix, numpy_column
 from transforms.attention import correlation
 from transforms.checks import id_hash
 from transforms.exemplars import PER_KIND, ROW_FIELDS, Candidate, strategy_kind
 from transforms.flags import CELL_NAMES, NUM_CELLS
 from transforms.schemas import HEATMAP_SCHEMA
 from transforms.settings import option
-from transforms.sinks import ToRecordBatches, cam_matrix, numpy_column
+from transforms.sinks import ToRecordBatches
 
 _LOG = logging.getLogger(__name__)
 
@@ -307,7 +308,7 @@ class SampleBatchMaps(beam.DoFn):
 
 
 def _row_fields(batch, rows: np.ndarray) -> list[dict]:
-    """The exemplar `ROW_FIELDS` of `rows` of an Arrow batch, as `exemplars.candidate` takes them from a row dict."""
+    """The exemplar `ROW_FIELDS` of `rows` of an Arrow batch, as `exemplars.candidate_from_row` takes them from a row dict."""
     names = [f for f in ROW_FIELDS if f in batch.schema.names]
     found = batch.take(pa.array(rows, pa.int64())).select(names).to_pylist()
     return [{f: row.get(f) for f in ROW_FIELDS} for row in found]
