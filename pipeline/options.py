@@ -22,12 +22,13 @@ from pipeline.runs.history import check_run_id
 from transforms.cam.methods import METHODS
 from transforms.cam.preprocess import PRESETS, parse_image_size
 from transforms.cam.targets import DEFAULT_MAX_TARGETS, LABEL_FORMATS, TARGET_HELP, TargetSpec, parse_target
+from transforms.cam.tokens import parse_token_grid
 from transforms.checks import CheckSettings
 from transforms.errors import AuditError
 from transforms.flags import FlagThresholds
 from transforms.model_handler import BATCH_SIZE
 from transforms.precision import MIXED_PRECISION
-from transforms.settings import option, settings_from, settings_options
+from transforms.settings import option, option_fields, settings_from, settings_options
 from transforms.strategies import StrategySettings
 
 DEFAULT_RUNNER = "FnApiRunner"
@@ -46,37 +47,27 @@ SETTINGS_GROUPS = {
 FLEX_TEMPLATE_ENV = "FLEX_TEMPLATE_PYTHON_PY_FILE"
 
 
-def _target(text: str) -> str:
-    """Checks a --target value; returns it normalised (a plain string pickles and serialises)."""
-    try:
-        return str(parse_target(text))
-    except AuditError as exc:
-        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
+def _checked(parse, show=str):
+    """An argparse type from a parser that raises AuditError: the parsed value shown as a plain string
+    (`show`; a plain string pickles and serialises), its error as argparse's one line."""
+
+    def convert(text: str) -> str:
+        try:
+            return show(parse(text))
+        except AuditError as exc:
+            raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
+
+    return convert
 
 
-def _image_size(text: str) -> str:
-    """Checks an --image_size value; returns it normalised as "HEIGHTxWIDTH" (a plain string)."""
-    try:
-        return "{}x{}".format(*parse_image_size(text))
-    except AuditError as exc:
-        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
+def _size(size: tuple[int, int]) -> str:
+    return "{}x{}".format(*size)
 
 
-def _token_grid(text: str) -> str:
-    """Checks a --token_grid value; returns it normalised as "HxW" (a plain string)."""
-    from transforms.cam.tokens import parse_token_grid
-
-    try:
-        return "{}x{}".format(*parse_token_grid(text))
-    except AuditError as exc:
-        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
-
-
-def _run_id(text: str) -> str:
-    try:
-        return check_run_id(text)
-    except AuditError as exc:
-        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
+_target = _checked(parse_target)  # --target, normalised
+_image_size = _checked(parse_image_size, _size)  # --image_size as "HEIGHTxWIDTH"
+_token_grid = _checked(parse_token_grid, _size)  # --token_grid as "HxW"
+_run_id = _checked(check_run_id)
 
 
 def add_audit_arguments(parser) -> None:
@@ -235,8 +226,8 @@ class AuditConfig:
         for group, (_, prefix) in SETTINGS_GROUPS.items():
             out.update(settings_options(getattr(self, group), prefix))
         out["target"] = str(self.target)
-        out["image_size"] = "{}x{}".format(*self.image_size) if self.image_size else None
-        out["token_grid"] = "{}x{}".format(*self.token_grid) if self.token_grid else None
+        out["image_size"] = _size(self.image_size) if self.image_size else None
+        out["token_grid"] = _size(self.token_grid) if self.token_grid else None
         return out
 
 
@@ -326,13 +317,8 @@ def parse_args(argv: Optional[list[str]]) -> tuple[AuditConfig, list[str]]:
     known.reshuffle_records = resolve_reshuffle_records(known.reshuffle_records, runner_of(beam_args))
     known.target = parse_target(known.target, known.max_targets)
     known.image_size = parse_image_size(known.image_size) if known.image_size else None
-    if known.token_grid:
-        from transforms.cam.tokens import parse_token_grid
-
-        known.token_grid = parse_token_grid(known.token_grid)
+    known.token_grid = parse_token_grid(known.token_grid) if known.token_grid else None
     values = vars(known)
-    groups = {group: settings_from(cls, values, prefix) for group, (cls, prefix) in SETTINGS_GROUPS.items()}
-    for cls, prefix in SETTINGS_GROUPS.values():
-        for name in settings_options(cls(), prefix):
-            del values[name]
+    groups = {group: settings_from(cls, {name: values.pop(name) for name, _ in option_fields(cls, prefix)}, prefix)
+              for group, (cls, prefix) in SETTINGS_GROUPS.items()}
     return AuditConfig(**values, **groups), beam_args
