@@ -112,12 +112,13 @@ def is_attention(layer) -> bool:
     return "Attention" in _class_name(layer)
 
 
-def _sublayers(layer) -> list:
+def _sublayers(layer, recursive: bool = True) -> list:
+    """The layers a layer holds (all of them, or with recursive=False its direct children)."""
     flatten = getattr(layer, "_flatten_layers", None)
     if flatten is None:
         return []
     try:
-        return list(flatten(include_self=False, recursive=True))
+        return list(flatten(include_self=False, recursive=recursive))
     except TypeError:
         return []
 
@@ -127,24 +128,15 @@ def contains_attention(layer) -> bool:
     return not is_attention(layer) and any(is_attention(sub) for sub in _sublayers(layer))
 
 
-def _children(layer) -> list:
-    flatten = getattr(layer, "_flatten_layers", None)
-    if flatten is None:
-        return []
-    try:
-        return list(flatten(include_self=False, recursive=False))
-    except TypeError:
-        return []
-
-
 def is_opaque(layer) -> bool:
     """A layer that holds other layers but is no functional/Sequential model (not an attention layer itself):
     its sublayers have no symbolic outputs (e.g. keras_hub's ViTEncoder holding every transformer block)."""
-    return not (_is_model(layer) and _is_graph_model(layer)) and not is_attention(layer) and bool(_children(layer))
+    return (not (_is_model(layer) and _is_graph_model(layer)) and not is_attention(layer)
+            and bool(_sublayers(layer, recursive=False)))
 
 
 def _walk_children(layer, prefix: str) -> Iterator[tuple[str, object]]:
-    for child in _children(layer):
+    for child in _sublayers(layer, recursive=False):
         path = f"{prefix}{child.name}"
         yield path, child
         if not is_attention(child):
