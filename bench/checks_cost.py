@@ -29,7 +29,7 @@ import shutil
 import tempfile
 from statistics import median
 
-from bench.common import run_pipeline_process
+from bench.common import forward_probe, run_pipeline_process
 from bench.photos import write_photo_shards
 
 CONFIGS = {
@@ -40,20 +40,36 @@ CONFIGS = {
 }
 
 
-def measure(model: str, size: int, workdir: str, repeats: int) -> dict:
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
+def measure(model: str, size: int, workdir: str, repeats: int, forward=None, log=_print) -> dict:
+    """Each configuration's job at `size` images, `repeats` times. `forward` (a
+    `bench.common.forward_probe`): F is measured before and after each configuration's run, and the
+    whole job's rate (images / job seconds) is divided by it: P/F for the defaults and each check off."""
     data = write_photo_shards(os.path.join(workdir, f"data-{size}"), size, seed=size)
     runs: dict = {name: [] for name in CONFIGS}
     for r in range(repeats):
         for name, args in CONFIGS.items():
+            before = forward() if forward else None
             out = os.path.join(workdir, f"out-{size}-{name}-{r}")
             result = run_pipeline_process(data["pattern"], model, out, extra_args=args, timeout=7200)
             if result["images_explained"] != size:
                 raise RuntimeError(f"{name}: expected {size} images explained, got {result['images_explained']}")
-            runs[name].append({"wall": result["pipeline_seconds"], "cpu": result["cpu_seconds"]})
-            print(f"  {size} {name} repeat {r + 1}: {result['pipeline_seconds']:.1f} s job, "
-                  f"{result['cpu_seconds']:.1f} CPU-s, load {result['load_average_1min']:.1f}", flush=True)
+            run = {"wall": result["pipeline_seconds"], "cpu": result["cpu_seconds"]}
+            if forward:
+                after = forward()
+                run["forward"] = (before[0] + after[0]) / 2
+                run["pf"] = size / result["pipeline_seconds"] / run["forward"]
+            runs[name].append(run)
+            log(f"  {size} {name} repeat {r + 1}: {result['pipeline_seconds']:.1f} s job, "
+                f"{result['cpu_seconds']:.1f} CPU-s, load {result['load_average_1min']:.1f}"
+                + (f", F {run['forward']:.1f} img/s, P/F {run['pf']:.2f}" if forward else ""))
             shutil.rmtree(out, ignore_errors=True)
     entry: dict = {"images": size, "runs": runs}
+    if forward:
+        entry["pf"] = {name: median(run["pf"] for run in runs[name]) for name in CONFIGS}
     for unit in ("wall", "cpu"):
         t = {name: median(run[unit] for run in runs[name]) for name in CONFIGS}
         faithfulness = t["sanity_off"] - t["both_off"]
@@ -78,6 +94,12 @@ def table(results: list[dict]) -> str:
                 f"| {entry['images']:,} | {label} | {m['seconds']['defaults']:.1f} | {m['seconds']['both_off']:.1f} | "
                 f"{m['faithfulness_seconds']:+.1f} ({100 * m['faithfulness_share']:+.1f}%) | "
                 f"{m['sanity_seconds']:+.1f} ({100 * m['sanity_share']:+.1f}%) |")
+    if all("pf" in entry for entry in results):
+        lines += ["", "Whole job (start-up after the launcher and the checks included) over F measured beside it:",
+                  "| images | " + " | ".join(f"P/F {name}" for name in CONFIGS) + " |",
+                  "|---|" + "---|" * len(CONFIGS)]
+        for entry in results:
+            lines.append(f"| {entry['images']:,} | " + " | ".join(f"{entry['pf'][name]:.2f}" for name in CONFIGS) + " |")
     return "\n".join(lines)
 
 
@@ -87,10 +109,12 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", default="1000,10000", help="Comma-separated image counts")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--json", default=None, help="Also write the results here")
+    parser.add_argument("--no_forward", action="store_true", help="Do not measure F beside the runs (no P/F)")
     args = parser.parse_args(argv)
     workdir = tempfile.mkdtemp(prefix="checks_cost_")
+    probe = None if args.no_forward else forward_probe(args.model, min_seconds=3.0)
     try:
-        results = [measure(args.model, int(size), workdir, args.repeats) for size in args.sizes.split(",")]
+        results = [measure(args.model, int(size), workdir, args.repeats, forward=probe) for size in args.sizes.split(",")]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"\n{args.model}, {os.cpu_count()} CPUs, medians of {args.repeats} repeat(s)\n")

@@ -67,6 +67,12 @@ TF_DATA_PASSES = 2
 # the right shapes, no model call: reading, checks, decode, rows, statistics, Parquet all run) against
 # tf.data's decoded batches alone.
 NO_MODEL = "1 thread, model off the CPU"
+# Where the job's CPU goes per image: the same 1-thread job with bench.levers' stubs, each stub's saving
+# is its stage's cost (model step, batched decode); with both stubbed what is left is Beam's and the
+# job's own Python (reading, checks, rows, statistics, Parquet).
+NO_DECODE = "1 thread, decode stubbed"
+NEITHER = "1 thread, model and decode stubbed"
+STUBS = {NO_MODEL: ("null_model",), NO_DECODE: ("null_decode",), NEITHER: ("null_model", "null_decode")}
 
 
 def near_free_model(path: str, size: int = 224, classes: int = 1000) -> str:
@@ -164,7 +170,8 @@ def measure_feed(workdir: str, n: int, *, repeats: int, log=print) -> dict:
     tf_data_pass(data[n]["pattern"], explainer)  # warm-up: trace, thread pools, page cache
     # The input path alone: the sampled checks (faithfulness, sanity) are off here.
     layer = ("--target_layer", FEED_TARGET_LAYER, "--faithfulness_sample", "0", "--sanity_images", "0")
-    configs = {"1 thread": layer, "2 threads": (*layer, *TWO_THREADS), "1 core": layer, NO_MODEL: layer}
+    configs = {"1 thread": layer, "2 threads": (*layer, *TWO_THREADS), "1 core": layer, NO_MODEL: layer,
+               NO_DECODE: layer, NEITHER: layer}
     one_cpu = {min(os.sched_getaffinity(0))} if hasattr(os, "sched_getaffinity") else None
     runs: dict = {key: {n: [], 2 * n: []} for key in configs}
     # tf.data's passes, images/s and images per CPU-s: with the model, and without it (NO_MODEL's reference)
@@ -184,7 +191,7 @@ def measure_feed(workdir: str, n: int, *, repeats: int, log=print) -> dict:
                     result = run_pipeline_process(data[size]["pattern"], model_path,
                                                   os.path.join(workdir, f"feed-{key.replace(' ', '-')}-{size}-{r}"),
                                                   extra_args=extra, cpus=one_cpu if key == "1 core" else None,
-                                                  levers=("null_model",) if key == NO_MODEL else ())
+                                                  levers=STUBS.get(key, ()))
                 except RunawayMemory as exc:
                     # Seen once with Beam 2.77's multi_threading runner (24 GB at 1600 images, 1.2 GB in
                     # the same run repeated): say so and leave the run out of the rates.
@@ -229,6 +236,7 @@ def measure_feed(workdir: str, n: int, *, repeats: int, log=print) -> dict:
     for key, name in (("1 thread", "feed ratio per CPU-s (1 thread)"), ("2 threads", "feed ratio per CPU-s")):
         mine = out[key]["per_cpu_median"]
         out["ratios"][name] = mine / tf_cpu if mine and tf_cpu else None
+    out["stages"] = stage_breakdown(out)
     out["targets"] = {key: {"value": out["ratios"][key], "target": f">= {minimum}",
                             "met": out["ratios"][key] is not None and out["ratios"][key] >= minimum}
                       for key, minimum in FEED_TARGETS.items()}
@@ -243,6 +251,24 @@ def measure_feed(workdir: str, n: int, *, repeats: int, log=print) -> dict:
         f"({ab['eager_per_record']['cpu_ms']:.2f} CPU-ms), batched {ab['batched']['wall_ms']:.2f} ms/img "
         f"({ab['batched']['cpu_ms']:.2f} CPU-ms)")
     return out
+
+
+def stage_breakdown(out: dict) -> dict:
+    """CPU-ms per image by stage, from the steady-state images per CPU-second of the 1-thread job with
+    and without bench.levers' stubs: a stub's saving is its stage's cost."""
+    def cpu_ms(key):
+        rate = out.get(key, {}).get("per_cpu_median")
+        return 1000.0 / rate if rate else None
+
+    whole, no_model, no_decode, neither = (cpu_ms(k) for k in ("1 thread", NO_MODEL, NO_DECODE, NEITHER))
+    if None in (whole, no_model, no_decode, neither):
+        return {}
+    stages = {"model step (CAM tf.function and its outputs)": whole - no_model,
+              "batched decode and resize": whole - no_decode,
+              "Beam and the job's Python (read, checks, rows, statistics, Parquet)": neither}
+    stages["rest (what the stubs do not separate)"] = whole - sum(stages.values())
+    tf_data = out["tf_data"]["cpu_median"]
+    return {"whole": whole, "stages": stages, "tf_data": 1000.0 / tf_data if tf_data else None}
 
 
 def _steady(pair: dict, n: int, r: int):
@@ -323,6 +349,11 @@ def feed_table(feed: dict) -> list[str]:
                      f"{fmt(ratios.get('feed ratio, model off the CPU'), '.2f')}, per CPU-s "
                      f"{fmt(ratios.get('feed ratio per CPU-s, model off the CPU'), '.2f')}; cores busy "
                      f"tf.data {fmt(bare['cores_busy'], '.2f')}, P {fmt(off.get('cores_busy'), '.2f')}")
+    if feed.get("stages"):
+        st = feed["stages"]
+        lines.append(f"CPU-ms per image by stage (1 thread, steady state; tf.data's whole pass "
+                     f"{fmt(st['tf_data'], '.2f')}): whole job {st['whole']:.2f} = "
+                     + " + ".join(f"{name} {ms:.2f}" for name, ms in st["stages"].items()))
     lines.append(f"Decode per image ({ab['images']} JPEGs, one caller thread): eager per record "
                  f"{ab['eager_per_record']['wall_ms']:.2f} ms ({ab['eager_per_record']['cpu_ms']:.2f} CPU-ms), "
                  f"checks + batched tf.function {ab['batched']['wall_ms']:.2f} ms "

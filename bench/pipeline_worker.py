@@ -78,6 +78,7 @@ def main(argv=None) -> None:
         "pipeline_seconds": manifest.get("timings", {}).get("pipeline_seconds"),
         "images_explained": manifest.get("counts", {}).get("images_explained"),
         "records_rejected": manifest.get("counts", {}).get("records_rejected"),
+        "run_dir": manifest.get("run_dir"),
         "maxrss_mb": maxrss_kb / 1024.0,
         "cpu_user_seconds": usage.ru_utime,
         "cpu_system_seconds": usage.ru_stime,

@@ -24,7 +24,12 @@ For each model (keras.applications, random fixed weights, 224x224, batch 32):
 and once per run the feed measurement (`bench.feed`): the pipeline with a
 near-free model against tf.data feeding the same model from the same
 photo-like 500x375 JPEG shards, one process at 1 and 2 threads and on 1 core, and the
-per-image decode A/B (eager per record vs batched). The JPEG shards for P
+per-image decode A/B (eager per record vs batched), and where the job's CPU goes per image by
+stage (the same 1-thread job with bench.levers' null_model, null_decode and both: model step, batched
+decode, Beam and the job's Python). Then the checks' cost (`bench.checks_cost`, MobileNetV2 at
+--checks_sizes, default 1,000 and 10,000 images): the job with the defaults, each check off and both
+off, each whole job's rate over F measured beside it, and each check's cost as a share of the job
+with the defaults. The JPEG shards for P
 are those photo-like 500x375 JPEGs too (resized to 224 by the pipeline).
 
 How start-up is counted for P: every repeat runs the pipeline on N and on 2N
@@ -53,6 +58,7 @@ import time
 
 import numpy as np
 
+from bench import checks_cost
 from bench.common import (
     BATCH_SIZE,
     METHOD_NAMES,
@@ -86,6 +92,11 @@ TARGETS = {
     ("resnet50", "P/N jpeg"): 12.0,
 }
 RSS_GROWTH_LIMIT = 0.10
+
+
+CHECKS_MODEL = "mobilenet_v2"
+CHECKS_SIZES = "1000,10000"  # the acceptance's sizes: a bounded check costs the same at both
+CHECK_SHARE_LIMIT = 0.05  # each check's cost as a share of the job, at the largest size
 
 
 def log(message: str) -> None:
@@ -425,6 +436,12 @@ def table(results: dict) -> str:
     if results.get("feed"):
         lines.append("")
         lines += feed_table(results["feed"])
+    if results.get("checks"):
+        checks = results["checks"]
+        lines.append("")
+        lines.append(f"The checks' cost ({checks['model']}, bench.checks_cost: each check with the other off, "
+                     "as a share of the job with the defaults)")
+        lines += checks_cost.table(checks["results"]).splitlines()
     lines.append("")
     lines.append("Targets")
     for key, t in (results.get("feed") or {}).get("targets", {}).items():
@@ -432,6 +449,13 @@ def table(results: dict) -> str:
         value = "       -" if t["value"] is None else f"{t['value']:8.3f}"
         lines.append(f"  {'feed':13s} {key:16s} {value}  target {t['target']:7s}  "
                      f"{'met' if t['met'] else 'MISSED'}")
+    if results.get("checks"):
+        largest = max(results["checks"]["results"], key=lambda entry: entry["images"])
+        for check in ("faithfulness", "sanity"):
+            for unit in ("wall", "cpu"):
+                share = largest[unit][f"{check}_share"]
+                lines.append(f"  {'checks':13s} {check + ' ' + unit:16s} {share:8.3f}  target <= {CHECK_SHARE_LIMIT} "
+                             f"at {largest['images']:,} images  {'met' if share <= CHECK_SHARE_LIMIT else 'MISSED'}")
     for name, m in models.items():
         for key, t in m["targets"].items():
             lines.append(f"  {name:13s} {key:12s} {t['value']:8.3f}  target {t['target']:7s}  "
@@ -483,12 +507,15 @@ def parse_args(argv):
                         help="Seconds per in-memory measurement and step (default 3; --quick 0.3)")
     parser.add_argument("--json", default=DEFAULT_JSON, help="Where to write the results")
     parser.add_argument("--workdir", default=None, help="Shards and outputs (default: a temp dir, removed)")
-    parser.add_argument("--skip", default="", help="Comma-separated parts to skip: peers,pipeline,feed,models "
-                        "(models: F/K/P/N/V altogether)")
+    parser.add_argument("--skip", default="", help="Comma-separated parts to skip: peers,pipeline,feed,models,checks "
+                        "(models: F/K/P/N/V/X altogether; checks: the checks' cost at --checks_sizes)")
     parser.add_argument("--feed_images", type=int, default=None,
                         help="N for the feed measurement (N and 2N images; default 1600; --quick 64)")
     parser.add_argument("--pipeline_args", default="", help="Extra pipeline/Beam flags for P, e.g. "
                         "'--direct_num_workers=2 --direct_running_mode=multi_threading'")
+    parser.add_argument("--checks_sizes", default=None,
+                        help=f"Image counts for the checks' cost (bench.checks_cost; default {CHECKS_SIZES}, --quick 64)")
+    parser.add_argument("--checks_repeats", type=int, default=1, help="Repeats of each checks configuration")
     parser.add_argument("--scale", default="", help="Also run the launcher scale rehearsal (bench.scale) at these "
                         "heatmap row counts, e.g. 1000000,10000000 (off by default; ~2 GB of disk per 10M rows)")
     parser.add_argument("--levers", default="", help="Comma-separated bench.levers monkeypatches for P runs")
@@ -571,6 +598,15 @@ def main(argv=None) -> dict:
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+    if "checks" not in skip:
+        sizes = [int(x) for x in (args.checks_sizes or ("64" if quick else CHECKS_SIZES)).split(",")]
+        model = CHECKS_MODEL if CHECKS_MODEL in model_names else model_names[-1]
+        log(f"checks: {model}, the job with the defaults, each check off and both off, at {sizes} images")
+        probe = forward_probe(model, min_seconds=min_seconds)
+        with tempfile.TemporaryDirectory(prefix="gradcam-checks-", dir=args.workdir) as checks_dir:
+            results["checks"] = {"model": model, "results": [
+                checks_cost.measure(model, size, checks_dir, args.checks_repeats, forward=probe, log=log)
+                for size in sizes]}
     if args.scale:
         log(f"launcher scale rehearsal (bench.scale) at {args.scale} rows")
         with tempfile.TemporaryDirectory(prefix="gradcam-scale-", dir=args.workdir) as scale_dir:

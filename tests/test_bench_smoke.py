@@ -35,7 +35,7 @@ def _positive(value) -> bool:
 
 def test_run_bench_quick_writes_every_figure(tmp_path):
     out = tmp_path / "bench.json"
-    _run("bench.run_bench", "--quick", "--methods", "gradcam", "--formats", "jpeg", "--skip", "feed",
+    _run("bench.run_bench", "--quick", "--methods", "gradcam", "--formats", "jpeg", "--skip", "feed,checks",
          "--json", str(out), timeout=400)
     results = json.loads(out.read_text())
     assert results["meta"]["quick"] is True
@@ -70,7 +70,8 @@ def test_run_bench_quick_writes_every_figure(tmp_path):
 
 def test_run_bench_feed_part_writes_every_figure(tmp_path):
     out = tmp_path / "feed.json"
-    _run("bench.run_bench", "--quick", "--skip", "models", "--feed_images", "32", "--json", str(out), timeout=600)
+    _run("bench.run_bench", "--quick", "--skip", "models,checks", "--feed_images", "32", "--json", str(out),
+         timeout=600)
     results = json.loads(out.read_text())
     feed = results["feed"]
     assert feed["images_n"] == 32 and feed["image_size"] == "500x375"
@@ -92,10 +93,51 @@ def test_run_bench_feed_part_writes_every_figure(tmp_path):
         assert feed[key]["steady_median"] is None or feed[key]["steady_median"] > 0
     for step in ("eager_per_record", "batched"):
         assert _positive(feed["decode_ab"][step]["cpu_ms"])
+    # Where the CPU goes: the 1-thread job with the model, the decode and both stubbed; the stages add up.
+    stages = feed["stages"]
+    if stages:  # {} only when a steady rate could not be measured at 32 -> 64 images
+        assert math.isclose(sum(stages["stages"].values()), stages["whole"], rel_tol=1e-9)
+        assert "CPU-ms per image by stage" in results["table"]
     assert set(feed["targets"]) == {"feed ratio", "2-thread scaling"}
     assert set(feed["ratios"]) == {"feed ratio", "feed ratio 1 thread", "2-thread scaling", "core scaling",
                                    "feed ratio per CPU-s", "feed ratio per CPU-s (1 thread)",
                                    "feed ratio, model off the CPU", "feed ratio per CPU-s, model off the CPU"}
+
+
+def test_run_bench_checks_part_prices_each_check(tmp_path):
+    out = tmp_path / "checks.json"
+    _run("bench.run_bench", "--quick", "--skip", "models,feed", "--checks_sizes", "16", "--json", str(out),
+         timeout=600)
+    results = json.loads(out.read_text())
+    checks = results["checks"]
+    assert checks["model"] == "mobilenet_v2"
+    (entry,) = checks["results"]
+    assert entry["images"] == 16
+    assert set(entry["runs"]) == {"defaults", "faithfulness_off", "sanity_off", "both_off"}
+    for name, runs in entry["runs"].items():
+        assert len(runs) == 1 and _positive(runs[0]["wall"]) and _positive(runs[0]["cpu"]), name
+        assert _positive(runs[0]["forward"]) and math.isclose(runs[0]["pf"], 16 / runs[0]["wall"] / runs[0]["forward"])
+    for unit in ("wall", "cpu"):
+        t = entry[unit]["seconds"]
+        assert math.isclose(entry[unit]["faithfulness_seconds"], t["sanity_off"] - t["both_off"])
+        assert math.isclose(entry[unit]["sanity_share"], (t["faithfulness_off"] - t["both_off"]) / t["defaults"])
+    assert "The checks' cost" in results["table"] and "P/F defaults" in results["table"]
+    assert "checks        faithfulness wall" in results["table"]
+
+
+def test_vit_pointing_trains_audits_and_prints_both_models(tmp_path):
+    out = tmp_path / "vit.json"
+    _run("bench.vit_pointing", "--seeds", "0", "--seconds", "2", "--images", "128", "--test_images", "16",
+         "--methods", "gradcam", "--json", str(out), timeout=600)
+    result = json.loads(out.read_text())
+    assert 0 < result["summary"]["chance"] < 1
+    layers = {run["model"]: run["methods"]["gradcam"]["target_layer"] for run in result["runs"]}
+    # the ViT's default: its last block's output; the same ViT at two earlier layers for comparison
+    assert layers == {"vit": "block1_out", "cnn": "last_conv", "vit at block0_out": "block0_out",
+                      "vit at patch_embed": "patch_embed"}
+    for run in result["runs"]:
+        for method, hit in run["methods"].items():
+            assert hit["images"] == 16 and 0 <= hit["hits"] <= 16, (run["model"], method)
 
 
 def test_gpu_check_runs_its_cpu_table_without_a_gpu(tmp_path):
