@@ -171,20 +171,17 @@ def main(argv=None) -> dict:
                 fit = train(model, images, labels, args.seconds, test_images, test_labels)
                 path = os.path.join(workdir, f"{kind}-{seed}.keras")
                 model.save(path)
-                run = {"seed": seed, "model": kind, **fit, "methods": {}}
-                for method in methods:
-                    run["methods"][method] = pointing(path, pattern, method, os.path.join(workdir, f"out-{kind}-{seed}-{method}"))
-                runs.append(run)
-                for layer in (EARLIER_LAYERS if kind == "vit" else ()):
-                    earlier = {"seed": seed, "model": f"vit at {layer}", **fit, "methods": {}}
-                    for method in methods:
-                        earlier["methods"][method] = pointing(path, pattern, method,
-                                                              os.path.join(workdir, f"out-{layer}-{seed}-{method}"), layer)
-                    runs.append(earlier)
-                print(f"seed {seed} {kind}: {fit['epochs']} epochs in {fit['train_seconds']:.0f} s, test accuracy "
-                      f"{fit['test_accuracy']:.2f}; peak on the object: "
-                      + ", ".join(f"{m} {r['hits']}/{r['images']}" for m, r in run["methods"].items())
-                      + f" (layer {run['methods']['gradcam']['target_layer']})", flush=True)
+                for layer in (None, *(EARLIER_LAYERS if kind == "vit" else ())):  # None: the default layer
+                    name = kind if layer is None else f"{kind} at {layer}"
+                    run = {"seed": seed, "model": name, **fit, "methods": {
+                        method: pointing(path, pattern, method,
+                                         os.path.join(workdir, f"out-{name.replace(' ', '-')}-{seed}-{method}"), layer)
+                        for method in methods}}
+                    runs.append(run)
+                    print(f"seed {seed} {name}: {fit['epochs']} epochs in {fit['train_seconds']:.0f} s, test accuracy "
+                          f"{fit['test_accuracy']:.2f}; peak on the object: "
+                          + ", ".join(f"{m} {r['hits']}/{r['images']}" for m, r in run["methods"].items())
+                          + f" (layer {run['methods'][methods[0]]['target_layer']})", flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     base = chance(test_boxes)
@@ -193,7 +190,7 @@ def main(argv=None) -> dict:
     print("| model | test accuracy | " + " | ".join(methods) + " |")
     print("|---|---|" + "---|" * len(methods))
     summary: dict = {"chance": base, "models": {}}
-    for kind in ("vit", *(f"vit at {layer}" for layer in EARLIER_LAYERS), "cnn"):
+    for kind in dict.fromkeys(r["model"] for r in runs):  # vit, vit at each earlier layer, cnn
         mine = [r for r in runs if r["model"] == kind]
         shares = {m: statistics.median(r["methods"][m]["hits"] / r["methods"][m]["images"] for r in mine) for m in methods}
         accuracy = statistics.median(r["test_accuracy"] for r in mine)

@@ -29,15 +29,20 @@ def _run(module: str, *args: str, timeout: float) -> None:
     assert proc.returncode == 0, f"{module} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
 
+def _run_json(tmp_path, module: str, *args: str, timeout: float) -> dict:
+    """Runs a bench module with `--json` into tmp_path and returns what it wrote."""
+    out = tmp_path / "bench.json"
+    _run(module, *args, "--json", str(out), timeout=timeout)
+    return json.loads(out.read_text())
+
+
 def _positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
 def test_run_bench_quick_writes_every_figure(tmp_path):
-    out = tmp_path / "bench.json"
-    _run("bench.run_bench", "--quick", "--methods", "gradcam", "--formats", "jpeg", "--skip", "feed,checks",
-         "--json", str(out), timeout=400)
-    results = json.loads(out.read_text())
+    results = _run_json(tmp_path, "bench.run_bench", "--quick", "--methods", "gradcam", "--formats", "jpeg",
+                        "--skip", "feed,checks", timeout=400)
     assert results["meta"]["quick"] is True
     assert set(results["models"]) == {"mobilenet_v2"}
     m = results["models"]["mobilenet_v2"]
@@ -69,10 +74,8 @@ def test_run_bench_quick_writes_every_figure(tmp_path):
 
 
 def test_run_bench_feed_part_writes_every_figure(tmp_path):
-    out = tmp_path / "feed.json"
-    _run("bench.run_bench", "--quick", "--skip", "models,checks", "--feed_images", "32", "--json", str(out),
-         timeout=600)
-    results = json.loads(out.read_text())
+    results = _run_json(tmp_path, "bench.run_bench", "--quick", "--skip", "models,checks", "--feed_images", "32",
+                        timeout=600)
     feed = results["feed"]
     assert feed["images_n"] == 32 and feed["image_size"] == "500x375"
     assert "core scaling" in results["table"] and "P 1 core" in results["table"]
@@ -105,10 +108,8 @@ def test_run_bench_feed_part_writes_every_figure(tmp_path):
 
 
 def test_run_bench_checks_part_prices_each_check(tmp_path):
-    out = tmp_path / "checks.json"
-    _run("bench.run_bench", "--quick", "--skip", "models,feed", "--checks_sizes", "16", "--json", str(out),
-         timeout=600)
-    results = json.loads(out.read_text())
+    results = _run_json(tmp_path, "bench.run_bench", "--quick", "--skip", "models,feed", "--checks_sizes", "16",
+                        timeout=600)
     checks = results["checks"]
     assert checks["model"] == "mobilenet_v2"
     (entry,) = checks["results"]
@@ -126,10 +127,8 @@ def test_run_bench_checks_part_prices_each_check(tmp_path):
 
 
 def test_vit_pointing_trains_audits_and_prints_both_models(tmp_path):
-    out = tmp_path / "vit.json"
-    _run("bench.vit_pointing", "--seeds", "0", "--seconds", "2", "--images", "128", "--test_images", "16",
-         "--methods", "gradcam", "--json", str(out), timeout=600)
-    result = json.loads(out.read_text())
+    result = _run_json(tmp_path, "bench.vit_pointing", "--seeds", "0", "--seconds", "2", "--images", "128",
+                       "--test_images", "16", "--methods", "gradcam", timeout=600)
     assert 0 < result["summary"]["chance"] < 1
     layers = {run["model"]: run["methods"]["gradcam"]["target_layer"] for run in result["runs"]}
     # the ViT's default: its last block's output; the same ViT at two earlier layers for comparison
@@ -141,9 +140,7 @@ def test_vit_pointing_trains_audits_and_prints_both_models(tmp_path):
 
 
 def test_gpu_check_runs_its_cpu_table_without_a_gpu(tmp_path):
-    out = tmp_path / "gpu.json"
-    _run("bench.gpu_check", "--quick", "--json", str(out), timeout=120)
-    result = json.loads(out.read_text())
+    result = _run_json(tmp_path, "bench.gpu_check", "--quick", timeout=120)
     assert result["meta"]["device"] in ("CPU", "GPU")
     assert result["rows"]
     assert _positive(result["feed"]["per_core"]) and result["feed"]["cores"] >= 1
