@@ -560,7 +560,7 @@ def main(argv=None) -> dict:
 
             results["feed"] = measure_feed(workdir, feed_n, repeats=repeats, log=log)
         for name in ([] if "models" in skip else model_names):
-            n = args.images or (32 if quick else (192 if name == "resnet50" else 384))
+            n = args.images or (96 if quick else (192 if name == "resnet50" else 384))
             log(f"{name}: F and K ({', '.join(methods)})")
             m = measure_forward_and_cams(name, methods, repeats=repeats, min_seconds=min_seconds, log=log)
             gc.collect()
