@@ -169,8 +169,8 @@ def test_pipeline_with_a_bad_image_in_several_batches(model_path, tmp_path):
 def test_explain_batches_overlaps_batches_and_loses_nothing(model_path):
     """ExplainBatches (the job's explaining step) called as a runner does: 11 images in batches of 4
     (two full batches run in the background while elements keep coming, the rest at the bundle's
-    end), each batch one element: every image comes out once, in the global window, with the CAM the
-    handler gives alone."""
+    end), each batch one element: every image comes out once, in the global window, in the order it
+    came (two batches decode at once, one is explained at a time), with the CAM the handler gives alone."""
     from apache_beam.transforms.window import GlobalWindow
 
     from transforms.model_handler import ExplainBatches, acquire_worker
@@ -192,6 +192,9 @@ def test_explain_batches_overlaps_batches_and_loses_nothing(model_path):
     assert len(streamed) >= 1
     assert all(out.windows == (GlobalWindow(),) for out in emitted)
     assert len(emitted) == 3  # one element per batch: 4 + 4 + 3 images
+    assert dofn._decoders == 2
+    assert [image.image_id for out in emitted for image in out.value.images] == \
+        [image.image_id for image in images if image is not bad]
     results, cams, failed = {}, {}, {}
     for out in emitted:
         batch = out.value

@@ -63,7 +63,7 @@ def test_random_weights_give_a_gap_near_zero(trained_and_random):
 def test_demo_runs_report_a_positive_gap_and_maps_that_change(demo_runs):
     for run_id in (RUN_IDS[0], RUN_IDS[1]):  # the marker model and the plain one
         summary = demo_runs.manifests[run_id]["faithfulness"]
-        assert summary["sample_share"] == 1.0 and summary["rows"] == 32  # --faithfulness_images
+        assert summary["sample_share"] == 1.0 and summary["rows"] == 16  # --faithfulness_images (the default)
         assert summary["mean_gap"] > 0 and summary["gap_ci95"][0] <= summary["mean_gap"] <= summary["gap_ci95"][1]
         sanity = summary["sanity"]
         assert sanity["images"] == 32 and sanity["layers"] == ["classes"]

@@ -205,8 +205,8 @@ def test_options_defaults_and_bad_values_exit_2(capsys):
 
     config, _ = parse_args(["--input", "x", "--model", "m"])
     checks = config.checks
-    assert (checks.faithfulness_sample, checks.sanity_images, checks.max_sanity_correlation,
-            config.compare.max_gap_drop) == (1.0, 32, 0.5, 0.1)
+    assert (checks.faithfulness_sample, checks.faithfulness_images, checks.sanity_images,
+            checks.max_sanity_correlation, config.compare.max_gap_drop) == (1.0, 16, 32, 0.5, 0.1)
     config, _ = parse_args(["--input", "x", "--model", "m", "--faithfulness_sample", "0", "--sanity_images", "0"])
     assert config.checks.faithfulness_sample == 0 and config.checks.sanity_images == 0
     assert config.as_json()["faithfulness_sample"] == 0  # the manifest keeps the flat option names

@@ -38,6 +38,10 @@ from transforms.decode import BatchImageDecoder, DecodedImage, decode_batch
 
 _LOG = logging.getLogger(__name__)
 BATCH_SIZE = 32  # images per model call (--batch_size)
+# Batches decoded at once by `ExplainBatches`: with one, the cores idle while a batch's last images decode
+# (and between batches); with two, the job fed a near-free model at 0.87 of tf.data's best pass by wall
+# clock instead of 0.75 (bench/README.md, "Two batches decode at once").
+DECODE_THREADS = 2
 
 
 class Explained(NamedTuple):
@@ -323,11 +327,12 @@ def handler_tag(handler: KerasCamModelHandler) -> str:
 class ExplainBatches(beam.DoFn):
     """DecodedImage -> one `ExplainedBatch` per batch of the handler's batch size, one batch in the background.
 
-    Each full batch goes to two one-thread executors in turn, the halves of
-    `KerasCamModelHandler.run_inference`: one decodes it (`decode_images`), the
-    other explains it (`explain_images`, one call of the compiled CAM function),
-    so the next batch decodes while this one is explained (as tf.data's prefetch
-    overlaps input and model), while this thread goes on with the next elements;
+    Each full batch goes to two executors in turn, the halves of
+    `KerasCamModelHandler.run_inference`: one decodes it (`decode_images`, up to
+    `decoders` batches at once), the other explains it (`explain_images`, one call
+    of the compiled CAM function, one batch at a time, in the order they came),
+    so the next batches decode while this one is explained (as tf.data's prefetch
+    and parallel map overlap input and model), while this thread goes on with the next elements;
     results are emitted as their batch finishes (at most `depth` batches in
     flight) and every remaining one at the end of the bundle. Elements must be
     in the global window (the job's are). A failure inside a batch is handled
@@ -335,17 +340,18 @@ class ExplainBatches(beam.DoFn):
     bundle, which the runner retries.
     """
 
-    def __init__(self, handler: KerasCamModelHandler, depth: int = 2):
+    def __init__(self, handler: KerasCamModelHandler, depth: int = 2, decoders: int = DECODE_THREADS):
         self._handler = handler
         self._batch_size = handler.batch_elements_kwargs()["max_batch_size"]
         self._depth = depth
+        self._decoders = decoders
         self._batches = beam.metrics.Metrics.counter(handler.get_metrics_namespace(), "explained_batches")
 
     def setup(self):
         from concurrent.futures import ThreadPoolExecutor
 
         self._worker = acquire_worker(self._handler)
-        self._decoding = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
+        self._decoding = ThreadPoolExecutor(max_workers=self._decoders, thread_name_prefix="decode")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="explain")
 
     def start_bundle(self):
