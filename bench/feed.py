@@ -72,7 +72,10 @@ NO_MODEL = "1 thread, model off the CPU"
 # job's own Python (reading, checks, rows, statistics, Parquet).
 NO_DECODE = "1 thread, decode stubbed"
 NEITHER = "1 thread, model and decode stubbed"
-STUBS = {NO_MODEL: ("null_model",), NO_DECODE: ("null_decode",), NEITHER: ("null_model", "null_decode")}
+# What the second decode thread of ExplainBatches buys: the 1-thread job decoding one batch at a time.
+ONE_DECODER = "1 thread, one decode thread"
+STUBS = {NO_MODEL: ("null_model",), NO_DECODE: ("null_decode",), NEITHER: ("null_model", "null_decode"),
+         ONE_DECODER: ("one_decode_thread",)}
 
 
 def near_free_model(path: str, size: int = 224, classes: int = 1000) -> str:
@@ -171,7 +174,7 @@ def measure_feed(workdir: str, n: int, *, repeats: int, log=print) -> dict:
     # The input path alone: the sampled checks (faithfulness, sanity) are off here.
     layer = ("--target_layer", FEED_TARGET_LAYER, "--faithfulness_sample", "0", "--sanity_images", "0")
     configs = {"1 thread": layer, "2 threads": (*layer, *TWO_THREADS), "1 core": layer, NO_MODEL: layer,
-               NO_DECODE: layer, NEITHER: layer}
+               NO_DECODE: layer, NEITHER: layer, ONE_DECODER: layer}
     one_cpu = {min(os.sched_getaffinity(0))} if hasattr(os, "sched_getaffinity") else None
     runs: dict = {key: {n: [], 2 * n: []} for key in configs}
     # tf.data's passes, images/s and images per CPU-s: with the model, and without it (NO_MODEL's reference)
@@ -236,6 +239,8 @@ def measure_feed(workdir: str, n: int, *, repeats: int, log=print) -> dict:
     for key, name in (("1 thread", "feed ratio per CPU-s (1 thread)"), ("2 threads", "feed ratio per CPU-s")):
         mine = out[key]["per_cpu_median"]
         out["ratios"][name] = mine / tf_cpu if mine and tf_cpu else None
+    single = out[ONE_DECODER]["steady_median"]
+    out["ratios"]["feed ratio 1 thread, one decode thread"] = single / tf_rate if single else None
     out["stages"] = stage_breakdown(out)
     out["targets"] = {key: {"value": out["ratios"][key], "target": f">= {minimum}",
                             "met": out["ratios"][key] is not None and out["ratios"][key] >= minimum}
@@ -349,6 +354,11 @@ def feed_table(feed: dict) -> list[str]:
                      f"{fmt(ratios.get('feed ratio, model off the CPU'), '.2f')}, per CPU-s "
                      f"{fmt(ratios.get('feed ratio per CPU-s, model off the CPU'), '.2f')}; cores busy "
                      f"tf.data {fmt(bare['cores_busy'], '.2f')}, P {fmt(off.get('cores_busy'), '.2f')}")
+    if ONE_DECODER in feed:
+        lines.append(f"Decode threads (P 1 thread): two batches decoding at once {fmt(feed['1 thread']['steady_median'])}"
+                     f" img/s, one at a time (bench.levers' one_decode_thread) {fmt(feed[ONE_DECODER]['steady_median'])}: "
+                     f"feed ratio {fmt(ratios.get('feed ratio 1 thread'), '.2f')} vs "
+                     f"{fmt(ratios.get('feed ratio 1 thread, one decode thread'), '.2f')}")
     if feed.get("stages"):
         st = feed["stages"]
         lines.append(f"CPU-ms per image by stage (1 thread, steady state; tf.data's whole pass "

@@ -24,6 +24,8 @@ try a lever on a real pipeline run without editing the pipeline:
   null_decode      the batched decode returns zeros of the model's input
                    shape (sizes from the headers): with null_model, what is
                    left is the Python of the job per image
+  one_decode_thread  `ExplainBatches` decodes one batch at a time (as before
+                   2026-12-05): what the second decode thread buys
   no_exemplar_sources  no exemplar proposals (what the exemplar step costs)
 """
 
@@ -76,6 +78,10 @@ def apply_levers(names) -> None:
                 return [(np.zeros([len(items), *shape], np.float32), sizes, list(items))]
 
             decode._decode_bisecting = fake_decode
+        elif name == "one_decode_thread":
+            from transforms import model_handler
+
+            model_handler.DECODE_THREADS = 1
         elif name == "no_exemplar_sources":
             from transforms import exemplars
 

@@ -88,7 +88,7 @@ def test_run_bench_feed_part_writes_every_figure(tmp_path):
     # The model-off-the-CPU row: tf.data without the model, two passes a repeat; P with the null_model lever.
     assert len(feed["tf_data_no_model"]["runs"]) == 2 and _positive(feed["tf_data_no_model"]["best"])
     assert "Model off the CPU" in results["table"]
-    for key in ("1 thread", "2 threads", "1 core", "1 thread, model off the CPU"):
+    for key in ("1 thread", "2 threads", "1 core", "1 thread, model off the CPU", "1 thread, one decode thread"):
         runs = feed[key]["runs_n"] + feed[key]["runs_pair"]
         assert all(r["records_rejected"] == {"decode": 0, "compute": 0} for r in runs)
         # At 32 -> 64 images the steady-state difference can be within the runs' noise: then None
@@ -104,7 +104,9 @@ def test_run_bench_feed_part_writes_every_figure(tmp_path):
     assert set(feed["targets"]) == {"feed ratio", "2-thread scaling"}
     assert set(feed["ratios"]) == {"feed ratio", "feed ratio 1 thread", "2-thread scaling", "core scaling",
                                    "feed ratio per CPU-s", "feed ratio per CPU-s (1 thread)",
-                                   "feed ratio, model off the CPU", "feed ratio per CPU-s, model off the CPU"}
+                                   "feed ratio, model off the CPU", "feed ratio per CPU-s, model off the CPU",
+                                   "feed ratio 1 thread, one decode thread"}
+    assert "Decode threads (P 1 thread)" in results["table"]
 
 
 def test_run_bench_checks_part_prices_each_check(tmp_path):

@@ -340,11 +340,11 @@ class ExplainBatches(beam.DoFn):
     bundle, which the runner retries.
     """
 
-    def __init__(self, handler: KerasCamModelHandler, depth: int = 2, decoders: int = DECODE_THREADS):
+    def __init__(self, handler: KerasCamModelHandler, depth: int = 2, decoders: Optional[int] = None):
         self._handler = handler
         self._batch_size = handler.batch_elements_kwargs()["max_batch_size"]
         self._depth = depth
-        self._decoders = decoders
+        self._decoders = decoders or DECODE_THREADS
         self._batches = beam.metrics.Metrics.counter(handler.get_metrics_namespace(), "explained_batches")
 
     def setup(self):
