@@ -156,9 +156,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--images", type=int, default=8000, help="Training images")
     parser.add_argument("--test_images", type=int, default=400)
     parser.add_argument("--methods", default=",".join(METHODS), help="CAM methods, comma-separated")
+    parser.add_argument("--layers", default=",".join(EARLIER_LAYERS),
+                        help="The ViT's other layers to audit it at, comma-separated (besides its default layer)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     methods = tuple(args.methods.split(","))
+    layers = tuple(name for name in args.layers.split(",") if name)
     workdir = tempfile.mkdtemp(prefix="vit_pointing_")
     runs: list = []
     try:
@@ -171,7 +174,7 @@ def main(argv=None) -> dict:
                 fit = train(model, images, labels, args.seconds, test_images, test_labels)
                 path = os.path.join(workdir, f"{kind}-{seed}.keras")
                 model.save(path)
-                for layer in (None, *(EARLIER_LAYERS if kind == "vit" else ())):  # None: the default layer
+                for layer in (None, *(layers if kind == "vit" else ())):  # None: the default layer
                     name = kind if layer is None else f"{kind} at {layer}"
                     run = {"seed": seed, "model": name, **fit, "methods": {
                         method: pointing(path, pattern, method,

@@ -130,11 +130,12 @@ def test_run_bench_checks_part_prices_each_check(tmp_path):
 
 def test_vit_pointing_trains_audits_and_prints_both_models(tmp_path):
     result = _run_json(tmp_path, "bench.vit_pointing", "--seeds", "0", "--seconds", "2", "--images", "128",
-                       "--test_images", "16", "--methods", "gradcam", timeout=600)
+                       "--test_images", "16", "--methods", "gradcam", "--layers", "final_norm,patch_embed",
+                       timeout=600)
     assert 0 < result["summary"]["chance"] < 1
     layers = {run["model"]: run["methods"]["gradcam"]["target_layer"] for run in result["runs"]}
-    # the ViT's default: its last block's output; the same ViT at two earlier layers for comparison
-    assert layers == {"vit": "block1_out", "cnn": "last_conv", "vit at block0_out": "block0_out",
+    # the ViT's default: its last block's output; the same ViT at the layers asked for, for comparison
+    assert layers == {"vit": "block1_out", "cnn": "last_conv", "vit at final_norm": "final_norm",
                       "vit at patch_embed": "patch_embed"}
     for run in result["runs"]:
         for method, hit in run["methods"].items():
