@@ -16,8 +16,8 @@ launcher's start-up (the manifest's `pipeline_seconds`, which holds the
 checks' traces and reads) and, less sensitive to a busy machine, the whole
 process's CPU seconds. Medians over the repeats. The checks are bounded in
 images (`--faithfulness_images`, `--sanity_images`: 16 and 32 by default,
-the first 16 of the same 32 images), so their cost should stay the same from 1,000 to 10,000 images
-and its share fall.
+the first 16 of the same 32 images), so their cost should stay the same
+from 1,000 to 10,000 images and its share fall.
 """
 
 from __future__ import annotations

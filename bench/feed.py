@@ -355,8 +355,9 @@ def feed_table(feed: dict) -> list[str]:
                      f"{fmt(ratios.get('feed ratio per CPU-s, model off the CPU'), '.2f')}; cores busy "
                      f"tf.data {fmt(bare['cores_busy'], '.2f')}, P {fmt(off.get('cores_busy'), '.2f')}")
     if ONE_DECODER in feed:
-        lines.append(f"Decode threads (P 1 thread): two batches decoding at once {fmt(feed['1 thread']['steady_median'])}"
-                     f" img/s, one at a time (bench.levers' one_decode_thread) {fmt(feed[ONE_DECODER]['steady_median'])}: "
+        two, one = feed["1 thread"]["steady_median"], feed[ONE_DECODER]["steady_median"]
+        lines.append(f"Decode threads (P 1 thread): two batches decoding at once {fmt(two)} img/s, one at a time "
+                     f"(bench.levers' one_decode_thread) {fmt(one)}: "
                      f"feed ratio {fmt(ratios.get('feed ratio 1 thread'), '.2f')} vs "
                      f"{fmt(ratios.get('feed ratio 1 thread, one decode thread'), '.2f')}")
     if feed.get("stages"):

@@ -325,7 +325,7 @@ def handler_tag(handler: KerasCamModelHandler) -> str:
 
 
 class ExplainBatches(beam.DoFn):
-    """DecodedImage -> one `ExplainedBatch` per batch of the handler's batch size, one batch in the background.
+    """DecodedImage -> one `ExplainedBatch` per batch of the handler's batch size, batches in the background.
 
     Each full batch goes to two executors in turn, the halves of
     `KerasCamModelHandler.run_inference`: one decodes it (`decode_images`, up to
