@@ -69,7 +69,7 @@ class ModelInfo:
       keras: which Keras loaded the model, e.g. "keras 3.15.1" or "tf_keras 2.21.0".
     """
 
-    def __init__(self, explainer, fingerprint: str):
+    def __init__(self, explainer, fingerprint: str, custom_code: tuple = ()):
         from transforms.cam.layers import keras_module
 
         km = keras_module(explainer.model)
@@ -86,6 +86,7 @@ class ModelInfo:
         self.head = explainer.head
         self.keras = f"{km.__name__} {km.__version__}"
         self.fingerprint = fingerprint
+        self.custom_code = custom_code
 
     @property
     def token_grid(self):
@@ -130,11 +131,14 @@ def inspect_model(config: AuditConfig) -> ModelInfo:
     """
     from transforms.cam.explainer import CamExplainer
     from transforms.cam.targets import check_label_format
+    from transforms.custom_code import read_custom_code
     from transforms.model_loading import load_keras_model, model_fingerprint
 
     check_label_format(config.target, config.label_format)  # before the model loads: seconds, one line
+    custom_code = read_custom_code(config.custom_objects)
     try:
-        model = load_keras_model(config.model, weights=config.weights, safe_mode=not config.unsafe_model)
+        model = load_keras_model(config.model, weights=config.weights, safe_mode=not config.unsafe_model,
+                                 custom_code=custom_code)
     except AuditError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever a loader raises, the launch stops with one line
@@ -155,7 +159,7 @@ def inspect_model(config: AuditConfig) -> ModelInfo:
         raise
     except Exception as exc:  # noqa: BLE001 - any other failure to build/trace the CAM function is the model's
         raise AuditError(f"--model {config.model}: the CAM function cannot be built for it ({one_line(exc)})") from exc
-    return ModelInfo(explainer, model_fingerprint(config.model, config.weights))
+    return ModelInfo(explainer, model_fingerprint(config.model, config.weights), custom_code)
 
 
 def read_class_names(path: Optional[str]) -> list[str]:
@@ -182,6 +186,7 @@ class ExplainDataset(beam.PTransform):
             c.model,
             weights=c.weights,
             safe_mode=not c.unsafe_model,
+            custom_code=self._info.custom_code,
             target_layer=self._info.target_layer,
             method=c.method,
             target=c.target,
@@ -281,6 +286,7 @@ class ExplainDataset(beam.PTransform):
         sanity_images, settings = c.checks.sanity_images, None
         if sanity_images > 0:
             settings = {"model_uri": c.model, "weights": c.weights, "safe_mode": not c.unsafe_model,
+                        "custom_code": self._info.custom_code,
                         "target_layer": self._info.target_layer, "method": c.method, "preprocess": c.preprocess,
                         "image_size": tuple(self._info.input_shape[:2])}
             settings.update(self._info.explainer_options())  # the token layout and the output, as the workers'

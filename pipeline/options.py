@@ -124,6 +124,11 @@ class AuditConfig:
         "downloaded)", kind="text")
     unsafe_model: bool = option(
         False, "Load the model with Keras safe mode OFF (runs code stored in the file: only for files you trust)")
+    custom_objects: Optional[str] = option(
+        None, "A .py file (local or gs://; comma-separated for several) defining the model's custom layers or "
+        "functions: each class and function it defines is given to Keras by its name, on the launcher and every "
+        "worker (its source travels with the job). It runs as your code: pass only your own files",
+        kind="text")
     target_layer: Optional[str] = option(
         None, "Layer whose activations are explained (default: the last layer with a 4-D spatial output before "
         "the head; nested models as outer/inner)", kind="text")

@@ -429,6 +429,7 @@ class RunSanityCheck(beam.DoFn):
 
 
 def load_sanity_explainer(*, model_uri: str, weights: Optional[str], safe_mode: bool, target_layer: str,
+                          custom_code: tuple = (),
                           method: str, preprocess: str, image_size: Optional[tuple[int, int]] = None,
                           token_grid: Optional[tuple[int, int]] = None, prefix_tokens: Optional[int] = None,
                           output=None):
@@ -438,7 +439,7 @@ def load_sanity_explainer(*, model_uri: str, weights: Optional[str], safe_mode: 
     from transforms.cam.targets import TargetSpec
     from transforms.model_loading import load_keras_model
 
-    model = load_keras_model(model_uri, weights=weights, safe_mode=safe_mode)
+    model = load_keras_model(model_uri, weights=weights, safe_mode=safe_mode, custom_code=custom_code)
     return CamExplainer(model, target_layer=target_layer, method=method, target=TargetSpec(mode="label"),
                         preprocess=preprocess, image_size=image_size, token_grid=token_grid,
                         prefix_tokens=prefix_tokens, output=output)

@@ -196,6 +196,7 @@ class KerasCamModelHandler(ModelHandler[DecodedImage, Explained, Any]):
         *,
         weights: Optional[str] = None,
         safe_mode: bool = True,
+        custom_code: tuple = (),
         target_layer: Optional[str] = None,
         method: str = "gradcam",
         target: Optional[TargetSpec] = None,
@@ -215,6 +216,7 @@ class KerasCamModelHandler(ModelHandler[DecodedImage, Explained, Any]):
         self._model_uri = model_uri
         self._weights = weights
         self._safe_mode = safe_mode
+        self._custom_code = tuple(custom_code)  # (file, source) pairs of --custom_objects: plain strings
         self._target_layer = target_layer
         self._method = method
         self._target = target or TargetSpec()
@@ -234,7 +236,8 @@ class KerasCamModelHandler(ModelHandler[DecodedImage, Explained, Any]):
         from transforms.precision import explainer_in_precision
 
         gpus = configure_devices()
-        model = load_keras_model(self._model_uri, weights=self._weights, safe_mode=self._safe_mode)
+        model = load_keras_model(self._model_uri, weights=self._weights, safe_mode=self._safe_mode,
+                                 custom_code=self._custom_code)
         explainer, precision = explainer_in_precision(
             lambda m: CamExplainer(
                 m,

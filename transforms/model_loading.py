@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -33,6 +34,7 @@ import zipfile
 
 from apache_beam.io.filesystems import FileSystems
 
+from transforms.custom_code import CustomCode, custom_objects
 from transforms.errors import AuditError, one_line
 
 _MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
@@ -191,7 +193,20 @@ def _refuse_unsafe(model_uri: str, exc: BaseException) -> None:
         ) from exc
 
 
-def _load_tf_keras(path: str, model_uri: str, safe_mode: bool):
+def _unknown_class(model_uri: str, exc: BaseException, custom: dict) -> None:
+    """A class or function the file names that Keras does not know: which one, and the option that gives it."""
+    text = str(exc)
+    found = re.search(r"Could not locate (?:class|function) '([^']+)'|Unknown (?:layer|object)[^']*'([^']+)'", text)
+    if found:
+        name = found.group(1) or found.group(2)
+        given = f" (the classes and functions given: {', '.join(sorted(custom))})" if custom else ""
+        raise AuditError(
+            f"--model {model_uri}: the file uses {name!r}, a class or function Keras does not know; "
+            f"pass --custom_objects with the .py file that defines it{given}"
+        ) from exc
+
+
+def _load_tf_keras(path: str, model_uri: str, safe_mode: bool, custom: dict):
     """A tf.keras 2 file or SavedModel, loaded by tf_keras (Keras 2) with safe mode."""
     try:
         import tf_keras
@@ -201,9 +216,10 @@ def _load_tf_keras(path: str, model_uri: str, safe_mode: bool):
     try:
         # tf_keras applies safe_mode to .keras files only; the scope extends it to .h5 and SavedModel.
         with SafeModeScope(safe_mode):
-            return tf_keras.models.load_model(path, compile=False, safe_mode=safe_mode)
+            return tf_keras.models.load_model(path, compile=False, safe_mode=safe_mode, custom_objects=custom)
     except (ValueError, TypeError, KeyError, OSError, AttributeError, NotImplementedError) as exc:
         _refuse_unsafe(model_uri, exc)
+        _unknown_class(model_uri, exc, custom)
         raise AuditError(f"--model {model_uri}: tf_keras could not load it ({one_line(exc)})") from exc
 
 
@@ -216,13 +232,13 @@ def _keras_hub_import_error() -> str | None:
     return None
 
 
-def _load_keras3(path: str, model_uri: str, safe_mode: bool):
+def _load_keras3(path: str, model_uri: str, safe_mode: bool, custom: dict):
     """A Keras 3 file. Classes of other packages (keras_hub's ViTImageClassifier, ...) are found by the
     module their config names, which Keras imports: keras_hub needs no import here."""
     import keras
 
     try:
-        return keras.models.load_model(path, compile=False, safe_mode=safe_mode)
+        return keras.models.load_model(path, compile=False, safe_mode=safe_mode, custom_objects=custom)
     except (ValueError, TypeError, KeyError, OSError, AttributeError, NotImplementedError) as exc:
         _refuse_unsafe(model_uri, exc)
         if "keras_hub" in str(exc) and (why := _keras_hub_import_error()):
@@ -230,6 +246,7 @@ def _load_keras3(path: str, model_uri: str, safe_mode: bool):
                 f"--model {model_uri}: the model is made of keras_hub classes, and keras_hub cannot be imported "
                 f"({why}); to load it, {HUB_EXTRA}"
             ) from exc
+        _unknown_class(model_uri, exc, custom)
         raise AuditError(f"--model {model_uri}: Keras could not load it ({one_line(exc)})") from exc
 
 
@@ -252,7 +269,8 @@ def _load_application(name: str, weights: str | None):
     return model
 
 
-def load_keras_model(model_uri: str, *, weights: str | None = None, safe_mode: bool = True):
+def load_keras_model(model_uri: str, *, weights: str | None = None, safe_mode: bool = True,
+                     custom_code: CustomCode = ()):
     """Loads a classifier from a file or folder, or builds a keras.applications model.
 
     Args:
@@ -261,6 +279,8 @@ def load_keras_model(model_uri: str, *, weights: str | None = None, safe_mode: b
       weights: with an application name, a weights file; without one the
         weights are random but the same in every process (fixed seed).
       safe_mode: Keras safe mode (refuses to deserialize Lambda code).
+      custom_code: (file, source) of `--custom_objects` files (`transforms.custom_code`): their classes
+        and functions are Keras' custom objects.
 
     Returns:
       A Keras 3 model, or a tf_keras (Keras 2) model for files saved by Keras 2.
@@ -275,6 +295,7 @@ def load_keras_model(model_uri: str, *, weights: str | None = None, safe_mode: b
             f"--model: expected a .keras/.h5 file, a SavedModel folder or a keras.applications name, "
             f"got {model_uri!r}"
         )
+    custom = custom_objects(custom_code)
     with tempfile.TemporaryDirectory() as tmp:
         path = local_copy(model_uri, tmp)
         kind = saved_by_keras(path)
@@ -286,9 +307,9 @@ def load_keras_model(model_uri: str, *, weights: str | None = None, safe_mode: b
                 "in tf.keras 2, not tf.saved_model.save or model.export"
             )
         if kind == "keras2" and (os.path.isdir(path) or _has_tf_keras()):
-            return _load_tf_keras(path, model_uri, safe_mode)
+            return _load_tf_keras(path, model_uri, safe_mode, custom)
         try:
-            return _load_keras3(path, model_uri, safe_mode)
+            return _load_keras3(path, model_uri, safe_mode, custom)
         except AuditError as exc:
             if kind == "keras2":  # tf_keras is not installed: say how to get it
                 raise AuditError(f"{exc}; the file was saved by Keras 2: {KERAS2_EXTRA}") from exc
