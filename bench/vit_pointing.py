@@ -14,6 +14,10 @@ the shapes barely stand out and the ViT learns nothing in a minute: test accurac
        images instead of 53%), 2 pre-norm attention blocks (width 48, 4 heads, MLP 96), final norm,
        average pooling of the tokens, softmax head. Default target layer: the last block's output
        (`block1_out`, (None, 64, 48)), explained on its 8x8 grid.
+  vit_conv_stem  the same ViT with two 3x3 convolutions (16 and 32 channels, ReLU) before the patch embedding:
+       a hybrid ViT (the original ViT paper's hybrids; Xiao et al. 2021, "Early convolutions help
+       transformers see better"), as small ViTs trained from scratch on little data often are.
+       Default target layer: its last block's output (`block1_out`).
   cnn  three 3x3 convolutions (16, 32, 48; pooling after the first two), global average pooling,
        softmax head. Default target layer: the last convolution (10x10).
 
@@ -41,6 +45,7 @@ import numpy as np
 from bench.common import run_pipeline_process
 
 SIZE, PATCH, DIM, NUM_CLASSES = 40, 5, 48, 4
+STEM_CHANNELS = (16, 32)  # the hybrid ViT's convolutions before its patch embedding
 GRID = SIZE // PATCH
 TOLERANCE_PX = 3
 METHODS = ("gradcam", "gradcampp", "hirescam", "layercam", "xgradcam")
@@ -75,13 +80,18 @@ def chance(boxes) -> float:
                           for b in boxes]))
 
 
-def build_vit(seed: int):
+def build_vit(seed: int, conv_stem: bool = False):
+    """The ViT; `conv_stem`: a hybrid ViT, two 3x3 convolutions (STEM_CHANNELS, ReLU) before the patch
+    embedding."""
     import keras
     import keras_hub
 
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((SIZE, SIZE, 3))
     x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
+    if conv_stem:
+        for i, channels in enumerate(STEM_CHANNELS):
+            x = keras.layers.Conv2D(channels, 3, padding="same", activation="relu", name=f"stem{i}")(x)
     x = keras.layers.Conv2D(DIM, PATCH, strides=PATCH, name="patch_embed")(x)
     x = keras.layers.Reshape((GRID * GRID, DIM), name="tokens")(x)
     x = keras.layers.Add(name="with_positions")([x, keras_hub.layers.PositionEmbedding(
@@ -96,7 +106,12 @@ def build_vit(seed: int):
         x = keras.layers.Add(name=f"block{b}_out")([x, y])
     x = keras.layers.LayerNormalization(epsilon=1e-6, name="final_norm")(x)
     x = keras.layers.GlobalAveragePooling1D(name="pool")(x)
-    return keras.Model(inputs, keras.layers.Dense(NUM_CLASSES, activation="softmax", name="head")(x), name="vit")
+    return keras.Model(inputs, keras.layers.Dense(NUM_CLASSES, activation="softmax", name="head")(x),
+                       name="vit_conv_stem" if conv_stem else "vit")
+
+
+def build_vit_conv_stem(seed: int):
+    return build_vit(seed, conv_stem=True)
 
 
 def build_cnn(seed: int):
@@ -169,7 +184,7 @@ def main(argv=None) -> dict:
         pattern = write_test_shard(os.path.join(workdir, "test"), test_images, test_labels, test_boxes)
         for seed in (int(s) for s in args.seeds.split(",")):
             images, labels, _ = shape_set(args.images, seed=seed)
-            for kind, build in (("vit", build_vit), ("cnn", build_cnn)):
+            for kind, build in (("vit", build_vit), ("vit_conv_stem", build_vit_conv_stem), ("cnn", build_cnn)):
                 model = build(seed)
                 fit = train(model, images, labels, args.seconds, test_images, test_labels)
                 path = os.path.join(workdir, f"{kind}-{seed}.keras")
@@ -193,7 +208,7 @@ def main(argv=None) -> dict:
     print("| model | test accuracy | " + " | ".join(methods) + " |")
     print("|---|---|" + "---|" * len(methods))
     summary: dict = {"chance": base, "models": {}}
-    for kind in dict.fromkeys(r["model"] for r in runs):  # vit, vit at each earlier layer, cnn
+    for kind in dict.fromkeys(r["model"] for r in runs):  # vit, vit at each other layer, vit_conv_stem, cnn
         mine = [r for r in runs if r["model"] == kind]
         shares = {m: statistics.median(r["methods"][m]["hits"] / r["methods"][m]["images"] for r in mine) for m in methods}
         accuracy = statistics.median(r["test_accuracy"] for r in mine)

@@ -135,8 +135,8 @@ def test_vit_pointing_trains_audits_and_prints_both_models(tmp_path):
     assert 0 < result["summary"]["chance"] < 1
     layers = {run["model"]: run["methods"]["gradcam"]["target_layer"] for run in result["runs"]}
     # the ViT's default: its last block's output; the same ViT at the layers asked for, for comparison
-    assert layers == {"vit": "block1_out", "cnn": "last_conv", "vit at final_norm": "final_norm",
-                      "vit at patch_embed": "patch_embed"}
+    assert layers == {"vit": "block1_out", "vit_conv_stem": "block1_out", "cnn": "last_conv",
+                      "vit at final_norm": "final_norm", "vit at patch_embed": "patch_embed"}
     for run in result["runs"]:
         for method, hit in run["methods"].items():
             assert hit["images"] == 16 and 0 <= hit["hits"] <= 16, (run["model"], method)
