@@ -67,6 +67,7 @@ class ModelInfo:
         and W from --image_size when the model's are dynamic; C = 1 or 3.
       input_dtype: the model's input dtype (the explainer casts to it).
       keras: which Keras loaded the model, e.g. "keras 3.15.1" or "tf_keras 2.21.0".
+      custom_code: (file, source) of each --custom_objects file, carried to the workers.
     """
 
     def __init__(self, explainer, fingerprint: str, custom_code: tuple = ()):
@@ -107,7 +108,13 @@ class ModelInfo:
         return {"token_grid": self.token_grid, "prefix_tokens": self.prefix_tokens, "output": self.output["index"]}
 
     def as_json(self) -> dict:
-        return dict(vars(self))
+        """The manifest's model section: the --custom_objects files by name and source hash, not their source."""
+        import hashlib
+
+        fields = dict(vars(self))
+        fields["custom_objects"] = [{"file": path, "sha256": hashlib.sha256(source.encode()).hexdigest()}
+                                    for path, source in fields.pop("custom_code")]
+        return fields
 
 
 def match_shards(pattern: str) -> list[str]:

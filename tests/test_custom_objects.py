@@ -7,6 +7,7 @@ model on its token grid, and a handler unpickled in a fresh interpreter, after t
 loads the model from the source the job carries.
 """
 
+import hashlib
 import os
 import pickle
 import subprocess
@@ -115,6 +116,9 @@ def test_with_the_file_the_job_explains_the_model_on_its_token_grid(tmp_path, vi
     rows, manifest = audit(tmp_path, records, model_path, "--custom_objects", layers_path,
                            "--preprocess", "none")
     assert manifest["model"]["target_layer"] == "block1_out"
+    with open(layers_path, "rb") as handle:  # the manifest names the file and its source's hash, not the source
+        assert manifest["model"]["custom_objects"] == [
+            {"file": layers_path, "sha256": hashlib.sha256(handle.read()).hexdigest()}]
     assert manifest["model"]["token_layout"]["height"] == manifest["model"]["token_layout"]["width"] == SIZE // PATCH
     assert all((r["cam_height"], r["cam_width"]) == (SIZE // PATCH, SIZE // PATCH) for r in rows)
     # The maps are the model's: Grad-CAM of the same images by an eager GradientTape on the loaded model.

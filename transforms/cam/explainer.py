@@ -46,6 +46,12 @@ from transforms.cam.targets import TargetSpec, select_targets
 from transforms.cam.tokens import TokenLayout, infer_token_layout, tokens_to_grid
 from transforms.errors import AuditError, one_line, own_message
 
+# HiResCAM is refused at a layer where gradient and activation are this close to orthogonal at every token
+# (position). Largest cosine over the tokens, measured: ~6e-7 (float32 rounding) with a LayerNorm after the
+# layer (a pooled ViT's last block, a Swin-style stage); 0.04-0.44 at the default layers of a small CNN,
+# MobileNetV2, ResNet50, ConvNeXtTiny, a class-token ViT and keras_hub's ViT and DeiT.
+ORTHOGONAL_COSINE = 1e-4
+
 
 class CamExplainer:
     """Explains a Keras classifier's predictions for batches of images.
@@ -147,6 +153,8 @@ class CamExplainer:
             self._layer_shape = check_target_layer(model, self.target_layer, self._layer_calls())
             self._set_token_layout()
             self._captured = capture_output(get_layer(model, self.target_layer))
+        if method == "hirescam":
+            self._refuse_orthogonal_gradients()
         for call in (self._calls or {}).values():  # the probe's tensors were only for choosing the layer
             call.input = call.output = None
         self._method_fn = METHODS[method]
@@ -190,8 +198,9 @@ class CamExplainer:
         if len(self._layer_shape) == 2 and self._layer_shape[0] is not None:
             self.token_layout = self._token_layout(self._layer_shape[0])
 
-    def _reads_patch_tokens(self) -> bool:
-        """Does the explained score depend on the target layer's patch tokens? One eager probe on a random image."""
+    def _probe_gradient(self):
+        """(activations, gradients) of the target layer for the top score of a random image (one eager
+        pass); None when the forward pass does not call the layer (the trace then says why)."""
         import numpy as np
         import tensorflow as tf
 
@@ -200,14 +209,51 @@ class CamExplainer:
         with tf.GradientTape() as tape:
             logits = self._logits(images)
             if not self._captured:
-                return True  # the trace says why
+                return None
             activations = self._captured[-1]
             score = tf.reduce_sum(tf.reduce_max(logits, axis=-1))
         gradients = tape.gradient(score, activations)
         self._captured.clear()
-        if gradients is None:
+        return activations, gradients
+
+    def _reads_patch_tokens(self) -> bool:
+        """Does the explained score depend on the target layer's patch tokens? One eager probe on a random image."""
+        import tensorflow as tf
+
+        probe = self._probe_gradient()
+        if probe is None:
+            return True  # the trace says why
+        if probe[1] is None:
             return False
-        return bool(tf.reduce_any(gradients[:, self.token_layout.prefix:] != 0))
+        return bool(tf.reduce_any(probe[1][:, self.token_layout.prefix:] != 0))
+
+    def _refuse_orthogonal_gradients(self) -> None:
+        """HiResCAM's map is gradient x activation summed over channels. Where the layer feeds a
+        normalisation that ignores each token's (position's) scale, a LayerNorm (the last block's output of
+        a pre-norm ViT, a Swin stage's output), that sum is 0 at every token (scaling a token leaves the
+        score unchanged) and the map would be rounding noise: refused with what to pass instead. One eager
+        probe on a random image: the cosine of gradient and activation, at every token, below
+        ORTHOGONAL_COSINE."""
+        import numpy as np
+
+        probe = self._probe_gradient()
+        if probe is None or probe[1] is None:
+            return
+        channels = probe[0].shape[-1]
+        a, g = (np.asarray(t, np.float64).reshape(-1, channels) for t in probe)
+        scale = np.linalg.norm(a, axis=1) * np.linalg.norm(g, axis=1)
+        live = scale > 0
+        cosine = np.abs((a * g).sum(axis=1)[live]) / scale[live]
+        if live.any() and float(cosine.max()) < ORTHOGONAL_COSINE:
+            unit = "token" if self.token_layout is not None else "position"
+            raise AuditError(
+                f"--method hirescam at {self.target_layer!r}: each {unit}'s gradient is orthogonal to its "
+                f"activation there (largest cosine {cosine.max():.1e}; the layer feeds a normalisation, such as "
+                f"a LayerNorm, that ignores each {unit}'s scale), so gradient x activation is 0 at every {unit} "
+                "and the maps would be rounding noise: use another --method (gradcam, layercam, ...), or "
+                "--target_layer naming the normalisation's output (e.g. the final LayerNorm), where HiResCAM "
+                f"is each {unit}'s share of the score"
+            )
 
     def _token_layout(self, seq_len: int) -> TokenLayout:
         token_grid, prefix_tokens = self._token_options
