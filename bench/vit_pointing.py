@@ -1,4 +1,4 @@
-"""Do a small ViT's token maps peak on the object, as a CNN's do? Both trained here, audited by the job.
+"""Do a small ViT's token maps peak on the object, as a CNN's do? All trained here, audited by the job.
 
     python -m bench.vit_pointing [--seeds 0,1,2] [--seconds 60] [--images 8000] [--json PATH]
 
