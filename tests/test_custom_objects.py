@@ -18,8 +18,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.helpers import good_examples
-from tests.test_models import audit
+from tests.helpers import good_examples, write_shard
+from tests.references import reference
+from tests.test_cam_methods import assert_close
+from tests.test_models import audit, row_cams, row_targets
+from tests.test_transformers import token_split
 from transforms.custom_code import custom_objects, read_custom_code
 from transforms.errors import AuditError
 
@@ -77,8 +80,8 @@ def keras_io_vit(classes_module) -> "keras.Model":  # noqa: F821
         y = keras.layers.LayerNormalization(epsilon=1e-6)(x)
         y = keras.layers.Dense(DIM, activation="gelu")(y)
         x = keras.layers.Add(name=f"block{b}_out")([y, x])
-    x = keras.layers.GlobalAveragePooling1D()(keras.layers.LayerNormalization(epsilon=1e-6)(x))
-    return keras.Model(inputs, keras.layers.Dense(CLASSES, activation="softmax")(x))
+    x = keras.layers.GlobalAveragePooling1D()(keras.layers.LayerNormalization(epsilon=1e-6, name="final_norm")(x))
+    return keras.Model(inputs, keras.layers.Dense(CLASSES, activation="softmax", name="head")(x))
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +100,6 @@ def vit_files(tmp_path_factory):
 
 def test_without_the_file_the_launch_stops_with_one_line_naming_the_option(tmp_path, vit_files):
     """In a fresh interpreter (here the layers' module is loaded already, and Keras would find it)."""
-    from tests.helpers import write_shard
-
     model_path, _, _ = vit_files
     shard = write_shard(str(tmp_path), "data-00000.tfrecord", good_examples(2, "img", size=SIZE))
     proc = subprocess.run([sys.executable, "-m", "pipeline", "--input", shard, "--model", model_path,
@@ -121,26 +122,19 @@ def test_with_the_file_the_job_explains_the_model_on_its_token_grid(tmp_path, vi
             {"file": layers_path, "sha256": hashlib.sha256(handle.read()).hexdigest()}]
     assert manifest["model"]["token_layout"]["height"] == manifest["model"]["token_layout"]["width"] == SIZE // PATCH
     assert all((r["cam_height"], r["cam_width"]) == (SIZE // PATCH, SIZE // PATCH) for r in rows)
-    # The maps are the model's: Grad-CAM of the same images by an eager GradientTape on the loaded model.
+    # The maps are the model's: the eager per-image reference (tests.references) on the loaded model's
+    # block1_out tokens on their grid, the head (final LayerNorm, pooling, Dense) by hand.
     model = keras.models.load_model(model_path, custom_objects=custom_objects(read_custom_code(layers_path)))
-    images = np.stack([tf.io.decode_image(tf.train.Example.FromString(r).features.feature["image/encoded"]
-                                          .bytes_list.value[0]).numpy() for r in records]).astype(np.float32)
+    by_id = {example.features.feature["image/filename"].bytes_list.value[0].decode():
+             tf.io.decode_image(example.features.feature["image/encoded"].bytes_list.value[0]).numpy()
+             for example in map(tf.train.Example.FromString, records)}
+    images = np.stack([by_id[r["image_id"]] for r in rows]).astype(np.float32)  # in the rows' order
     # Loaded with its weights (the layers' Dense and Embedding inside the custom layers too).
     np.testing.assert_allclose(model(images).numpy(), built(images).numpy(), atol=1e-6)
-    order = np.argsort([f"img-{i:04d}" for i in range(len(records))])  # rows are sorted by image id
-    features = keras.Model(model.inputs, [model.get_layer("block1_out").output, model.output])
-    dense = model.layers[-1]
-    for i, row in zip(order, rows, strict=True):
-        with tf.GradientTape() as tape:
-            tokens, _ = features(images[i:i + 1])
-            pooled = tf.reduce_mean(model.layers[-3](tokens), axis=1)  # final LayerNorm, then the pooling
-            score = (tf.matmul(pooled, dense.kernel) + dense.bias)[0, row["target_class"]]
-        grads = tape.gradient(score, tokens)[0].numpy()
-        weights = grads.mean(axis=0)
-        ref = np.maximum(tokens[0].numpy() @ weights, 0).reshape(SIZE // PATCH, SIZE // PATCH)
-        cam = np.reshape(row["cam"], ref.shape)
-        assert ref.max() > 0
-        assert np.abs(cam - ref).max() <= 1e-3 * np.abs(ref).max() + 1e-6
+    features, head = token_split(model, "block1_out", 0, "gap", grid=(SIZE // PATCH, SIZE // PATCH))
+    ref = reference(features, head, images, row_targets(rows), "gradcam")
+    assert np.abs(ref).max() > 0
+    assert_close(row_cams(rows), ref)
 
 
 def test_a_worker_loads_the_model_from_the_carried_source_after_the_file_is_gone(tmp_path, vit_files):
