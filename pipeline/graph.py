@@ -109,10 +109,10 @@ class ModelInfo:
 
     def as_json(self) -> dict:
         """The manifest's model section: the --custom_objects files by name and source hash, not their source."""
-        import hashlib
+        from transforms.custom_code import source_digest
 
         fields = dict(vars(self))
-        fields["custom_objects"] = [{"file": path, "sha256": hashlib.sha256(source.encode()).hexdigest()}
+        fields["custom_objects"] = [{"file": path, "sha256": source_digest(source)}
                                     for path, source in fields.pop("custom_code")]
         return fields
 

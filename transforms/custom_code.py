@@ -22,6 +22,8 @@ import threading
 import types
 from typing import Sequence
 
+from apache_beam.io.filesystems import FileSystems
+
 from transforms.errors import AuditError, one_line
 
 # (file name, source text) pairs: plain strings, so they pickle with the job's settings.
@@ -40,8 +42,6 @@ def read_custom_code(paths: Sequence[str] | str | None) -> CustomCode:
     for path in paths or ():
         if not path.endswith(".py"):
             raise AuditError(f"--custom_objects {path}: expected a Python file (.py) that defines the classes")
-        from apache_beam.io.filesystems import FileSystems
-
         try:
             with FileSystems.open(path) as handle:
                 source = handle.read().decode("utf-8")
@@ -52,10 +52,15 @@ def read_custom_code(paths: Sequence[str] | str | None) -> CustomCode:
     return tuple(code)
 
 
+def source_digest(source: str) -> str:
+    """SHA-256 of a file's source: names its module here and the file in the run's manifest."""
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
 def _module_name(path: str, source: str) -> str:
     stem = os.path.splitext(os.path.basename(path))[0]
     safe = "".join(ch if ch.isalnum() else "_" for ch in stem)
-    return f"gradcam_custom_{safe}_{hashlib.sha256(source.encode()).hexdigest()[:12]}"
+    return f"gradcam_custom_{safe}_{source_digest(source)[:12]}"
 
 
 def _run_module(path: str, source: str) -> types.ModuleType:
